@@ -1,0 +1,158 @@
+"""Dataset IO for the stages: declared-schema parquet reads and writes, rejected-row datasets,
+and the per-stage stats JSON that sits next to each output.
+
+Counts in stats come from the written data (group by `status`), never from accumulators, which
+Spark may apply twice when a task is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from spark_jobs.schemas import DatasetSpec
+from udfs import fsio
+
+log = logging.getLogger(__name__)
+
+STATS_DIR = "_stats"
+STATS_FILE = "stats.json"
+
+
+class InputError(ValueError):
+    """A stage input the user must fix: missing, unreadable, or of the wrong schema."""
+
+
+def rejected_path(output: str, explicit: str | None = None) -> str:
+    """Rejected rows of a stage go to `<output>_rejected` unless the user names a path."""
+    return explicit or output.rstrip("/") + "_rejected"
+
+
+def stats_path(output: str, name: str = STATS_FILE) -> str:
+    return fsio.join(output, STATS_DIR, name)
+
+
+def _type_compatible(actual: T.DataType, declared: T.DataType) -> bool:
+    if actual == declared:
+        return True
+    widen = {T.IntegerType(): {T.LongType()}, T.FloatType(): {T.DoubleType()}}
+    return declared in widen.get(actual, set())
+
+
+def check_schema(df: DataFrame, spec: DatasetSpec, path: str = "") -> None:
+    actual = {f.name: f.dataType for f in df.schema.fields}
+    declared = {f.name: f.dataType for f in spec.schema.fields}
+    missing = [c for c in spec.required_columns if c not in actual]
+    mistyped = [f"{c} is {actual[c].simpleString()}, expected {declared[c].simpleString()}"
+                for c in spec.required_columns
+                if c in actual and not _type_compatible(actual[c], declared[c])]
+    if missing or mistyped:
+        where = f" at {path}" if path else ""
+        problems = ([f"missing columns: {', '.join(missing)}"] if missing else []) + mistyped
+        raise InputError(f"dataset{where} does not match the declared schema of "
+                         f"'{spec.name}': " + "; ".join(problems))
+
+
+def conform(df: DataFrame, spec: DatasetSpec) -> DataFrame:
+    """Select the declared columns in declared order and types (extra columns are dropped)."""
+    cols = []
+    present = set(df.columns)
+    for f in spec.schema.fields:
+        if f.name in present:
+            cols.append(F.col(f.name).cast(f.dataType).alias(f.name))
+        else:
+            cols.append(F.lit(None).cast(f.dataType).alias(f.name))
+    return df.select(*cols)
+
+
+def read_dataset(spark: SparkSession, path: str, spec: DatasetSpec) -> DataFrame:
+    """Read a parquet dataset and check it against `spec`.
+
+    A missing path or a schema mismatch raises InputError with a clear message. A folder with no
+    data files is an empty input: it yields an empty DataFrame of the declared schema (the stage
+    then writes empty outputs and stats saying 0 rows) rather than Spark's "unable to infer schema".
+    """
+    if not fsio.exists(path):
+        raise InputError(f"input dataset '{spec.name}' not found at {path}")
+    try:
+        df = spark.read.parquet(path)
+    except Exception as exc:  # noqa: BLE001 - Spark raises AnalysisException subclasses
+        message = str(exc)
+        if "UNABLE_TO_INFER_SCHEMA" in message or "Unable to infer schema" in message:
+            log.warning("input %s has no parquet data: treating it as empty", path)
+            return spark.createDataFrame([], spec.schema)
+        raise InputError(f"cannot read input dataset '{spec.name}' at {path}: "
+                         f"{message.splitlines()[0]}") from exc
+    check_schema(df, spec, path)
+    return df
+
+
+def write_dataset(df: DataFrame, path: str, spec: DatasetSpec, mode: str = "overwrite") -> None:
+    """Write `df` conformed to `spec`, partitioned as declared."""
+    out = conform(df, spec)
+    writer = out.write.mode(mode).option("compression", "zstd")
+    if spec.partition_by:
+        writer = writer.partitionBy(*spec.partition_by)
+    writer.parquet(path)
+
+
+def count_by(spark: SparkSession, path: str, column: str = "status") -> dict[str, int]:
+    """Counts by `column`, read back from written data. A missing dataset counts as empty."""
+    if not fsio.exists(path):
+        return {}
+    try:
+        df = spark.read.parquet(path)
+    except Exception:  # noqa: BLE001 - an empty folder has no schema to infer
+        return {}
+    if column not in df.columns:
+        return {"_all": df.count()}
+    return {str(r[column]): int(r["n"]) for r in df.groupBy(column).agg(F.count("*").alias("n")).collect()}
+
+
+def write_stats(output: str, stage: str, stats: dict[str, Any], name: str = STATS_FILE,
+                storage_options: dict | None = None) -> str:
+    """Write the stage's stats JSON under `<output>/_stats/`. Written last: its presence marks the
+    stage's output as complete (see `is_complete`)."""
+    body = {"stage": stage, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **stats}
+    target = stats_path(output, name)
+    fsio.write_json(target, body, storage_options)
+    log.info("stats written to %s", target)
+    return target
+
+
+def read_stats(output: str, name: str = STATS_FILE, storage_options: dict | None = None) -> dict:
+    return fsio.read_json(stats_path(output, name), storage_options)
+
+
+def is_complete(output: str, storage_options: dict | None = None) -> bool:
+    return fsio.exists(stats_path(output), storage_options)
+
+
+class StageTimer:
+    """Wall-clock seconds per named phase of a stage, for the stats JSON."""
+
+    def __init__(self):
+        self.started = time.time()
+        self.phases: dict[str, float] = {}
+
+    def phase(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t0 = time.time()
+                log.info("%s ...", name)
+
+            def __exit__(self, *exc):
+                timer.phases[name] = round(timer.phases.get(name, 0.0) + time.time() - self.t0, 3)
+                log.info("%s done in %.1fs", name, time.time() - self.t0)
+
+        return _Phase()
+
+    def summary(self) -> dict[str, Any]:
+        return {"seconds": round(time.time() - self.started, 3), "phase_seconds": dict(self.phases)}

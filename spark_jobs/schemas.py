@@ -1,0 +1,85 @@
+"""Declared schemas of the datasets between stages.
+
+A dataset has a name, a schema and a partitioning; no stage infers a schema. Readers check the
+columns they need against these declarations (`datasets.read_dataset`), so a stage fed the wrong
+dataset fails with a message naming the missing or mistyped columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyspark.sql import types as T
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    schema: T.StructType
+    partition_by: tuple[str, ...] = ()
+    description: str = ""
+    # Columns a reader needs; None means all of `schema`.
+    required: tuple[str, ...] | None = field(default=None)
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        return self.required if self.required is not None else tuple(self.schema.fieldNames())
+
+
+def _s(name: str) -> T.StructField:
+    return T.StructField(name, T.StringType(), True)
+
+
+def _l(name: str) -> T.StructField:
+    return T.StructField(name, T.LongType(), True)
+
+
+# --- stage 1: wat_extract -------------------------------------------------------------------------
+
+WAT_PAIRS = DatasetSpec(
+    name="wat_pairs",
+    description="image/alt-text pairs found in Common Crawl WAT (or WARC) files",
+    schema=T.StructType([
+        _s("uid"),            # 16 hex chars, udfs.ids.pair_uid(url, text): stable across runs
+        _s("url"),            # absolute http(s) image URL
+        _s("text"),           # alt-text, whitespace-normalised and length-capped
+        _s("page_url"),       # WARC-Target-URI of the page the image is on
+        _s("source_file"),    # the WAT/WARC file the pair came from
+        _s("record_id"),      # WARC-Record-ID of the metadata/response record
+        _s("record_date"),    # WARC-Date of the record
+        T.StructField("alt_truncated", T.BooleanType(), True),
+        _s("crawl"),          # partition: CC-MAIN-YYYY-WW parsed from the path, else "unknown"
+    ]),
+    partition_by=("crawl",),
+    required=("uid", "url", "text"),
+)
+
+REJECT_COLUMNS = (_s("status"), _s("error_message"))
+
+WAT_REJECTED = DatasetSpec(
+    name="wat_rejected",
+    description="links that wat_extract saw and did not keep, with their reason",
+    schema=T.StructType([
+        _s("url"), _s("text"), _s("page_url"), _s("source_file"), _s("record_id"),
+        *REJECT_COLUMNS, _s("crawl"),
+    ]),
+    partition_by=("status",),
+)
+
+WAT_FILE_OUTCOMES = DatasetSpec(
+    name="wat_file_outcomes",
+    description="one row per input file: what happened to it",
+    schema=T.StructType([
+        _s("source_file"),
+        _s("status"),           # ok | partial | failed
+        _s("error_message"),
+        _l("records_read"),
+        _l("metadata_records"),
+        _l("html_records"),
+        _l("links_seen"),
+        _l("pairs_kept"),
+        _l("pairs_rejected"),
+        T.StructField("seconds", T.DoubleType(), True),
+        _l("compressed_bytes"),
+    ]),
+)
