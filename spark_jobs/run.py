@@ -108,6 +108,31 @@ def _row_summary(stats: dict) -> str:
     return ", ".join(parts) or "no row counts"
 
 
+def run_stage(spark, cfg: Config, stage_name: str, root: str, inputs: list[str] | None = None,
+              paths_file: str | None = None, force: bool = False) -> dict:
+    """Run one stage under `root` (or skip it if its output is complete and not forced).
+
+    Returns {"status": "ran"|"skipped", "output", "seconds", "stats"}. Used by `run` and by the
+    Databricks notebook, which runs the pipeline one cell per stage.
+    """
+    stage = PIPELINE[STAGE_NAMES.index(stage_name)]
+    output = dataset_path(cfg, root, stage.name)
+    if is_complete(output) and not force:
+        stats = read_stats(output)
+        log.info("%s: output complete at %s, skipped (%s)", stage.name, output, _row_summary(stats))
+        return {"status": "skipped", "output": output, "seconds": stats.get("seconds"), "stats": stats}
+    module = importlib.import_module(stage.module)
+    crawl_args = argparse.Namespace(input=inputs, paths_file=paths_file)
+    stage_args = parse_stage_args(module, stage_argv(cfg, crawl_args, root, stage))
+    log.info("%s: started -> %s", stage.name, output)
+    t0 = time.time()
+    spark.sparkContext.setJobGroup(stage.name, f"clipcrawl {stage.name}")
+    stats = module.run(spark, cfg, stage_args) or {}
+    seconds = round(time.time() - t0, 2)
+    log.info("%s: finished in %.1fs (%s)", stage.name, seconds, _row_summary(stats))
+    return {"status": "ran", "output": output, "seconds": seconds, "stats": stats}
+
+
 def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
     root = args.root or cfg.get("storage.root")
     if not root:
@@ -117,25 +142,11 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
     upstream_ran = False
     t_run = time.time()
     for position, stage in enumerate(stages, 1):
-        output = dataset_path(cfg, root, stage.name)
-        label = f"[{position}/{len(stages)}] {stage.name}"
-        if is_complete(output) and stage.name not in args.force and not upstream_ran:
-            stats = read_stats(output)
-            log.info("%s: output complete at %s, skipped (%s)", label, output, _row_summary(stats))
-            summary["stages"][stage.name] = {"status": "skipped", "output": output,
-                                             "seconds": stats.get("seconds"), "stats": stats}
-            continue
-        module = importlib.import_module(stage.module)
-        stage_args = parse_stage_args(module, stage_argv(cfg, args, root, stage))
-        log.info("%s: started -> %s", label, output)
-        t0 = time.time()
-        spark.sparkContext.setJobGroup(stage.name, f"clipcrawl {stage.name}")
-        stats = module.run(spark, cfg, stage_args) or {}
-        seconds = round(time.time() - t0, 2)
-        log.info("%s: finished in %.1fs (%s)", label, seconds, _row_summary(stats))
-        summary["stages"][stage.name] = {"status": "ran", "output": output, "seconds": seconds,
-                                         "stats": stats}
-        upstream_ran = True
+        log.info("[%d/%d] %s", position, len(stages), stage.name)
+        result = run_stage(spark, cfg, stage.name, root, args.input, args.paths_file,
+                           force=upstream_ran or stage.name in args.force)
+        summary["stages"][stage.name] = result
+        upstream_ran = upstream_ran or result["status"] == "ran"
     summary["seconds"] = round(time.time() - t_run, 2)
     fsio.write_json(fsio.join(root, "_run", "run.json"), summary)
     return {"root": root, "seconds": summary["seconds"],

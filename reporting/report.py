@@ -1,0 +1,261 @@
+"""`report.html` for a pipeline run: what happened to the rows, told in six charts.
+
+Every number comes from the written datasets (kept and rejected rows grouped by `status`), not
+from logs or accumulators, so the page agrees with what a user reads back with Spark or pandas.
+Charts are PNGs next to the page (matplotlib, Agg backend, no display needed).
+"""
+
+from __future__ import annotations
+
+import glob
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as pads
+
+STAGE_ORDER = ("wat-extract", "dedup", "download", "clip-score", "filter", "build-index")
+
+
+@dataclass
+class StageFunnel:
+    stage: str
+    rows_in: int
+    kept: int
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def accounted(self) -> bool:
+        return self.rows_in == self.kept + sum(self.dropped.values())
+
+
+def _dataset(path: str, files_glob: str | None = None):
+    if files_glob:
+        files = sorted(glob.glob(os.path.join(path, files_glob)))
+        return pads.dataset(files, format="parquet") if files else None
+    if not os.path.isdir(path) or not any(Path(path).rglob("*.parquet")):
+        return None
+    return pads.dataset(path, format="parquet", partitioning="hive")
+
+
+def _table(path: str, columns: list[str], files_glob: str | None = None):
+    ds = _dataset(path, files_glob)
+    if ds is None:
+        return None
+    present = [c for c in columns if c in ds.schema.names]
+    return ds.to_table(columns=present)
+
+
+def _count(path: str, files_glob: str | None = None) -> int:
+    ds = _dataset(path, files_glob)
+    return 0 if ds is None else ds.count_rows()
+
+
+def _by_status(path: str, files_glob: str | None = None, column: str = "status") -> dict[str, int]:
+    table = _table(path, [column], files_glob)
+    if table is None or column not in table.column_names:
+        return {}
+    counts: dict[str, int] = {}
+    for value in table.column(column).to_pylist():
+        counts[str(value)] = counts.get(str(value), 0) + 1
+    return counts
+
+
+def collect(root: str, datasets: dict[str, str], subsets: dict[str, str]) -> dict[str, Any]:
+    """Everything the report shows, read from the datasets under `root`."""
+    p = {stage: os.path.join(root, name) for stage, name in datasets.items()}
+    facts: dict[str, Any] = {"root": root, "funnel": []}
+
+    wat_kept = _count(p["wat-extract"])
+    wat_rej = _by_status(p["wat-extract"] + "_rejected")
+    facts["funnel"].append(StageFunnel("wat-extract", wat_kept + sum(wat_rej.values()), wat_kept, wat_rej))
+
+    dedup_kept = _count(p["dedup"])
+    dedup_rej = _by_status(p["dedup"] + "_rejected")
+    facts["funnel"].append(StageFunnel("dedup", wat_kept, dedup_kept, dedup_rej))
+
+    dl_status = _by_status(p["download"], "*.parquet")
+    facts["download_status"] = dl_status
+    facts["funnel"].append(StageFunnel("download", sum(dl_status.values()), dl_status.get("success", 0),
+                                       {k: v for k, v in dl_status.items() if k != "success"}))
+
+    scored_status = _by_status(p["clip-score"])
+    facts["funnel"].append(StageFunnel("clip-score", sum(scored_status.values()),
+                                       scored_status.get("success", 0),
+                                       {k: v for k, v in scored_status.items() if k != "success"}))
+
+    subset_counts = {name: _count(os.path.join(p["filter"], name)) for name in subsets.values()}
+    filter_rej = _by_status(p["filter"] + "_rejected")
+    facts["subsets"] = subset_counts
+    facts["funnel"].append(StageFunnel("filter", sum(scored_status.values()), sum(subset_counts.values()),
+                                       filter_rej))
+
+    images = _table(p["download"], ["status", "original_width", "original_height", "bytes"], "*.parquet")
+    facts["image_sizes"] = []
+    if images is not None and "original_width" in images.column_names:
+        for status, w, h in zip(images.column("status").to_pylist(),
+                                images.column("original_width").to_pylist(),
+                                images.column("original_height").to_pylist()):
+            if status == "success" and w and h:
+                facts["image_sizes"].append((int(w), int(h)))
+
+    scored = _table(p["clip-score"], ["similarity"])
+    facts["similarities"] = ([] if scored is None else
+                             [s for s in scored.column("similarity").to_pylist() if s is not None])
+
+    languages: dict[str, int] = {}
+    for name in subsets.values():
+        table = _table(os.path.join(p["filter"], name), ["LANGUAGE"])
+        if table is not None and "LANGUAGE" in table.column_names:
+            for lang in table.column("LANGUAGE").to_pylist():
+                key = lang or "(none)"
+                languages[key] = languages.get(key, 0) + 1
+    facts["languages"] = dict(sorted(languages.items(), key=lambda kv: -kv[1]))
+
+    run_json = os.path.join(root, "_run", "run.json")
+    facts["stage_seconds"] = {}
+    if os.path.exists(run_json):
+        with open(run_json, encoding="utf-8") as fh:
+            run = json.load(fh)
+        for stage, entry in run.get("stages", {}).items():
+            if entry.get("seconds") is not None:
+                facts["stage_seconds"][stage] = float(entry["seconds"])
+    return facts
+
+
+def _charts(facts: dict[str, Any], thresholds: dict[str, float], out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    charts: dict[str, str] = {}
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        charts[name.rsplit(".", 1)[0]] = name
+
+    funnel: list[StageFunnel] = facts["funnel"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    reasons = sorted({r for f in funnel for r in f.dropped})
+    colors = plt.cm.tab20.colors
+    x = range(len(funnel))
+    ax.bar(x, [f.kept for f in funnel], color="#2b8a3e", label="kept")
+    bottom = [f.kept for f in funnel]
+    for i, reason in enumerate(reasons):
+        vals = [f.dropped.get(reason, 0) for f in funnel]
+        ax.bar(x, vals, bottom=bottom, color=colors[i % len(colors)], label=f"dropped: {reason}")
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, f in enumerate(funnel):
+        ax.text(i, f.rows_in, f"{f.kept}/{f.rows_in}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), [f.stage for f in funnel])
+    ax.set_ylabel("rows")
+    ax.set_title("Rows per stage: kept (green) and dropped by reason")
+    ax.legend(fontsize=7, loc="upper right")
+    save(fig, "funnel.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    sims = facts["similarities"]
+    if sims:
+        ax.hist(sims, bins=40, color="#4263eb")
+    styles = {"en": "-", "multi": "--", "nolang": ":"}
+    for bucket, value in thresholds.items():
+        ax.axvline(value, color="#c92a2a", linestyle=styles.get(bucket, "-."), label=f"{bucket} >= {value}")
+    ax.set_xlabel("CLIP cosine similarity (image, alt-text)")
+    ax.set_ylabel("pairs")
+    ax.set_title("Similarity of scored pairs, with the keep thresholds")
+    ax.legend(fontsize=8)
+    save(fig, "similarity.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    langs = facts["languages"]
+    ax.bar(list(langs), list(langs.values()), color="#f08c00")
+    ax.set_ylabel("kept pairs")
+    ax.set_title("Caption language of kept pairs")
+    save(fig, "languages.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    status = dict(sorted(facts["download_status"].items(), key=lambda kv: -kv[1]))
+    ax.barh(list(status), list(status.values()),
+            color=["#2b8a3e" if k == "success" else "#868e96" for k in status])
+    ax.set_xlabel("rows")
+    ax.set_title("Download outcome per URL")
+    save(fig, "download_status.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = facts["image_sizes"]
+    if sizes:
+        ax.scatter([w for w, _ in sizes], [h for _, h in sizes], s=10, alpha=0.6, color="#1098ad")
+    ax.set_xlabel("original width (px)")
+    ax.set_ylabel("original height (px)")
+    ax.set_title("Sizes of downloaded images")
+    save(fig, "image_sizes.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    secs = facts["stage_seconds"]
+    ordered = [s for s in STAGE_ORDER if s in secs]
+    ax.barh(ordered[::-1], [secs[s] for s in ordered][::-1], color="#7048e8")
+    ax.set_xlabel("seconds")
+    ax.set_title("Time per stage")
+    save(fig, "stage_seconds.png")
+    return charts
+
+
+def _funnel_table(funnel: list[StageFunnel]) -> str:
+    rows = []
+    for f in funnel:
+        drops = ", ".join(f"{html.escape(k)}: {v}" for k, v in sorted(f.dropped.items(), key=lambda kv: -kv[1]))
+        check = "yes" if f.accounted else f"<b>no: {f.rows_in - f.kept - sum(f.dropped.values())} rows unaccounted</b>"
+        rows.append(f"<tr><td>{f.stage}</td><td>{f.rows_in}</td><td>{f.kept}</td><td>{drops or '-'}</td>"
+                    f"<td>{check}</td></tr>")
+    return ("<table><tr><th>stage</th><th>rows in</th><th>kept</th><th>dropped (reason: rows)</th>"
+            "<th>in = kept + dropped</th></tr>" + "".join(rows) + "</table>")
+
+
+def build_report(root: str, datasets: dict[str, str], subsets: dict[str, str],
+                 thresholds: dict[str, float], out_dir: str | None = None) -> str:
+    out = Path(out_dir or os.path.join(root, "report"))
+    out.mkdir(parents=True, exist_ok=True)
+    facts = collect(root, datasets, subsets)
+    charts = _charts(facts, thresholds, out)
+    subset_list = "".join(f"<li><code>{html.escape(k)}</code>: {v} pairs</li>" for k, v in facts["subsets"].items())
+    captions = {
+        "funnel": "Each bar is one stage's input. Green is what the stage kept; the coloured parts are rows it "
+                  "dropped, by reason. Every dropped row is in the stage's <code>_rejected</code> dataset.",
+        "similarity": "CLIP cosine similarity between each downloaded image and its alt-text. Pairs right of "
+                      "the red line for their language bucket are kept.",
+        "languages": "Detected caption language of the kept pairs (none = no confident language).",
+        "download_status": "What happened to each URL in the download stage.",
+        "image_sizes": "Original dimensions of the images that downloaded successfully.",
+        "stage_seconds": "Wall-clock seconds per stage in this run (skipped stages show their earlier time).",
+    }
+    sections = "".join(
+        f"<section><h2>{title}</h2><p>{captions[key]}</p><img src='{charts[key]}' alt='{title}'></section>"
+        for key, title in (("funnel", "1. The funnel"), ("similarity", "2. CLIP similarity"),
+                           ("languages", "3. Languages"), ("download_status", "4. Download outcomes"),
+                           ("image_sizes", "5. Image sizes"), ("stage_seconds", "6. Time per stage"))
+        if key in charts)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>clipcrawl run report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#212529}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ced4da;padding:4px 8px;text-align:left}}
+img{{max-width:100%;border:1px solid #e9ecef}}section{{margin-bottom:2em}}</style></head>
+<body><h1>clipcrawl run report</h1>
+<p>Run root: <code>{html.escape(root)}</code>. Common Crawl pages were parsed for image/alt-text pairs,
+deduplicated, downloaded, scored with CLIP and split by caption language. The final subsets:</p>
+<ul>{subset_list}</ul>
+{_funnel_table(facts["funnel"])}
+{sections}
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    (out / "report_facts.json").write_text(json.dumps(
+        {**facts, "funnel": [f.__dict__ for f in facts["funnel"]], "similarities": len(facts["similarities"]),
+         "image_sizes": len(facts["image_sizes"])}, indent=2), encoding="utf-8")
+    return str(path)
