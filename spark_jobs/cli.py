@@ -23,6 +23,8 @@ STAGE_MODULES = (
     "spark_jobs.wat_extract",
     "spark_jobs.run",
     "spark_jobs.report",
+    "spark_jobs.knn_index",
+    "spark_jobs.search",
 )
 
 EXIT_USER_ERROR = 2

@@ -1,0 +1,174 @@
+"""build-index on generated embeddings: layout, id order, recall, memory-mapping, distributed mode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from spark_jobs import knn_index
+from spark_jobs.datasets import InputError
+from tests.gen.embeddings_layout import write_random_subset
+from udfs import knn
+
+N, DIM = 1500, 32
+
+
+def _cfg(cfg, *overrides):
+    return cfg.with_overrides(["index.recall_sample=200", "index.nb_cores=2", *overrides])
+
+
+def _build(cfg, dataset, output, *overrides, spark=None):
+    args = argparse.Namespace(input=str(dataset), output=str(output), subset=None)
+    return knn_index.run(spark, _cfg(cfg, *overrides), args)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, cfg):
+    """One subset of 1500 vectors in 12 parts (so img_emb_10 sorts before img_emb_2)."""
+    tmp = tmp_path_factory.mktemp("knn")
+    _, image, text = write_random_subset(tmp / "dataset", "laion2B-en", n=N, dim=DIM, parts=12)
+    stats = _build(cfg, tmp / "dataset", tmp / "indices")
+    return tmp, image, text, stats
+
+
+@pytest.mark.slow
+def test_build_writes_contract_layout_and_stats(built):
+    tmp, _, _, stats = built
+    folder = tmp / "indices" / "laion2B-en"
+    for name in ("image.index", "text.index", "index_infos.json", "ids.parquet"):
+        assert (folder / name).exists(), name
+    infos = json.loads((folder / "index_infos.json").read_text())
+    assert infos["status"] == "ok" and infos["nb_vectors"] == N
+    for kind in ("image", "text"):
+        assert infos["indices"][kind]["nb vectors"] == N
+        assert infos["indices"][kind]["dim"] == DIM
+    ids = pq.read_table(folder / "ids.parquet")
+    assert ids.num_rows == N
+    assert set(ids.column_names) >= {"index_id", "SAMPLE_ID", "URL", "TEXT", "similarity",
+                                     "LANGUAGE", "key", "tar_path"}
+    written = json.loads((tmp / "indices" / "_stats" / "stats.json").read_text())
+    assert written["stage"] == "build-index"
+    assert written["subsets"]["laion2B-en"]["ids_rows"] == N
+
+
+@pytest.mark.slow
+def test_recall_at_default_settings_meets_goal(built):
+    tmp, *_ = built
+    infos = json.loads((tmp / "indices" / "laion2B-en" / "index_infos.json").read_text())
+    for kind in ("image", "text"):
+        assert infos["indices"][kind]["recall_queries"] == 200
+        assert infos["indices"][kind]["recall@10"] >= 0.95, infos["indices"][kind]
+
+
+@pytest.mark.slow
+def test_ids_follow_the_order_autofaiss_reads_the_parts(built):
+    """Row i of the generated data has URL .../img/{i}.jpg; searching with its own vector must
+    find it, which fails if ids were assigned in numeric instead of path order."""
+    tmp, image, _, _ = built
+    index = knn.open_indices(str(tmp / "indices"))["laion2B-en"]
+    for i in (0, 5, 130, 700, 1499):
+        top = index.search(image[i], "image", 1)[0]
+        assert top["URL"] == f"http://127.0.0.1/img/{i}.jpg"
+        assert top["score"] == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_search_agrees_with_exact_flat_search(built):
+    tmp, image, text, _ = built
+    index = knn.open_indices(str(tmp / "indices" / "laion2B-en"))["laion2B-en"]
+    rng = np.random.default_rng(5)
+    queries = text[rng.choice(N, 25, replace=False)]  # text vectors -> image index, as a user would
+    _, exact = knn.exact_search([image], queries, 10)  # generated row numbers
+    # Index ids follow the parts' path order; compare through the URL, which names the row.
+    got = np.array([[int(r["URL"].rsplit("/", 1)[1].split(".")[0]) for r in index.search(q, "image", 10)]
+                    for q in queries])
+    assert knn.recall_at_k(got, exact, 10) >= 0.95
+    assert (got[:, 0] == exact[:, 0]).mean() >= 0.95
+
+
+def test_exact_search_over_parts_equals_one_flat_search():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    q = rng.standard_normal((7, 8)).astype(np.float32)
+    whole_d, whole_i = knn.exact_search([x], q, 5)
+    parts_d, parts_i = knn.exact_search([x[:100], x[100:101], x[101:]], q, 5)
+    np.testing.assert_array_equal(whole_i, parts_i)
+    np.testing.assert_allclose(whole_d, parts_d, rtol=1e-5)
+    brute = np.argsort(-(q @ x.T), axis=1)[:, :5]
+    np.testing.assert_array_equal(whole_i, brute)
+
+
+def test_recall_at_k_counts_overlap():
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    approx = np.array([[1, 2, 9, 10], [8, 7, 6, 5]])
+    assert knn.recall_at_k(approx, exact, 4) == pytest.approx((0.5 + 1.0) / 2)
+    assert knn.recall_at_k(np.array([[-1, -1, -1, -1]]), exact[:1], 4) == 0.0
+
+
+def test_misaligned_parts_are_an_input_error(tmp_path, cfg):
+    root, *_ = write_random_subset(tmp_path / "dataset", n=60, dim=8, parts=2)
+    np.save(root / "text_emb" / "text_emb_1.npy", np.zeros((3, 8), np.float16))
+    with pytest.raises(knn.EmbeddingLayoutError, match="not row-aligned"):
+        knn.list_parts(str(root))
+    (root / "metadata" / "metadata_0.parquet").unlink()
+    with pytest.raises(InputError, match="metadata_0.parquet is missing"):
+        _build(cfg, tmp_path / "dataset", tmp_path / "indices")
+
+
+def test_budget_autofaiss_would_reject_is_a_config_error(tmp_path, cfg):
+    from spark_jobs.config import ConfigError
+
+    with pytest.raises(ConfigError, match="current_memory_available"):
+        _build(cfg, tmp_path, tmp_path / "i", "index.current_memory_available=2G")
+
+
+def test_missing_input_and_unknown_subset_are_input_errors(tmp_path, cfg):
+    with pytest.raises(InputError, match="no embeddings folder"):
+        _build(cfg, tmp_path / "nothing", tmp_path / "indices")
+    write_random_subset(tmp_path / "dataset", n=30, dim=8, parts=1)
+    args = argparse.Namespace(input=str(tmp_path / "dataset"), output=str(tmp_path / "i"),
+                              subset=["laion2B-xx"])
+    with pytest.raises(InputError, match="laion2B-xx"):
+        knn_index.run(None, _cfg(cfg), args)
+
+
+def test_small_subset_builds_and_empty_subset_is_recorded(tmp_path, cfg):
+    write_random_subset(tmp_path / "dataset", "laion2B-multi", n=200, dim=8, parts=2)
+    empty = tmp_path / "dataset" / "embeddings" / "laion1B-nolang"
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (empty / sub).mkdir(parents=True)
+    stats = _build(cfg, tmp_path / "dataset", tmp_path / "indices")
+    assert stats["subsets"]["laion1B-nolang"]["status"] == "empty"
+    assert stats["subsets"]["laion2B-multi"]["image"]["recall@10"] == 1.0  # flat for tiny inputs
+    indices = knn.open_indices(str(tmp_path / "indices"))
+    assert indices["laion1B-nolang"].search(np.ones(8), "image", 5) == []
+    with pytest.raises(knn.QueryError, match="dimension"):
+        indices["laion2B-multi"].search(np.ones(9), "image", 5)
+    with pytest.raises(knn.QueryError, match="zeros"):
+        indices["laion2B-multi"].search(np.zeros(8), "image", 5)
+
+
+@pytest.mark.slow
+def test_memory_mapped_index_is_ivf_and_searchable(tmp_path, cfg):
+    _, image, _ = write_random_subset(tmp_path / "dataset", n=1200, dim=16, parts=2)
+    _build(cfg, tmp_path / "dataset", tmp_path / "indices", "index.memory_mapped=true")
+    infos = json.loads((tmp_path / "indices" / "laion2B-en" / "index_infos.json").read_text())
+    assert infos["indices"]["image"]["index_key"].startswith("IVF")
+    index = knn.open_indices(str(tmp_path / "indices"), memory_mapped=True)["laion2B-en"]
+    assert index.search(image[42], "image", 3)[0]["URL"].endswith("/42.jpg")
+
+
+@pytest.mark.slow
+def test_distributed_build_on_local_spark(tmp_path, cfg, spark):
+    """autofaiss's pyspark mode on the shared local[2] session gives the same neighbours."""
+    _, image, _ = write_random_subset(tmp_path / "dataset", n=1200, dim=16, parts=3)
+    stats = _build(cfg, tmp_path / "dataset", tmp_path / "indices", "index.distributed=true",
+                   spark=spark)
+    assert stats["subsets"]["laion2B-en"]["image"]["recall@10"] >= 0.95
+    index = knn.open_indices(str(tmp_path / "indices"))["laion2B-en"]
+    assert index.search(image[1100], "image", 1)[0]["URL"].endswith("/1100.jpg")
+    assert not (tmp_path / "indices" / "_tmp_distributed" / "laion2B-en" / "image").exists()

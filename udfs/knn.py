@@ -1,0 +1,522 @@
+"""kNN indices over the CLIP embeddings of a subset: build (autofaiss), measure, load, search.
+
+Layout read (contract 4): `<dataset>/embeddings/<subset>/{img_emb/img_emb_{i}.npy,
+text_emb/text_emb_{i}.npy, metadata/metadata_{i}.parquet}`, row-aligned. Layout written
+(contract 5): `<indices>/<subset>/{image.index, text.index, index_infos.json, ids.parquet}`.
+
+Index ids are row numbers in the order autofaiss (embedding_reader) reads the npy files: sorted by
+path, so `img_emb_10.npy` comes before `img_emb_2.npy`. The ids parquet is written from the
+metadata files in exactly that order, which is what makes id -> metadata lookups right; the order
+is taken from embedding_reader itself rather than re-implemented.
+
+The image and text indices share one id space because the image and text npy files are
+row-aligned. No pyspark import here: the distributed build receives autofaiss's own flag and
+autofaiss finds the active session itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from udfs import fsio
+
+log = logging.getLogger(__name__)
+
+KINDS = {"image": ("img_emb", "img_emb_"), "text": ("text_emb", "text_emb_")}
+INDEX_FILES = {"image": "image.index", "text": "text.index"}
+INFOS_FILE = "index_infos.json"
+IDS_FILE = "ids.parquet"
+# Columns of the ids parquet, after `index_id`. punsafe/pwatermark ride along so the server can
+# apply the safety cut without a join.
+ID_COLUMNS = ("SAMPLE_ID", "URL", "TEXT", "similarity", "LANGUAGE", "punsafe", "pwatermark",
+              "key", "tar_path")
+
+
+class EmbeddingLayoutError(ValueError):
+    """The embeddings folder is missing, incomplete or not row-aligned (a user-fixable input)."""
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered as asked (bad k, unknown subset, wrong dimension...)."""
+
+
+# --- reading the clip-retrieval layout --------------------------------------------------------------
+
+@dataclass
+class EmbeddingPart:
+    number: str                 # the `{i}` of img_emb_{i}.npy
+    image_npy: str
+    text_npy: str
+    metadata: str
+    rows: int
+
+
+def find_subsets(dataset: str, storage_options: dict | None = None) -> list[str]:
+    """Subset names that have an embeddings folder under `<dataset>/embeddings/`."""
+    root = fsio.join(dataset, "embeddings")
+    if not fsio.exists(root, storage_options):
+        raise EmbeddingLayoutError(f"no embeddings folder at {root} (expected the filter output)")
+    fs, path = fsio.filesystem(root, storage_options)
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)
+                   if fs.isdir(p))
+    return [n for n in names if not n.startswith(("_", "."))]
+
+
+def _npy_rows_dim(uri: str, storage_options: dict | None) -> tuple[int, int]:
+    with fsio.open_uri(uri, "rb", storage_options) as fh:
+        version = np.lib.format.read_magic(fh)
+        shape, _, _ = np.lib.format._read_array_header(fh, version)
+    if len(shape) != 2:
+        raise EmbeddingLayoutError(f"{uri}: expected a 2-d array, got shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def _parquet_rows(uri: str, storage_options: dict | None) -> int:
+    import pyarrow.parquet as pq
+
+    with fsio.open_uri(uri, "rb", storage_options) as fh:
+        return pq.ParquetFile(fh).metadata.num_rows
+
+
+def _number_of(name: str, prefix: str, suffix: str) -> str | None:
+    base = posixpath.basename(name)
+    if base.startswith(prefix) and base.endswith(suffix):
+        return base[len(prefix):-len(suffix)]
+    return None
+
+
+def list_parts(subset_root: str, storage_options: dict | None = None) -> list[EmbeddingPart]:
+    """The row-aligned (image npy, text npy, metadata) triples of one subset, in index-id order.
+
+    Every triple must be complete and have equal row counts; otherwise ids would point at the
+    wrong captions, so this raises instead of guessing.
+    """
+    from embedding_reader.get_file_list import get_file_list
+
+    img_dir = fsio.join(subset_root, "img_emb")
+    if not fsio.exists(img_dir, storage_options):
+        raise EmbeddingLayoutError(f"no img_emb folder under {subset_root}")
+    _, img_files = get_file_list(fsio.normalize_uri(img_dir), "npy")  # embedding_reader's order
+    parts = []
+    for img in img_files:
+        number = _number_of(img, "img_emb_", ".npy")
+        if number is None:
+            continue
+        text_npy = fsio.join(subset_root, "text_emb", f"text_emb_{number}.npy")
+        meta = fsio.join(subset_root, "metadata", f"metadata_{number}.parquet")
+        image_npy = fsio.join(img_dir, posixpath.basename(img))
+        for needed in (text_npy, meta):
+            if not fsio.exists(needed, storage_options):
+                raise EmbeddingLayoutError(f"{needed} is missing (it pairs with {image_npy})")
+        rows, _ = _npy_rows_dim(image_npy, storage_options)
+        text_rows, _ = _npy_rows_dim(text_npy, storage_options)
+        meta_rows = _parquet_rows(meta, storage_options)
+        if not rows == text_rows == meta_rows:
+            raise EmbeddingLayoutError(
+                f"part {number} of {subset_root} is not row-aligned: img_emb {rows} rows, "
+                f"text_emb {text_rows}, metadata {meta_rows}")
+        parts.append(EmbeddingPart(number, image_npy, text_npy, meta, rows))
+    return parts
+
+
+def load_part(part: EmbeddingPart, kind: str, storage_options: dict | None = None) -> np.ndarray:
+    uri = part.image_npy if kind == "image" else part.text_npy
+    with fsio.open_uri(uri, "rb", storage_options) as fh:
+        return np.load(fh).astype(np.float32, copy=False)
+
+
+def write_ids(parts: list[EmbeddingPart], target: str, storage_options: dict | None = None) -> int:
+    """Write the id -> metadata parquet, one row group per part, streaming (one part in memory)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("index_id", pa.int64()), ("SAMPLE_ID", pa.int64()), ("URL", pa.string()),
+                        ("TEXT", pa.string()), ("similarity", pa.float64()),
+                        ("LANGUAGE", pa.string()), ("punsafe", pa.float64()),
+                        ("pwatermark", pa.float64()), ("key", pa.string()),
+                        ("tar_path", pa.string())])
+    offset = 0
+    with fsio.open_uri(target + ".tmp", "wb", storage_options) as fh:
+        with pq.ParquetWriter(fh, schema, compression="zstd") as writer:
+            for part in parts:
+                with fsio.open_uri(part.metadata, "rb", storage_options) as mf:
+                    meta = pq.read_table(mf)
+                cols = {"index_id": pa.array(np.arange(offset, offset + meta.num_rows), pa.int64())}
+                for f in schema:
+                    if f.name == "index_id":
+                        continue
+                    if f.name in meta.column_names:
+                        cols[f.name] = meta.column(f.name).cast(f.type)
+                    else:  # e.g. no safety head: the column is null, as in the subset parquet
+                        cols[f.name] = pa.nulls(meta.num_rows, f.type)
+                writer.write_table(pa.table(cols, schema=schema))
+                offset += meta.num_rows
+    fs, path = fsio.filesystem(target, storage_options)
+    fs.mv(path + ".tmp", path)
+    return offset
+
+
+# --- building ------------------------------------------------------------------------------------
+
+@dataclass
+class BuildParams:
+    """The autofaiss knobs we expose, from the `index:` config section."""
+    max_index_memory_usage: str = "4G"
+    current_memory_available: str = "8G"
+    max_index_query_time_ms: float = 10.0
+    metric_type: str = "ip"
+    index_key: str | None = None
+    index_param: str | None = None
+    min_nearest_neighbors_to_retrieve: int = 20
+    nb_cores: int | None = None
+    memory_mapped: bool = False
+    distributed: bool = False
+    temporary_indices_folder: str | None = None
+    recall_sample: int = 1000
+    recall_k: int = 10
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, section: dict) -> "BuildParams":
+        known = set(cls.__dataclass_fields__)
+        params = cls(**{k: v for k, v in section.items() if k in known})
+        params.check()
+        return params
+
+    def check(self) -> None:
+        """Fail before building on budgets autofaiss would reject (it only logs and returns)."""
+        from autofaiss.utils.cast import cast_memory_to_bytes
+
+        try:
+            current = cast_memory_to_bytes(str(self.current_memory_available))
+            index_max = cast_memory_to_bytes(str(self.max_index_memory_usage))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"index memory sizes must look like '4G' or '512M': {exc}") from exc
+        if current - index_max < 0.1 * current:
+            raise ValueError(
+                f"index.current_memory_available ({self.current_memory_available}) must leave "
+                f"at least 10% beyond index.max_index_memory_usage ({self.max_index_memory_usage})")
+        if self.metric_type not in ("ip", "l2"):
+            raise ValueError(f"index.metric_type must be ip or l2, got {self.metric_type!r}")
+
+
+def build_kind_index(emb_folder: str, index_path: str, infos_path: str,
+                     params: BuildParams) -> dict:
+    """autofaiss `build_index` over one folder of npy files, written to local paths."""
+    from autofaiss import build_index
+
+    kwargs: dict[str, Any] = dict(
+        embeddings=fsio.normalize_uri(emb_folder), index_path=index_path,
+        index_infos_path=infos_path, save_on_disk=True, file_format="npy",
+        max_index_query_time_ms=float(params.max_index_query_time_ms),
+        max_index_memory_usage=str(params.max_index_memory_usage),
+        current_memory_available=str(params.current_memory_available),
+        min_nearest_neighbors_to_retrieve=int(params.min_nearest_neighbors_to_retrieve),
+        metric_type=params.metric_type, nb_cores=params.nb_cores,
+        should_be_memory_mappable=bool(params.memory_mapped or params.distributed),
+        index_key=params.index_key, index_param=params.index_param,
+        verbose=logging.WARNING)
+    tmp = None
+    if params.distributed:
+        tmp = fsio.join(params.temporary_indices_folder or tempfile.mkdtemp(prefix="clipcrawl-dist-"),
+                        os.path.splitext(os.path.basename(index_path))[0])
+        kwargs["distributed"] = "pyspark"
+        kwargs["temporary_indices_folder"] = fsio.normalize_uri(tmp)
+    t0 = time.time()
+    try:
+        _, infos = build_index(**kwargs)
+    finally:
+        if tmp is not None and fsio.exists(tmp):
+            fs, path = fsio.filesystem(tmp)
+            fs.rm(path, recursive=True)
+    if not os.path.exists(index_path):
+        raise RuntimeError(f"autofaiss did not write {index_path} (see its log above)")
+    infos = dict(infos or {})
+    infos["build_seconds"] = round(time.time() - t0, 3)
+    return infos
+
+
+def _top_k_merge(d_acc, i_acc, d_new, i_new, k):
+    d = np.concatenate([d_acc, d_new], axis=1)
+    i = np.concatenate([i_acc, i_new], axis=1)
+    order = np.argsort(-d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+
+def exact_search(parts_vectors: Iterable[np.ndarray], queries: np.ndarray, k: int,
+                 metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over vectors given part by part (so a big subset never sits in memory whole)."""
+    import faiss
+
+    n = len(queries)
+    sign = 1.0 if metric == "ip" else -1.0
+    d_acc = np.full((n, 0), -np.inf, np.float32)
+    i_acc = np.full((n, 0), -1, np.int64)
+    offset = 0
+    for vectors in parts_vectors:
+        if len(vectors) == 0:
+            continue
+        flat = faiss.IndexFlatIP(vectors.shape[1]) if metric == "ip" else faiss.IndexFlatL2(vectors.shape[1])
+        flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        d, i = flat.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(vectors)))
+        d_acc, i_acc = _top_k_merge(d_acc, i_acc, sign * d, i + offset, k)
+        offset += len(vectors)
+    return sign * d_acc, i_acc
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / k (ids < 0 are misses)."""
+    hits = [len(set(a[:k][a[:k] >= 0]) & set(e[:k][e[:k] >= 0])) / min(k, max(1, (e[:k] >= 0).sum()))
+            for a, e in zip(approx_ids, exact_ids)]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def sample_queries(parts: list[EmbeddingPart], kind: str, sample: int, seed: int,
+                   storage_options: dict | None = None) -> np.ndarray:
+    """`sample` vectors drawn uniformly from the subset, used as queries (one pass over parts)."""
+    total = sum(p.rows for p in parts)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(total, size=min(sample, total), replace=False))
+    out, offset = [], 0
+    for part in parts:
+        sel = chosen[(chosen >= offset) & (chosen < offset + part.rows)] - offset
+        if len(sel):
+            out.append(load_part(part, kind, storage_options)[sel])
+        offset += part.rows
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def measure_recall(index, parts: list[EmbeddingPart], kind: str, sample: int, k: int, seed: int,
+                   metric: str = "ip", storage_options: dict | None = None) -> dict:
+    """Recall@k of `index` against exact flat search, with `sample` of the subset's own vectors as
+    queries (the queries a user sends are CLIP vectors from the same distribution)."""
+    queries = sample_queries(parts, kind, sample, seed, storage_options)
+    if len(queries) == 0:
+        return {f"recall@{k}": None, "recall_queries": 0}
+    t0 = time.time()
+    _, exact = exact_search((load_part(p, kind, storage_options) for p in parts), queries, k, metric)
+    t1 = time.time()
+    _, approx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    t2 = time.time()
+    return {f"recall@{k}": round(recall_at_k(approx, exact, k), 4), "recall_queries": len(queries),
+            "recall_exact_seconds": round(t1 - t0, 3),
+            "recall_index_ms_per_query": round(1000 * (t2 - t1) / len(queries), 4)}
+
+
+def build_subset(subset_root: str, output: str, params: BuildParams,
+                 storage_options: dict | None = None) -> dict:
+    """Build the image and text indices, the ids parquet and index_infos.json of one subset.
+
+    autofaiss writes local files, so the indices are built in a local scratch folder and copied
+    to `output` (local or s3://) afterwards; index_infos.json is written last and marks the subset
+    complete.
+    """
+    import faiss
+
+    parts = list_parts(subset_root, storage_options)
+    total = sum(p.rows for p in parts)
+    infos: dict[str, Any] = {"subset_root": subset_root, "nb_vectors": total, "parts": len(parts),
+                             "metric_type": params.metric_type, "memory_mapped": params.memory_mapped,
+                             "distributed": params.distributed, "indices": {}}
+    if total == 0:
+        infos["status"] = "empty"
+        fsio.write_json(fsio.join(output, INFOS_FILE), infos, storage_options)
+        return infos
+    infos["nb_ids"] = write_ids(parts, fsio.join(output, IDS_FILE), storage_options)
+    scratch = tempfile.mkdtemp(prefix="clipcrawl-index-")
+    try:
+        for kind, (folder, _) in KINDS.items():
+            local_index = os.path.join(scratch, INDEX_FILES[kind])
+            local_infos = os.path.join(scratch, f"{kind}_autofaiss_infos.json")
+            log.info("building the %s index of %s (%d vectors)", kind, subset_root, total)
+            kind_infos = build_kind_index(fsio.join(subset_root, folder), local_index, local_infos,
+                                          params)
+            index = faiss.read_index(local_index)
+            if index.ntotal != total:
+                raise RuntimeError(f"{kind} index holds {index.ntotal} vectors, expected {total}")
+            apply_index_param(index, kind_infos.get("index_param"))
+            kind_infos.update(measure_recall(index, parts, kind, params.recall_sample, params.recall_k,
+                                             params.seed, params.metric_type, storage_options))
+            kind_infos.pop("index_path", None)  # the scratch path, meaningless after the copy
+            kind_infos["index_file"] = INDEX_FILES[kind]
+            kind_infos["dim"] = int(index.d)
+            del index
+            _upload(local_index, fsio.join(output, INDEX_FILES[kind]), storage_options)
+            infos["indices"][kind] = kind_infos
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    infos["status"] = "ok"
+    fsio.write_json(fsio.join(output, INFOS_FILE), infos, storage_options)
+    return infos
+
+
+def _upload(local: str, target: str, storage_options: dict | None) -> None:
+    if not fsio.is_remote(target):
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        shutil.copyfile(local, target + ".tmp")
+        os.replace(target + ".tmp", target)
+        return
+    fs, path = fsio.filesystem(target, storage_options)
+    fs.put_file(local, path)
+
+
+def apply_index_param(index, index_param: str | None) -> None:
+    """Re-apply the search-time parameters autofaiss tuned (nprobe, efSearch...): faiss does not
+    store them all in the index file, and without them recall silently drops."""
+    if not index_param:
+        return
+    import faiss
+
+    faiss.ParameterSpace().set_index_parameters(index, index_param)
+
+
+# --- loading and searching -----------------------------------------------------------------------
+
+def _local_copy(uri: str, cache_dir: str | None, storage_options: dict | None) -> str:
+    if not fsio.is_remote(uri):
+        return fsio.normalize_uri(uri)
+    cache_dir = cache_dir or tempfile.mkdtemp(prefix="clipcrawl-index-cache-")
+    local = os.path.join(cache_dir, uri.replace("://", "_").replace("/", "_"))
+    if not os.path.exists(local):
+        fs, path = fsio.filesystem(uri, storage_options)
+        fs.get_file(path, local + ".part")
+        os.replace(local + ".part", local)
+    return local
+
+
+def read_faiss_index(path: str, memory_mapped: bool = False):
+    """Read an index; memory-mapped when asked and the index type allows it (IVF indices built
+    with `index.memory_mapped`), else read in memory with a log line saying so."""
+    import faiss
+
+    if memory_mapped:
+        try:
+            return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as exc:
+            log.warning("%s cannot be memory-mapped (%s); reading it into memory",
+                        path, str(exc).splitlines()[0][:200])
+    return faiss.read_index(path)
+
+
+class SubsetIndex:
+    """One subset's image and text indices plus the id -> metadata table."""
+
+    def __init__(self, name: str, folder: str, memory_mapped: bool = False,
+                 cache_dir: str | None = None, storage_options: dict | None = None):
+        import pyarrow.parquet as pq
+
+        self.name = name
+        self.folder = folder
+        infos_uri = fsio.join(folder, INFOS_FILE)
+        if not fsio.exists(infos_uri, storage_options):
+            raise QueryError(f"{folder} is not a built index (no {INFOS_FILE})")
+        self.infos = fsio.read_json(infos_uri, storage_options)
+        self.indices = {}
+        if self.infos.get("status") == "empty":
+            self.ids = None
+            return
+        for kind, file in INDEX_FILES.items():
+            local = _local_copy(fsio.join(folder, file), cache_dir, storage_options)
+            index = read_faiss_index(local, memory_mapped)
+            apply_index_param(index, self.infos["indices"][kind].get("index_param"))
+            self.indices[kind] = index
+        with fsio.open_uri(fsio.join(folder, IDS_FILE), "rb", storage_options) as fh:
+            self.ids = pq.read_table(fh)
+
+    @property
+    def size(self) -> int:
+        return 0 if self.ids is None else self.ids.num_rows
+
+    @property
+    def dim(self) -> int | None:
+        index = self.indices.get("image")
+        return int(index.d) if index is not None else None
+
+    def search(self, vector: np.ndarray, modality: str = "image", k: int = 10) -> list[dict]:
+        """Top-k rows of the `modality` index for one query vector, best first, with metadata."""
+        if modality not in INDEX_FILES:
+            raise QueryError(f"modality must be 'image' or 'text', got {modality!r}")
+        if self.size == 0:
+            return []
+        vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        if vector.shape[1] != self.dim:
+            raise QueryError(f"query vector has dimension {vector.shape[1]}, index {self.name!r} "
+                             f"has {self.dim}")
+        if not np.all(np.isfinite(vector)):
+            raise QueryError("query vector has non-finite values")
+        norm = float(np.linalg.norm(vector))
+        if norm == 0.0:
+            raise QueryError("query vector is all zeros")
+        vector = vector / norm
+        scores, ids = self.indices[modality].search(vector, int(min(k, self.size)))
+        keep = ids[0] >= 0
+        return self.lookup(ids[0][keep], scores[0][keep])
+
+    def lookup(self, ids: np.ndarray, scores: np.ndarray | None = None) -> list[dict]:
+        import pyarrow as pa
+
+        if len(ids) == 0:
+            return []
+        rows = self.ids.take(pa.array(np.asarray(ids, dtype=np.int64))).to_pylist()
+        if scores is not None:
+            for row, score in zip(rows, scores):
+                row["score"] = float(score)
+        return rows
+
+
+def open_indices(root: str, memory_mapped: bool = False, cache_dir: str | None = None,
+                 storage_options: dict | None = None) -> dict[str, SubsetIndex]:
+    """Load `<root>` as one subset index (it has index_infos.json) or as a folder of subsets."""
+    if fsio.exists(fsio.join(root, INFOS_FILE), storage_options):
+        name = posixpath.basename(fsio.normalize_uri(root).rstrip("/"))
+        return {name: SubsetIndex(name, root, memory_mapped, cache_dir, storage_options)}
+    if not fsio.exists(root, storage_options):
+        raise QueryError(f"index folder {root} does not exist")
+    fs, path = fsio.filesystem(root, storage_options)
+    out = {}
+    for sub in sorted(fs.ls(path, detail=False)):
+        name = posixpath.basename(sub.rstrip("/"))
+        folder = fsio.join(root, name)
+        if fs.isdir(sub) and fsio.exists(fsio.join(folder, INFOS_FILE), storage_options):
+            out[name] = SubsetIndex(name, folder, memory_mapped, cache_dir, storage_options)
+    if not out:
+        raise QueryError(f"no built index under {root} (no */{INFOS_FILE})")
+    return out
+
+
+# --- query embedding ---------------------------------------------------------------------------
+
+class QueryEncoder:
+    """Embeds text and image queries with the same CLIP config as clip-score (`clip:` section),
+    loading the model on first use so a server answering embedding queries never needs it."""
+
+    def __init__(self, clip_section: dict):
+        self.clip = dict(clip_section)
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from udfs.clip_model import load_clip
+
+            self._model = load_clip(self.clip.get("model"), self.clip.get("pretrained"),
+                                    device=self.clip.get("device", "auto"),
+                                    precision=self.clip.get("precision", "auto"))
+        return self._model
+
+    def encode_text(self, text: str) -> np.ndarray:
+        return np.asarray(self.model.encode_texts([text]), dtype=np.float32)[0]
+
+    def encode_image(self, image) -> np.ndarray:
+        return np.asarray(self.model.encode_images([image.convert("RGB")]), dtype=np.float32)[0]
+
