@@ -1,0 +1,247 @@
+"""A threaded loopback HTTP server serving generated images, for tests, the bench and the demo.
+
+Generic API:
+
+    with ImageServer(latency=(0.02, 0.05), failure_rate=0.0) as srv:
+        srv.add("/a.jpg", jpeg_bytes)                       # 200 image/jpeg
+        srv.add("/x", b"...", content_type="text/html", status=200, headers={"X-Robots-Tag": "noai"})
+        srv.add_sequence("/flaky.jpg", [Response(500), Response(200, body=...)])  # last one repeats
+        srv.url("/a.jpg")                                   # http://127.0.0.1:<port>/a.jpg
+        srv.requests                                        # log of (path, headers) seen
+    srv.add_test_routes()  # the routes the download tests use (see TEST_ROUTES)
+
+It binds 127.0.0.1 on an ephemeral port only. `failure_rate` turns a deterministic fraction of
+paths (by a hash of the path, so every client sees the same failures) into HTTP 500s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str | None = "image/jpeg"
+    headers: dict = field(default_factory=dict)
+    delay: float = 0.0          # seconds before the status line (a slow server)
+    body_delay: float = 0.0     # seconds between headers and body
+    truncate_to: int | None = None   # send only this many body bytes, with the full Content-Length
+
+
+# --- generated content -------------------------------------------------------------------------
+
+def noise_image(width: int = 320, height: int = 240, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A smooth gradient plus noise: photo-like, so a JPEG of it is well over 5 KB."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 255 // max(1, width - 1)), (y * 255 // max(1, height - 1)),
+                     np.full_like(x, int(rng.integers(0, 256)))], axis=-1).astype(np.int16)
+    noisy = np.clip(base + rng.integers(-40, 41, size=base.shape), 0, 255).astype(np.uint8)
+    img = Image.fromarray(noisy, "RGB")
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+def jpeg_bytes(width=320, height=240, seed=0, quality=90) -> bytes:
+    return encode(noise_image(width, height, seed), "JPEG", quality=quality)
+
+
+def png_header_only(width: int, height: int, pad: int = 8000) -> bytes:
+    """A PNG whose header claims `width` x `height` with only `pad` bytes of (random, so over the
+    5 KB floor) pixel data: a decompression bomb as far as the header is concerned, cheap to serve."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", np.random.default_rng(0).integers(0, 256, pad, dtype=np.uint8).tobytes())
+            + chunk(b"IEND", b""))
+
+
+OPT_OUT_VALUES = ("noai", "noimageai", "noindex", "noimageindex")
+
+# path -> expected metadata status with the test config (retries on, loopback allowed)
+TEST_ROUTES = {
+    "/ok.jpg": "success",
+    "/ok.png": "success",
+    "/ok.webp": "success",
+    "/wide.jpg": "success",
+    "/tiny.jpg": "too_small",
+    "/missing.jpg": "failed_to_download",      # 404
+    "/flaky.jpg": "success",                    # 500 then ok
+    "/ratelimited.jpg": "success",              # 429 + Retry-After then ok
+    "/always500.jpg": "failed_to_download",
+    "/slow.jpg": "failed_to_download",          # longer than the read timeout
+    "/truncated.jpg": "failed_to_download",
+    "/corrupt.jpg": "failed_to_decode",
+    "/huge.png": "too_large",                   # header claims 30000 x 30000
+    "/page.html": "bad_content_type",
+    **{f"/robots-{v}.jpg": "opted_out" for v in OPT_OUT_VALUES},
+    "/robots-otherbot.jpg": "success",          # `otherbot: noai` does not address us
+    "/redirect/3": "success",                   # a chain of 3 redirects to /ok.jpg
+    "/redirect/9": "failed_to_download",        # more hops than max_redirects
+    "/loop-a": "failed_to_download",            # a -> b -> a
+}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "clipcrawl-test-image-server"
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, *args):   # quiet
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server naming
+        srv: ImageServer = self.server.owner  # type: ignore[attr-defined]
+        resp = srv._respond(self.path, dict(self.headers.items()))
+        if resp.delay:
+            time.sleep(resp.delay)
+        try:
+            self.send_response(resp.status)
+            if resp.content_type:
+                self.send_header("Content-Type", resp.content_type)
+            for name, value in resp.headers.items():
+                for v in (value if isinstance(value, (list, tuple)) else [value]):
+                    self.send_header(name, str(v))
+            self.send_header("Content-Length", str(len(resp.body)))
+            self.end_headers()
+            self.wfile.flush()
+            if resp.body_delay:
+                time.sleep(resp.body_delay)
+            body = resp.body if resp.truncate_to is None else resp.body[:resp.truncate_to]
+            self.wfile.write(body)
+            self.wfile.flush()
+            srv._log_body(self.path, len(body))
+        except (BrokenPipeError, ConnectionResetError):
+            srv._log_body(self.path, -1)
+        if resp.truncate_to is not None:
+            self.close_connection = True
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024   # many concurrent clients in the bench; the default (5) drops SYNs
+
+
+class ImageServer:
+    def __init__(self, latency: tuple[float, float] | float = 0.0, failure_rate: float = 0.0, seed: int = 0):
+        self.latency = (latency, latency) if isinstance(latency, (int, float)) else tuple(latency)
+        self.failure_rate = failure_rate
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._routes: dict[str, list[Response]] = {}
+        self._served: dict[str, int] = {}
+        self.requests: list[tuple[str, dict]] = []
+        self.bodies_sent: list[tuple[str, int]] = []
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---
+    def start(self) -> "ImageServer":
+        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd.owner = self  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True, name="image-server")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "ImageServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "server not started"
+        return self._httpd.server_address[1]
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path if path.startswith('/') else '/' + path}"
+
+    # --- routes ---
+    def add(self, path: str, body: bytes, content_type: str | None = "image/jpeg", status: int = 200,
+            headers: dict | None = None, **options) -> str:
+        return self.add_sequence(path, [Response(status, body, content_type, dict(headers or {}), **options)])
+
+    def add_sequence(self, path: str, responses: list[Response]) -> str:
+        with self._lock:
+            self._routes[path] = list(responses)
+            self._served[path] = 0
+        return path
+
+    def request_count(self, path: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for p, _ in self.requests if path is None or p == path)
+
+    def _log_body(self, path: str, n: int) -> None:
+        with self._lock:
+            self.bodies_sent.append((path, n))
+
+    def _respond(self, path: str, headers: dict) -> Response:
+        lo, hi = self.latency
+        if hi > 0:
+            with self._lock:
+                wait = self._rng.uniform(lo, hi)
+            time.sleep(wait)
+        with self._lock:
+            self.requests.append((path, headers))
+            seq = self._routes.get(path)
+            if seq is None:
+                return Response(404, b"not found", "text/plain")
+            i = self._served[path]
+            self._served[path] = i + 1
+        if self.failure_rate and int(hashlib.md5(path.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < self.failure_rate:
+            return Response(500, b"injected failure", "text/plain")
+        return seq[min(i, len(seq) - 1)]
+
+    def add_test_routes(self, slow_seconds: float = 3.0) -> dict[str, str]:
+        """Register TEST_ROUTES; returns {path: expected status}."""
+        ok = jpeg_bytes(320, 240, seed=1)
+        self.add("/ok.jpg", ok)
+        self.add("/ok.png", encode(noise_image(200, 150, seed=2, mode="RGBA"), "PNG"), "image/png")
+        self.add("/ok.webp", encode(noise_image(300, 200, seed=3), "WEBP", quality=90), "image/webp")
+        self.add("/wide.jpg", jpeg_bytes(800, 200, seed=4))
+        self.add("/tiny.jpg", encode(Image.new("RGB", (32, 32), (200, 10, 10)), "JPEG", quality=80))
+        self.add_sequence("/flaky.jpg", [Response(500, b"oops", "text/plain"), Response(200, ok)])
+        self.add_sequence("/ratelimited.jpg", [Response(429, b"slow down", "text/plain", {"Retry-After": "1"}),
+                                               Response(200, ok)])
+        self.add("/always500.jpg", b"broken", "text/plain", status=500)
+        self.add("/slow.jpg", ok, delay=slow_seconds)
+        self.add("/truncated.jpg", ok, truncate_to=len(ok) // 3)
+        rng = np.random.default_rng(5)
+        self.add("/corrupt.jpg", b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 20000, dtype=np.uint8).tobytes())
+        self.add("/huge.png", png_header_only(30000, 30000), "image/png")
+        self.add("/page.html", b"<html><body>" + b"x" * 8000 + b"</body></html>", "text/html; charset=utf-8")
+        for value in OPT_OUT_VALUES:
+            # The body comes 2 s after the headers: a client that reads it is measurably slow.
+            self.add(f"/robots-{value}.jpg", ok, headers={"X-Robots-Tag": value}, body_delay=2.0)
+        self.add("/robots-otherbot.jpg", ok, headers={"X-Robots-Tag": "otherbot: noai"})
+        for n in range(1, 10):
+            target = "/ok.jpg" if n == 1 else f"/redirect/{n - 1}"
+            self.add(f"/redirect/{n}", b"", None, status=302, headers={"Location": target})
+        self.add("/loop-a", b"", None, status=302, headers={"Location": "/loop-b"})
+        self.add("/loop-b", b"", None, status=301, headers={"Location": self.url("/loop-a")})
+        return dict(TEST_ROUTES)

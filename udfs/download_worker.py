@@ -1,0 +1,220 @@
+"""One download shard, start to finish: fetch concurrently, check, resize, stream into a tar, then
+write the shard's metadata parquet, its stats JSON and, LAST, its completion marker.
+
+Pure Python (no Spark): `spark_jobs/download.py` calls `download_shard` once per partition, the
+bench calls it from a plain process pool, and the tests call it directly.
+
+Concurrency is a thread pool per shard (`download.thread_count`). Network waits release the GIL
+and so do PIL's decode/resize/encode, so threads overlap both; the main thread only appends
+finished samples to the tar. At most 2 x thread_count samples are in flight, so memory does not
+grow with the shard size.
+
+Retry mode (`previous` rows given): rows marked `carry` keep their previous metadata; their images
+(successes) are copied from the previous shard's tar under the same key; rows marked `fetch` are
+downloaded again. The new shard therefore has the same keys as the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+from udfs import fsio
+from udfs.fetch import FetchConfig, Fetcher
+from udfs.resize import ImageRejected, ResizeConfig, process_image
+from udfs.shard_writer import TarShardWriter, iter_samples, write_verified
+
+log = logging.getLogger(__name__)
+
+# Column name -> arrow type name; the parquet written here must read back as IMAGES_METADATA.
+METADATA_COLUMNS = (
+    ("key", "string"), ("uid", "string"), ("url", "string"), ("text", "string"), ("page_url", "string"),
+    ("shard", "int32"), ("status", "string"), ("error_message", "string"), ("http_status", "int32"),
+    ("content_type", "string"), ("original_width", "int32"), ("original_height", "int32"),
+    ("width", "int32"), ("height", "int32"), ("bytes", "int64"), ("sha256", "string"),
+    ("download_seconds", "float64"), ("retryable", "bool_"), ("attempts", "int32"),
+)
+MARKER_SUFFIX = "_complete.json"
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}"
+
+
+def key_digits(shard_size: int) -> int:
+    """img2dataset's 4 index digits, more when a shard holds more than 10,000 rows."""
+    return max(4, len(str(max(0, shard_size - 1))))
+
+
+def make_key(shard: int, index: int, digits: int) -> str:
+    return f"{shard:05d}{index:0{digits}d}"
+
+
+def marker_path(output: str, shard: int) -> str:
+    return fsio.join(output, shard_name(shard) + MARKER_SUFFIX)
+
+
+def metadata_table(records: list[dict]):
+    import pyarrow as pa
+
+    schema = pa.schema([(name, getattr(pa, typ)()) for name, typ in METADATA_COLUMNS])
+    cols = {name: [r.get(name) for r in records] for name, _ in METADATA_COLUMNS}
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def _parquet_bytes(records: list[dict]) -> bytes:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(metadata_table(records), buf, compression="zstd")
+    return buf.getvalue()
+
+
+class ShardJob:
+    """Everything one shard needs; built once per partition on the worker."""
+
+    def __init__(self, section: dict, output: str, storage_options: dict | None = None, resolver=None):
+        self.section = section
+        self.output = output
+        self.storage_options = storage_options or None
+        self.fetcher = Fetcher(FetchConfig.from_section(section), resolver=resolver)
+        self.resize_cfg = ResizeConfig.from_section(section)
+        self.min_bytes = int(section.get("min_image_bytes") or 0)
+        self.threads = max(1, int(section.get("thread_count") or 1))
+        self.ext = self.resize_cfg.output_format
+
+    def _base(self, row: dict, shard: int) -> dict:
+        return {"key": row["key"], "uid": row.get("uid"), "url": row.get("url"), "text": row.get("text"),
+                "page_url": row.get("page_url"), "shard": shard}
+
+    def process_row(self, row: dict, shard: int) -> tuple[dict, bytes | None, dict]:
+        """Fetch and process one row -> (metadata record, encoded image or None, timings)."""
+        rec = self._base(row, shard)
+        timings: dict = {}
+        res = self.fetcher.fetch(row["url"] or "")
+        timings["network"] = res.seconds
+        rec.update(http_status=res.http_status, content_type=res.content_type,
+                   download_seconds=round(res.seconds, 4), attempts=res.attempts, retryable=False)
+        if not res.ok:
+            rec.update(status=res.status, error_message=res.error_message, retryable=res.retryable)
+            return rec, None, timings
+        body = res.body or b""
+        rec.update(bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
+        if len(body) < self.min_bytes:
+            rec.update(status="too_small", error_message=f"{len(body)} bytes < min_image_bytes {self.min_bytes}")
+            return rec, None, timings
+        try:
+            out = process_image(body, self.resize_cfg)
+        except ImageRejected as rej:
+            rec.update(status=rej.status, error_message=rej.message, original_width=rej.width,
+                       original_height=rej.height)
+            return rec, None, timings
+        timings.update(out.timings)
+        rec.update(status="success", error_message=None, original_width=out.original_width,
+                   original_height=out.original_height, width=out.width, height=out.height)
+        return rec, out.data, timings
+
+    def run(self, shard: int, rows: list[dict], previous_tar: str | None = None) -> dict:
+        """Download `rows` (each with `key`, `url`, `text`, optional `uid`, `page_url`, and in retry
+        mode `action` = fetch | carry and `previous` = the earlier metadata record)."""
+        started = time.time()
+        name = shard_name(shard)
+        tar_uri = fsio.join(self.output, name + ".tar")
+        records: list[dict] = []
+        totals = {"network": 0.0, "decode": 0.0, "resize": 0.0, "encode": 0.0, "write": 0.0, "copy": 0.0}
+        to_fetch = [r for r in rows if r.get("action", "fetch") == "fetch"]
+        carried = [r for r in rows if r.get("action", "fetch") == "carry"]
+        with TarShardWriter(tar_uri, self.storage_options) as writer:
+            if carried:
+                t0 = time.perf_counter()
+                self._copy_previous(carried, previous_tar, writer, records)
+                totals["copy"] += time.perf_counter() - t0
+            self._fetch_all(shard, to_fetch, writer, records, totals)
+        totals["write"] += writer.write_seconds
+        records.sort(key=lambda r: r["key"])
+        parquet_size = write_verified(fsio.join(self.output, name + ".parquet"), _parquet_bytes(records),
+                                      self.storage_options)
+        status_dict: dict[str, int] = {}
+        for r in records:
+            status_dict[r["status"]] = status_dict.get(r["status"], 0) + 1
+        ended = time.time()
+        stats = {
+            "shard": shard, "count": len(records), "successes": status_dict.get("success", 0),
+            "failed_to_download": status_dict.get("failed_to_download", 0),
+            "failed_to_resize": status_dict.get("failed_to_decode", 0),
+            "status_dict": status_dict, "fetched": len(to_fetch), "carried": len(carried),
+            "retryable_failures": sum(1 for r in records if r.get("retryable")),
+            "start_time": started, "end_time": ended, "duration": round(ended - started, 3),
+            "seconds": {k: round(v, 3) for k, v in totals.items()},
+            "tar_bytes": writer.bytes_written, "parquet_bytes": parquet_size,
+        }
+        write_verified(fsio.join(self.output, name + "_stats.json"),
+                       json.dumps(stats, indent=2, sort_keys=True).encode(), self.storage_options)
+        # Written last: a rerun treats the shard as done only when this file exists.
+        write_verified(marker_path(self.output, shard),
+                       json.dumps({"shard": shard, "count": len(records), "tar_bytes": writer.bytes_written,
+                                   "parquet_bytes": parquet_size}).encode(), self.storage_options)
+        log.info("shard %s: %d rows, %d ok (%.1f%%) in %.1fs", name, len(records), stats["successes"],
+                 100.0 * stats["successes"] / max(1, len(records)), stats["duration"])
+        return stats
+
+    def _fetch_all(self, shard, rows, writer, records, totals) -> None:
+        if not rows:
+            return
+        window = self.threads * 2
+        todo = iter(rows)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix=f"fetch-{shard}") as pool:
+            pending = set()
+            for row in todo:
+                pending.add(pool.submit(self.process_row, row, shard))
+                if len(pending) >= window:
+                    break
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    rec, data, timings = fut.result()
+                    for k, v in timings.items():
+                        totals[k] = totals.get(k, 0.0) + v
+                    records.append(rec)
+                    if data is not None:
+                        writer.write(rec["key"], self._files(rec, data))
+                for row in todo:
+                    pending.add(pool.submit(self.process_row, row, shard))
+                    if len(pending) >= window:
+                        break
+
+    def _files(self, rec: dict, data: bytes) -> dict[str, bytes]:
+        return {self.ext: data, "txt": (rec.get("text") or "").encode("utf-8"),
+                "json": json.dumps(rec, sort_keys=True).encode("utf-8")}
+
+    def _copy_previous(self, carried: list[dict], previous_tar: str | None, writer, records) -> None:
+        want = {r["key"]: r["previous"] for r in carried if r["previous"].get("status") == "success"}
+        for r in carried:
+            if r["previous"].get("status") != "success":
+                records.append(dict(r["previous"]))
+        if not want:
+            return
+        found = set()
+        if previous_tar and fsio.exists(previous_tar, self.storage_options):
+            for sample in iter_samples(previous_tar, self.storage_options):
+                key = sample["__key__"]
+                if key in want and key not in found:
+                    files = {ext: data for ext, data in sample.items() if ext != "__key__"}
+                    writer.write(key, files)
+                    records.append(dict(want[key]))
+                    found.add(key)
+        for key, prev in want.items():
+            if key not in found:
+                rec = dict(prev)
+                rec.update(status="failed_to_download", retryable=True,
+                           error_message=f"image missing from previous shard {previous_tar}")
+                records.append(rec)
+
+
+def download_shard(shard: int, rows: list[dict], section: dict, output: str,
+                   storage_options: dict | None = None, previous_tar: str | None = None, resolver=None) -> dict:
+    return ShardJob(section, output, storage_options, resolver).run(shard, rows, previous_tar)
