@@ -58,10 +58,15 @@ REJECT_COLUMNS = (_s("status"), _s("error_message"))
 
 WAT_REJECTED = DatasetSpec(
     name="wat_rejected",
-    description="links that wat_extract saw and did not keep, with their reason",
+    description="image links (level=link) and whole records (level=record) that wat_extract saw "
+                "and did not keep, with their reason",
     schema=T.StructType([
         _s("url"), _s("text"), _s("page_url"), _s("source_file"), _s("record_id"),
-        *REJECT_COLUMNS, _s("crawl"),
+        *REJECT_COLUMNS,
+        # link: one image link (missing_url, bad_url, not_http, missing_alt, empty_alt,
+        # alt_too_short); record: a whole record (invalid_json, missing_fields, bad_html)
+        _s("level"),
+        _s("crawl"),
     ]),
     partition_by=("status",),
 )
@@ -71,15 +76,21 @@ WAT_FILE_OUTCOMES = DatasetSpec(
     description="one row per input file: what happened to it",
     schema=T.StructType([
         _s("source_file"),
-        _s("status"),           # ok | partial | failed
-        _s("error_message"),
+        _s("status"),           # ok | partial (pairs before the problem kept) | failed
+        _s("error_message"),    # "<reason>: <detail>", reason in file_not_found, open_failed,
+                                # empty_file, not_warc, bad_gzip, truncated_gzip, unreadable
         _l("records_read"),
         _l("metadata_records"),
         _l("html_records"),
         _l("links_seen"),
         _l("pairs_kept"),
-        _l("pairs_rejected"),
+        _l("pairs_rejected"),     # link-level rejects: links_seen = pairs_kept + pairs_rejected
+        _l("records_rejected"),   # record-level rejects (invalid JSON, missing fields)
+        _l("records_non_utf8"),   # payloads read with U+FFFD replacement (their pairs are kept)
+        _l("alt_truncated"),      # kept pairs whose alt-text was cut to max_alt_length
         T.StructField("seconds", T.DoubleType(), True),
         _l("compressed_bytes"),
     ]),
 )
+
+

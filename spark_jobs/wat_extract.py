@@ -1,0 +1,230 @@
+"""Extract image URL / alt-text pairs from Common Crawl WAT files (or WARC files with --format warc).
+
+One input file is one Spark task: the file is streamed through fsspec (local, s3://, https://),
+decompressed member by member and parsed record by record, so a task never holds more than one
+record. Each file is parsed once: its pairs, rejected links/records and its outcome row go to one
+disk-persisted DataFrame that is then split into the three outputs:
+
+  <output>/crawl=.../*.parquet         kept pairs (schemas.WAT_PAIRS, partitioned by crawl)
+  <rejected-output>/status=.../        rejected links and records with status + error_message
+  <output>/_stats/file_outcomes/       one row per input file (ok | partial | failed, counts)
+  <output>/_stats/stats.json           totals read back from the written data (written last)
+
+Bad input never stops the job: a missing, empty, non-gzip or truncated file gets status failed or
+partial (pairs before a truncation are kept); invalid JSON, records missing fields and unusable
+links become rejected rows with their reason.
+
+Examples:
+  clipcrawl wat-extract --input 'data/*.warc.wat.gz' --output out/wat_pairs
+  clipcrawl wat-extract --paths-file s3://commoncrawl/crawl-data/CC-MAIN-2024-22/wat.paths.gz \\
+      --output s3://bucket/wat_pairs --profile emr
+  clipcrawl wat-extract --format warc --input tests/fixtures/commoncrawl/whirlwind.warc.gz --output /tmp/p
+"""
+
+if __package__ in (None, ""):  # run as `spark-submit spark_jobs/wat_extract.py`: make the repo importable
+    import os
+    import sys
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+import argparse  # noqa: E402 - after the sys.path fix above
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from spark_jobs import cli, datasets, schemas  # noqa: E402
+from spark_jobs.config import ConfigError  # noqa: E402
+from spark_jobs.datasets import InputError  # noqa: E402
+
+NAME = "wat-extract"
+HELP = "Common Crawl WAT/WARC files -> image URL / alt-text pairs (wat_pairs)"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", default=[], metavar="PATH",
+                        help="WAT/WARC files: paths, URIs (s3://, https://) or globs")
+    parser.add_argument("--paths-file", metavar="PATH",
+                        help="a file listing one WAT path per line, plain or .gz (like wat.paths.gz); "
+                             "relative entries are resolved against wat_extract.paths_base")
+    parser.add_argument("--output", required=True, help="output dataset (wat_pairs)")
+    parser.add_argument("--rejected-output", default=None,
+                        help="rejected links/records (default: <output>_rejected)")
+    parser.add_argument("--format", choices=["wat", "warc"], default=None,
+                        help="input format (default: wat_extract.format)")
+
+
+def _staging_schema():
+    """One row type for everything a file yields, so each file is parsed exactly once."""
+    from pyspark.sql import types as T
+
+    s = T.StringType()
+    return T.StructType([
+        T.StructField("kind", s, False),            # pair | reject | file
+        *schemas.WAT_PAIRS.schema.fields[:-1],      # uid .. alt_truncated
+        T.StructField("crawl", s, True),
+        T.StructField("status", s, True),
+        T.StructField("error_message", s, True),
+        T.StructField("level", s, True),
+        T.StructField("outcome", s, True),          # JSON of udfs.wat.FileOutcome (kind=file)
+    ])
+
+
+def _partition_extractor(opts, storage_options):
+    """The per-task function: rows of the files of one partition (one file by default)."""
+
+    def extract(files):
+        from udfs import wat
+
+        task_log = logging.getLogger("clipcrawl.wat_extract.task")
+        for uri in files:
+            for row in wat.extract_file(uri, opts, storage_options):
+                if isinstance(row, wat.Pair):
+                    yield ("pair", *row, None, None, None, None)
+                elif isinstance(row, wat.Rejected):
+                    yield ("reject", None, row.url, row.text, row.page_url, row.source_file,
+                           row.record_id, None, None, row.crawl, row.status, row.error_message,
+                           row.level, None)
+                else:
+                    task_log.info("%s: %s, %d records, %d pairs kept, %d rejected in %.1fs", uri,
+                                  row.status, row.records_read, row.pairs_kept, row.pairs_rejected,
+                                  row.seconds)
+                    yield ("file", None, None, None, None, row.source_file, None, None, None,
+                           wat.crawl_of(uri), row.status, row.error_message, None,
+                           json.dumps(wat.outcome_dict(row)))
+
+    return extract
+
+
+def resolve_inputs(cfg, args, storage_options) -> list[str]:
+    """Input files from --input (globs expanded) and --paths-file, in order, without duplicates.
+
+    A glob that matches nothing or a missing paths file is a user error; a plain path that does
+    not exist is kept and counted as a failed file (a paths list pointing at a missing object
+    must not stop a 80,000-file job)."""
+    from udfs import fsio, wat
+
+    if not args.input and not args.paths_file:
+        raise InputError("give --input and/or --paths-file")
+    files: list[str] = []
+    for pattern in args.input:
+        matched = fsio.expand([pattern], storage_options)
+        if not matched:
+            raise InputError(f"--input {pattern!r} matches no file")
+        files.extend(matched)
+    if args.paths_file:
+        if not fsio.exists(args.paths_file, storage_options):
+            raise InputError(f"paths file not found: {args.paths_file}")
+        base = cfg.get("wat_extract.paths_base") or ""
+        listed = wat.read_paths_list(args.paths_file, base, storage_options)
+        if not listed:
+            raise InputError(f"paths file {args.paths_file} lists no path")
+        files.extend(listed)
+    seen: set[str] = set()
+    return [f for f in files if not (f in seen or seen.add(f))]
+
+
+def run(spark, cfg, args) -> dict:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from udfs import wat
+
+    section = cfg.section("wat_extract")
+    storage_options = cfg.get("storage.storage_options") or {}
+    try:
+        opts = wat.ExtractOptions.from_config(section, args.format)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    output = args.output
+    rejected_out = datasets.rejected_path(output, args.rejected_output)
+    timer = datasets.StageTimer()
+
+    with timer.phase("list inputs"):
+        files = resolve_inputs(cfg, args, storage_options)
+    log.info("%d input files (%s, reader %s)", len(files), opts.fmt, opts.reader)
+    per_task = max(1, int(section.get("files_per_task", 1)))
+    slices = max(1, -(-len(files) // per_task))
+    rdd = spark.sparkContext.parallelize(files, slices).mapPartitions(
+        _partition_extractor(opts, storage_options))
+    staged = spark.createDataFrame(rdd, _staging_schema()).persist(StorageLevel.DISK_ONLY)
+    try:
+        with timer.phase("extract + write pairs"):
+            pairs = staged.filter(F.col("kind") == "pair")
+            n_out = max(1, int(section.get("output_partitions", 16)))
+            datasets.write_dataset(pairs.repartition(n_out), output, schemas.WAT_PAIRS)
+        with timer.phase("write rejected"):
+            datasets.write_dataset(staged.filter(F.col("kind") == "reject").coalesce(n_out),
+                                   rejected_out, schemas.WAT_REJECTED)
+        outcomes_path = datasets.stats_path(output, "file_outcomes")
+        with timer.phase("write file outcomes"):
+            parsed = staged.filter(F.col("kind") == "file").select(
+                F.from_json("outcome", schemas.WAT_FILE_OUTCOMES.schema).alias("o")).select("o.*")
+            datasets.write_dataset(parsed.coalesce(1), outcomes_path, schemas.WAT_FILE_OUTCOMES)
+    finally:
+        staged.unpersist()
+
+    with timer.phase("stats"):
+        stats = _stats_from_data(spark, output, rejected_out, outcomes_path)
+    stats.update({"input_files": len(files), "format": opts.fmt, "reader": opts.reader,
+                  "output": output, "rejected_output": rejected_out, "file_outcomes": outcomes_path,
+                  "config": {k: section.get(k) for k in ("min_alt_length", "max_alt_length", "schemes")},
+                  **timer.summary()})
+    datasets.write_stats(output, NAME, stats, storage_options=storage_options)
+    return stats
+
+
+def _stats_from_data(spark, output: str, rejected_out: str, outcomes_path: str) -> dict:
+    """Totals from the written datasets (never from accumulators)."""
+    from pyspark.sql import functions as F
+
+    kept_by_crawl = datasets.count_by(spark, output, "crawl")
+    rejected_by_reason = datasets.count_by(spark, rejected_out, "status")
+    rejected_by_level = datasets.count_by(spark, rejected_out, "level")
+    outcomes = spark.read.parquet(outcomes_path)
+    sums = outcomes.agg(*[F.sum(c).alias(c) for c in (
+        "records_read", "metadata_records", "html_records", "links_seen", "pairs_kept",
+        "pairs_rejected", "records_rejected", "records_non_utf8", "alt_truncated",
+        "compressed_bytes")]).collect()[0].asDict()
+    sums = {k: int(v or 0) for k, v in sums.items()}
+    files_by_status = {r["status"]: int(r["n"]) for r in
+                       outcomes.groupBy("status").agg(F.count("*").alias("n")).collect()}
+    problems = [{"source_file": r["source_file"], "status": r["status"], "error": r["error_message"]}
+                for r in outcomes.filter(F.col("status") != "ok").orderBy("source_file").limit(100).collect()]
+    truncated = 0
+    if kept_by_crawl:
+        truncated = spark.read.parquet(output).filter(F.col("alt_truncated")).count()
+    pairs_kept = sum(kept_by_crawl.values())
+    link_rejects = int(rejected_by_level.get("link", 0))
+    return {
+        "files": {"total": sum(files_by_status.values()), "ok": files_by_status.get("ok", 0),
+                  "partial": files_by_status.get("partial", 0),
+                  "failed": files_by_status.get("failed", 0)},
+        "files_with_problems": problems,
+        "records_read": sums["records_read"],
+        "metadata_records": sums["metadata_records"],
+        "html_records": sums["html_records"],
+        "links_seen": sums["links_seen"],
+        "pairs_kept": pairs_kept,
+        "pairs_kept_by_crawl": kept_by_crawl,
+        "alt_truncated": truncated,
+        "records_non_utf8": sums["records_non_utf8"],
+        "rejected_by_reason": rejected_by_reason,
+        "rejected_links": link_rejects,
+        "rejected_records": int(rejected_by_level.get("record", 0)),
+        # kept + rejected links must equal links seen; a mismatch would mean lost rows
+        "links_accounted": pairs_kept + link_rejects == sums["links_seen"],
+        "compressed_bytes": sums["compressed_bytes"],
+        "input_rows": sums["links_seen"],
+        "output_rows": pairs_kept,
+        "rejected_rows": sum(rejected_by_reason.values()),
+    }
+
+
+def main(argv=None):
+    return cli.main_for_stage(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
