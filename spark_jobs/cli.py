@@ -21,6 +21,7 @@ from spark_jobs.config import PROFILES, ConfigError, load_config
 # Subcommands in pipeline order. A new stage adds its module here.
 STAGE_MODULES = (
     "spark_jobs.wat_extract",
+    "spark_jobs.dedup",
     "spark_jobs.run",
     "spark_jobs.report",
     "spark_jobs.knn_index",

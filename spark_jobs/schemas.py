@@ -93,4 +93,14 @@ WAT_FILE_OUTCOMES = DatasetSpec(
     ]),
 )
 
+# --- stage 2: dedup -------------------------------------------------------------------------------
 
+# dedup's output is WAT_PAIRS itself (same schema, same partitioning): later stages read it as such.
+
+DEDUP_REJECTED = DatasetSpec(
+    name="dedup_rejected",
+    description="pairs dedup dropped: status duplicate (error_message names the kept uid), "
+                "seen_before (in the seen-pairs Bloom filter) or failed_before (URL in the failed-URL filter)",
+    schema=T.StructType([*WAT_PAIRS.schema.fields[:-1], *REJECT_COLUMNS, WAT_PAIRS.schema["crawl"]]),
+    partition_by=("status",),
+)

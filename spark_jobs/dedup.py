@@ -1,0 +1,489 @@
+"""Deduplicate image/alt-text pairs: exact dedup within the run, then a sharded Bloom-filter
+join against the pairs of earlier runs, and a failed-URL filter.
+
+    clipcrawl dedup --input <wat_pairs> --output <pairs_dedup> [--seen URI] [--failed-seen URI]
+    clipcrawl dedup --add-failed <images dir> --failed-seen URI      # feed the failed-URL filter
+
+1. Key: normalised url + text (udfs/dedup_keys.py), hashed with SHA-256 in the JVM.
+2. Exact dedup: of the rows sharing a key, the one with the earliest record_date is kept (ties:
+   smallest uid, then source_file, record_id, page_url); the others go to <output>_rejected as
+   `duplicate` with the kept uid in error_message. The rule is deterministic, so reruns agree.
+3. Failed-URL filter (--failed-seen): a kept row whose normalised URL is in that filter is
+   rejected as `failed_before`. `--add-failed` adds the URLs of `<images>/*.parquet` rows with
+   status != success and retryable = false (the download stage's metadata).
+4. Seen filter (--seen): rows are repartitioned by the key's shard (hash prefix), each task loads
+   only its shard of generation N, drops keys it probably holds (`seen_before`) and writes its
+   shard, with the surviving keys added, into generation N+1. The driver publishes N+1 (moves
+   the CURRENT pointer) only after the output and rejected rows are written; stats come last.
+
+A run that dies before the publish leaves generation N current: the rerun reads N and writes the
+same output. A run that dies after the publish but before its stats: the rerun sees that CURRENT
+was written by a run with the same input and output, reads that generation's parent instead,
+and again writes the same output. A missing or damaged filter stops the run with a clear error,
+or, with dedup.on_corrupt_filter=fresh_start, starts an empty filter (pairs seen before are then
+kept again; no row is lost).
+"""
+
+if __package__ in (None, ""):  # run as `spark-submit spark_jobs/dedup.py`: make the repo importable
+    import os
+    import sys
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import logging
+import sys
+from typing import Callable, Iterator
+
+from spark_jobs import cli, datasets
+from spark_jobs.config import Config, ConfigError
+from spark_jobs.schemas import DEDUP_REJECTED, WAT_PAIRS
+from udfs import dedup_keys, fsio
+from udfs.bloom import CorruptFilterError
+from udfs.bloom_store import BloomStore, Manifest, ShardPlan
+
+NAME = "dedup"
+HELP = "exact dedup of url+text, then drop pairs seen in earlier runs (sharded Bloom filter)"
+
+log = logging.getLogger(__name__)
+
+DUPLICATE, SEEN_BEFORE, FAILED_BEFORE = "duplicate", "seen_before", "failed_before"
+PAIR_KEYS, URL_KEYS = "pair", "url"
+# Tie-break order of the representative of a key (after record_date).
+REPRESENTATIVE_ORDER = ("record_date", "uid", "source_file", "record_id", "page_url", "url", "text")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", help="wat_pairs dataset (path or URI)")
+    parser.add_argument("--output", help="deduplicated pairs (same schema and partitioning)")
+    parser.add_argument("--rejected-output", help="rejected rows (default: <output>_rejected)")
+    parser.add_argument("--seen", metavar="URI",
+                        help="seen-pairs filter store, read and advanced by one generation "
+                             "(default: dedup.seen; none: no cross-run dedup)")
+    parser.add_argument("--failed-seen", metavar="URI",
+                        help="failed-URL filter store (default: dedup.failed_seen)")
+    parser.add_argument("--add-failed", metavar="IMAGES_DIR",
+                        help="first add the non-retryable failures of a download output "
+                             "(<IMAGES_DIR>/*.parquet) to the failed-URL filter")
+
+
+# -- keys in the JVM (the same rules as udfs/dedup_keys.py; tests check they agree) ---------------
+
+def _ascii_lower(col):
+    from pyspark.sql import functions as F
+    return F.translate(col, dedup_keys._UPPER, dedup_keys._LOWER)
+
+
+def url_key_column(url):
+    from pyspark.sql import functions as F
+    ws = dedup_keys.whitespace_class("java")
+    u = F.regexp_replace(F.coalesce(url, F.lit("")), f"^{ws}+|{ws}+$", "")
+    u = F.regexp_replace(u, "(?s)#.*", "")
+    pattern = "(?s)^" + dedup_keys.URL_PATTERN + "$"
+    parts = [F.regexp_extract(u, pattern, i) for i in (1, 2, 3, 4)]
+    rebuilt = F.concat(_ascii_lower(parts[0]), parts[1], _ascii_lower(parts[2]), parts[3])
+    return F.when(u.rlike(pattern), rebuilt).otherwise(u)
+
+
+def text_key_column(text):
+    from pyspark.sql import functions as F
+    ws = dedup_keys.whitespace_class("java")
+    return F.trim(F.regexp_replace(F.coalesce(text, F.lit("")), f"{ws}+", " "))
+
+
+def pair_key_column(url, text):
+    from pyspark.sql import functions as F
+    return F.concat(url_key_column(url), F.lit("\t"), text_key_column(text))
+
+
+def with_digest(df, key, digest_col: str, shard_col: str, shards: int):
+    """Add the key's SHA-256 (binary) and its shard (bloom.shard_of, computed in the JVM)."""
+    from pyspark.sql import functions as F
+    hexd = F.sha2(key, 256)
+    return (df.withColumn(digest_col, F.unhex(hexd))
+              .withColumn(shard_col, F.pmod(F.conv(F.substring(hexd, 1, 8), 16, 10).cast("long"),
+                                            F.lit(int(shards))).cast("int")))
+
+
+# -- task-side functions (no Spark objects inside: they run in Python workers) --------------------
+
+def _digest_words(arr):
+    """(n, 4) uint64 words of an Arrow binary column of 32-byte digests, without a Python loop."""
+    import numpy as np
+    import pyarrow as pa
+
+    from udfs.bloom import digests_from_bytes
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    off_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], dtype=off_type)[arr.offset:arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    if data.size != 32 * len(arr):
+        raise ValueError("digest column does not hold 32-byte values")
+    return digests_from_bytes(data)
+
+
+def _shard_runs(shards) -> Iterator[tuple[int, int, int]]:
+    """(shard, start, stop) for runs of equal shard in a sorted batch."""
+    import numpy as np
+    if len(shards) == 0:
+        return
+    cuts = np.flatnonzero(np.diff(shards)) + 1
+    starts = np.concatenate([[0], cuts])
+    stops = np.concatenate([cuts, [len(shards)]])
+    for a, b in zip(starts, stops):
+        yield int(shards[a]), int(a), int(b)
+
+
+class _ShardCursor:
+    """Walks the shards of one partition in order, loading one shard at a time. A shard that
+    shows up again after the cursor moved on is a bug in the plan (rows not sorted by shard)."""
+
+    def __init__(self, plan: ShardPlan, writable: bool):
+        self.plan, self.writable = plan, writable
+        self.shard: int | None = None
+        self.old = self.new = None
+        self.added = 0
+        self.done: set[int] = set()
+
+    def move_to(self, shard: int):
+        if shard == self.shard:
+            return
+        self.finish()
+        if shard in self.done:
+            raise RuntimeError(f"rows of shard {shard} are not contiguous in the partition")
+        self.shard, self.old, self.new, self.added = shard, self.plan.load(shard), None, 0
+
+    def add(self, words):
+        if len(words) == 0:
+            return
+        if self.new is None:
+            self.new = self.old.copy()  # test against the old bits only: order-independent result
+        self.added += self.new.add_digests(words)
+
+    def finish(self):
+        if self.shard is None:
+            return
+        if self.writable and self.new is not None and self.added:
+            self.plan.write(self.new)
+        self.done.add(self.shard)
+        self.shard = self.old = self.new = None
+
+
+def seen_join_fn(plan: ShardPlan | None) -> Callable:
+    """mapInArrow function: append `_seen` (bool): representative rows (rank 1, not failed) whose
+    key the shard probably holds. The others of those rows are added to the shard's new bits."""
+    def fn(batches):
+        import numpy as np
+        import pyarrow as pa
+        cursor = _ShardCursor(plan, writable=True) if plan is not None else None
+        for batch in batches:
+            seen = np.zeros(batch.num_rows, dtype=bool)
+            if cursor is not None and batch.num_rows:
+                shards = batch.column("_shard").to_numpy(zero_copy_only=False)
+                candidate = ((batch.column("_rank").to_numpy(zero_copy_only=False) == 1)
+                             & ~batch.column("_failed").to_numpy(zero_copy_only=False).astype(bool))
+                words = _digest_words(batch.column("_digest"))
+                for shard, a, b in _shard_runs(shards):
+                    cursor.move_to(shard)
+                    idx = a + np.flatnonzero(candidate[a:b])
+                    hit = cursor.old.contains_digests(words[idx])
+                    seen[idx[hit]] = True
+                    cursor.add(words[idx[~hit]])
+            yield batch.append_column("_seen", pa.array(seen))
+        if cursor is not None:
+            cursor.finish()
+    return fn
+
+
+def failed_test_fn(plan: ShardPlan) -> Callable:
+    """mapInArrow function: append `_failed` (bool): the row's URL is probably in the filter."""
+    def fn(batches):
+        import numpy as np
+        import pyarrow as pa
+        cursor = _ShardCursor(plan, writable=False)
+        for batch in batches:
+            failed = np.zeros(batch.num_rows, dtype=bool)
+            if batch.num_rows:
+                shards = batch.column("_url_shard").to_numpy(zero_copy_only=False)
+                words = _digest_words(batch.column("_url_digest"))
+                for shard, a, b in _shard_runs(shards):
+                    cursor.move_to(shard)
+                    failed[a:b] = cursor.old.contains_digests(words[a:b])
+            yield batch.append_column("_failed", pa.array(failed))
+    return fn
+
+
+def add_keys_fn(plan: ShardPlan) -> Callable:
+    """mapInArrow function for --add-failed: add every key, write the touched shards, and emit
+    one row per shard (shard, keys_in, keys_new)."""
+    def fn(batches):
+        import pyarrow as pa
+        cursor = _ShardCursor(plan, writable=True)
+        counts: dict[int, list[int]] = {}
+        for batch in batches:
+            if not batch.num_rows:
+                continue
+            shards = batch.column("_shard").to_numpy(zero_copy_only=False)
+            words = _digest_words(batch.column("_digest"))
+            for shard, a, b in _shard_runs(shards):
+                cursor.move_to(shard)
+                before = cursor.added
+                cursor.add(words[a:b])
+                c = counts.setdefault(shard, [0, 0])
+                c[0] += b - a
+                c[1] += cursor.added - before
+        cursor.finish()
+        if counts:
+            yield pa.RecordBatch.from_pydict({
+                "shard": pa.array(list(counts), pa.int32()),
+                "keys_in": pa.array([c[0] for c in counts.values()], pa.int64()),
+                "keys_new": pa.array([c[1] for c in counts.values()], pa.int64())})
+    return fn
+
+
+# -- driver side ---------------------------------------------------------------------------------
+
+class FilterState:
+    """One filter store as this run sees it: what it reads, and what it will write."""
+
+    def __init__(self, role: str, uri: str, store: BloomStore, read: Manifest | None,
+                 plan: ShardPlan, fresh_start_reason: str | None, resumed: bool):
+        self.role, self.uri, self.store, self.read = role, uri, store, read
+        self.plan, self.fresh_start_reason, self.resumed = plan, fresh_start_reason, resumed
+        self.written: Manifest | None = None
+
+    def stats(self) -> dict:
+        out = {"uri": self.uri, "generation_read": self.read.generation if self.read else None,
+               "generation_written": self.written.generation if self.written else None,
+               "shards": self.plan.shard_count, "bits_per_shard": self.plan.num_bits,
+               "hashes": self.plan.num_hashes, "fresh_start_reason": self.fresh_start_reason,
+               "resumed_from_parent": self.resumed}
+        final = self.written or self.read
+        if final is not None:
+            summary = final.summary()
+            out.update({"keys": summary["keys"], "bytes": summary["bytes"],
+                        "fill_ratio": round(summary["fill_ratio"], 6),
+                        "estimated_false_positive_rate": summary["estimated_false_positive_rate"],
+                        "configured_false_positive_rate": final.false_positive_rate})
+        return out
+
+
+def open_filter(role: str, uri: str, key_kind: str, conf: dict, storage_options: dict,
+                shards: int, expected_keys: int, writable: bool,
+                resume_run: dict | None = None) -> FilterState:
+    """Open a store for this run. Damage raises InputError unless on_corrupt_filter=fresh_start.
+
+    `resume_run` ({"input", "output"}): if CURRENT was published by a run with the same input
+    and output whose stats were never written (it died after the publish), read its parent."""
+    store = BloomStore(uri, key_kind, storage_options)
+    mode = conf.get("on_corrupt_filter", "error")
+    if mode not in ("error", "fresh_start"):
+        raise ConfigError(f"dedup.on_corrupt_filter must be error or fresh_start, got {mode!r}")
+    fpr = float(conf["false_positive_rate"])
+    read, reason, resumed = None, None, False
+    try:
+        gen = store.current_generation()
+        if gen is not None:
+            read = store.manifest(gen)
+            run = read.run or {}
+            if (resume_run and run.get("input") == resume_run["input"]
+                    and run.get("output") == resume_run["output"]
+                    and not datasets.is_complete(resume_run["output"], storage_options)):
+                log.warning("%s filter generation %d was published by an unfinished run with the "
+                            "same input and output: reading its parent %s instead", role, gen, read.parent)
+                resumed = True
+                read = store.manifest(read.parent) if read.parent is not None else None
+            if read is not None:
+                store.verify(read, full=(mode == "fresh_start"))
+    except CorruptFilterError as exc:
+        if mode != "fresh_start":
+            raise datasets.InputError(
+                f"{role} filter at {uri} is unusable: {exc}. Restore it from a backup, point to "
+                f"another filter, or set dedup.on_corrupt_filter=fresh_start to start an empty "
+                f"filter (pairs it held are then kept again)") from exc
+        log.error("%s filter at %s is unusable (%s): starting a fresh, empty filter "
+                  "(dedup.on_corrupt_filter=fresh_start)", role, uri, exc)
+        read, reason = None, str(exc)
+    if read is not None and read.shard_count != shards:
+        log.info("%s filter has %d shards (config says %d): the filter's own count is used",
+                 role, read.shard_count, shards)
+    write_gen = store.next_generation(read.generation if read else None) if writable else None
+    if write_gen is not None and reason is not None:
+        # A fresh start must not reuse numbers of the damaged generations.
+        write_gen = max(write_gen, (store.generations_on_disk() or [0])[-1] + 1)
+    plan = store.plan(read, write_gen, fresh=(shards, expected_keys, fpr))
+    return FilterState(role, uri, store, read, plan, reason, resumed)
+
+
+def _publish(state: FilterState, conf: dict, expected_keys: int, run: dict) -> None:
+    state.written = state.store.publish(state.plan, state.read.generation if state.read else None,
+                                        state.read.expected_keys if state.read else expected_keys,
+                                        state.read.false_positive_rate if state.read
+                                        else float(conf["false_positive_rate"]), run)
+
+
+def _translate_task_error(exc: Exception) -> None:
+    """A shard that fails its checksum inside a task surfaces as a Spark error: make it an InputError."""
+    message = str(exc)
+    if "CorruptFilterError" in message:
+        detail = next((line for line in message.splitlines() if "CorruptFilterError" in line), message)
+        raise datasets.InputError(f"a filter shard is damaged: {detail.strip()[:500]}. Restore the "
+                                  "filter or set dedup.on_corrupt_filter=fresh_start") from exc
+
+
+def add_failed(spark, conf: dict, storage_options: dict, images: str, failed_uri: str) -> dict:
+    """Add the URLs of non-retryable download failures to the failed-URL filter (one generation)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    pattern = fsio.join(images, "*.parquet")
+    if not fsio.expand([pattern], storage_options):
+        raise datasets.InputError(f"no download metadata found at {pattern}")
+    try:
+        meta = spark.read.parquet(pattern)
+    except Exception as exc:  # noqa: BLE001 - AnalysisException
+        raise datasets.InputError(f"cannot read download metadata {pattern}: "
+                                  f"{str(exc).splitlines()[0]}") from exc
+    missing = [c for c in ("url", "status", "retryable") if c not in meta.columns]
+    if missing:
+        raise datasets.InputError(f"download metadata at {pattern} lacks columns {missing}")
+    failed = meta.filter((F.col("status") != "success") & (F.col("retryable") == F.lit(False))
+                         & F.col("url").isNotNull())
+    state = open_filter("failed-URL", failed_uri, URL_KEYS, conf, storage_options,
+                        int(conf["failed_shards"]), int(conf["failed_expected_keys"]), writable=True)
+    n = state.plan.shard_count
+    keyed = with_digest(failed, url_key_column(F.col("url")), "_digest", "_shard", n)
+    keyed = keyed.select("_shard", "_digest").repartition(n, "_shard").sortWithinPartitions("_shard")
+    out_schema = T.StructType([T.StructField("shard", T.IntegerType()),
+                               T.StructField("keys_in", T.LongType()),
+                               T.StructField("keys_new", T.LongType())])
+    try:
+        per_shard = keyed.mapInArrow(add_keys_fn(state.plan), out_schema).collect()
+    except Exception as exc:  # noqa: BLE001
+        _translate_task_error(exc)
+        raise
+    _publish(state, conf, int(conf["failed_expected_keys"]), {"add_failed": images})
+    return {"images": images, "failed_urls": sum(r["keys_in"] for r in per_shard),
+            "failed_urls_new": sum(r["keys_new"] for r in per_shard), "filter": state.stats()}
+
+
+def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
+    from pyspark import StorageLevel
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    conf = cfg.section("dedup")
+    storage_options = cfg.get("storage.storage_options") or {}
+    seen_uri = args.seen or conf.get("seen")
+    failed_uri = args.failed_seen or conf.get("failed_seen")
+    timer = datasets.StageTimer()
+    result: dict = {}
+
+    if args.add_failed:
+        if not failed_uri:
+            raise ConfigError("--add-failed needs a failed-URL filter: --failed-seen URI or dedup.failed_seen")
+        with timer.phase("add_failed"):
+            result["add_failed"] = add_failed(spark, conf, storage_options, args.add_failed, failed_uri)
+        if not args.input:
+            result.update(timer.summary())
+            datasets.write_stats(failed_uri, NAME + "-add-failed", result, storage_options=storage_options)
+            return result
+    if not args.input or not args.output:
+        raise ConfigError("dedup needs --input and --output (or only --add-failed with --failed-seen)")
+
+    output = args.output
+    rejected = datasets.rejected_path(output, args.rejected_output)
+    shards = int(conf["shards"])
+    expected_keys = int(conf["expected_keys"])
+    this_run = {"input": args.input, "output": output}
+
+    failed = None
+    if failed_uri:
+        failed = open_filter("failed-URL", failed_uri, URL_KEYS, conf, storage_options,
+                             int(conf["failed_shards"]), int(conf["failed_expected_keys"]), writable=False)
+    seen = None
+    if seen_uri:
+        seen = open_filter("seen-pairs", seen_uri, PAIR_KEYS, conf, storage_options, shards,
+                           expected_keys, writable=True, resume_run=this_run)
+        shards = seen.plan.shard_count
+
+    df = datasets.conform(datasets.read_dataset(spark, args.input, WAT_PAIRS), WAT_PAIRS)
+    df = with_digest(df, pair_key_column(F.col("url"), F.col("text")), "_digest", "_shard", shards)
+
+    if failed is not None:
+        fn = failed.plan.shard_count
+        df = with_digest(df, url_key_column(F.col("url")), "_url_digest", "_url_shard", fn)
+        df = df.repartition(fn, "_url_shard").sortWithinPartitions("_url_shard")
+        df = df.mapInArrow(failed_test_fn(failed.plan),
+                           T.StructType([*df.schema.fields, T.StructField("_failed", T.BooleanType())]))
+        df = df.drop("_url_digest", "_url_shard")
+    else:
+        df = df.withColumn("_failed", F.lit(False))
+
+    # One shuffle: rows hash-partitioned by shard; the window's (shard, digest) clustering is then
+    # already satisfied, and its sort leaves each partition ordered by shard for the Bloom join.
+    order = [F.col(c).asc_nulls_last() for c in REPRESENTATIVE_ORDER]
+    w = Window.partitionBy("_shard", "_digest").orderBy(*order)
+    df = (df.repartition(shards, "_shard")
+            .withColumn("_rank", F.row_number().over(w))
+            .withColumn("_kept_uid", F.first("uid").over(w)))
+    if seen is not None:
+        df = df.mapInArrow(seen_join_fn(seen.plan),
+                           T.StructType([*df.schema.fields, T.StructField("_seen", T.BooleanType())]))
+    else:
+        df = df.withColumn("_seen", F.lit(False))
+
+    seen_gen = seen.read.generation if seen and seen.read else None
+    failed_gen = failed.read.generation if failed and failed.read else None
+    status = (F.when(F.col("_rank") > 1, F.lit(DUPLICATE))
+               .when(F.col("_failed"), F.lit(FAILED_BEFORE))
+               .when(F.col("_seen"), F.lit(SEEN_BEFORE)))
+    message = (F.when(F.col("_rank") > 1, F.concat(F.lit("duplicate of uid "), F.col("_kept_uid")))
+                .when(F.col("_failed"), F.lit(f"url probably in the failed-URL filter {failed_uri} "
+                                              f"(generation {failed_gen})"))
+                .when(F.col("_seen"), F.lit(f"pair probably in the seen filter {seen_uri} "
+                                            f"(generation {seen_gen})")))
+    tagged = df.withColumn("status", status).withColumn("error_message", message)
+    tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        with timer.phase("write"):
+            datasets.write_dataset(tagged.filter(F.col("status").isNull()), output, WAT_PAIRS)
+            datasets.write_dataset(tagged.filter(F.col("status").isNotNull()), rejected, DEDUP_REJECTED)
+    except Exception as exc:  # noqa: BLE001
+        _translate_task_error(exc)
+        raise
+    finally:
+        tagged.unpersist()
+
+    if seen is not None:
+        with timer.phase("publish"):
+            _publish(seen, conf, expected_keys, this_run)
+
+    with timer.phase("count"):
+        out_counts = datasets.count_by(spark, output, "crawl")
+        rej_counts = datasets.count_by(spark, rejected, "status")
+    output_rows = sum(out_counts.values())
+    rejected_rows = sum(rej_counts.values())
+    result.update({
+        "input": args.input, "output": output, "rejected_output": rejected,
+        "input_rows": output_rows + rejected_rows, "output_rows": output_rows,
+        "rejected_rows": rejected_rows, "output_rows_by_crawl": out_counts,
+        "rejected_by_status": rej_counts,
+        "exact_duplicates": rej_counts.get(DUPLICATE, 0),
+        "bloom_drops": rej_counts.get(SEEN_BEFORE, 0),
+        "failed_url_drops": rej_counts.get(FAILED_BEFORE, 0),
+        "seen_filter": seen.stats() if seen else None,
+        "failed_filter": failed.stats() if failed else None,
+        **timer.summary(),
+    })
+    datasets.write_stats(output, NAME, result, storage_options=storage_options)
+    return result
+
+
+def main(argv=None):
+    return cli.main_for_stage(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
