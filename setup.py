@@ -26,10 +26,10 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["spark_jobs", "udfs", "spark_jobs.conf", "reporting"],
+    packages=["spark_jobs", "udfs", "spark_jobs.conf", "reporting", "serving"],
     # conf/ ships inside the package so a wheel or --py-files zip finds base.yaml and the profiles.
     package_dir={"spark_jobs.conf": "conf"},
-    package_data={"spark_jobs.conf": ["*.yaml", "gpu/*.sh"]},
+    package_data={"spark_jobs.conf": ["*.yaml", "gpu/*.sh"], "serving": ["static/*.html"]},
     install_requires=requirements(),
     entry_points={"console_scripts": ["clipcrawl=spark_jobs.cli:main"]},
 )

@@ -26,6 +26,7 @@ STAGE_MODULES = (
     "spark_jobs.report",
     "spark_jobs.knn_index",
     "spark_jobs.search",
+    "spark_jobs.serve",
 )
 
 EXIT_USER_ERROR = 2

@@ -1,0 +1,170 @@
+"""The HTTP API of `clipcrawl serve` on 127.0.0.1: good queries, safety cut, thumbnails, and bad
+requests that must get a clear 4xx JSON error without hurting the server."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.http import make_server
+from serving.service import KnnService
+from tests.gen.embeddings_layout import clustered_vectors, write_parts, write_tar
+from udfs import knn
+
+N, DIM = 60, 16
+UNSAFE = set(range(10))  # rows 0-9 carry punsafe 0.9
+COLORS = [(255, 0, 0), (0, 160, 0), (0, 0, 255)]
+SERVED: dict = {}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, cfg):
+    tmp = tmp_path_factory.mktemp("serve")
+    image = clustered_vectors(N, DIM, clusters=6, seed=3)
+    text = clustered_vectors(N, DIM, clusters=6, seed=4)
+    tar = write_tar(tmp / "images" / "00000.tar",
+                    [Image.new("RGB", (32, 32), COLORS[i % 3]) for i in range(N)],
+                    [f"caption number {i}" for i in range(N)])
+    punsafe = [0.9 if i in UNSAFE else 0.1 for i in range(N)]
+    root = write_parts(tmp / "dataset" / "embeddings" / "laion2B-en", image, text, 2,
+                       tar_path=tar, punsafe=punsafe)
+    knn.build_subset(str(root), str(tmp / "indices" / "laion2B-en"),
+                     knn.BuildParams(recall_sample=20, nb_cores=2))
+    service = KnnService(knn.open_indices(str(tmp / "indices")), cfg.section("serve"), encoder=None)
+    srv = make_server(service, "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    SERVED["text"] = text.astype(np.float16).astype(np.float32)
+    yield f"http://127.0.0.1:{srv.server_address[1]}", image.astype(np.float16).astype(np.float32)
+    srv.shutdown()
+    srv.server_close()
+
+
+def call(base, path, body=None, raw: bytes | None = None, method=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            payload = resp.read()
+            ctype = resp.headers["Content-Type"]
+            return resp.status, (json.loads(payload) if ctype.startswith("application/json") else payload)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_indices_list_and_info(server):
+    base, _ = server
+    assert call(base, "/indices-list") == (200, ["laion2B-en"])
+    status, info = call(base, "/info")
+    assert status == 200 and info["indices"]["laion2B-en"]["size"] == N
+    assert info["text_and_image_queries"] is False
+
+
+def test_embedding_query_finds_the_row(server):
+    base, image = server
+    status, results = call(base, "/knn-service", {"embedding_input": image[33].tolist(),
+                                                  "num_images": 5, "indice_name": "laion2B-en"})
+    assert status == 200 and len(results) == 5
+    assert results[0]["url"].endswith("/33.jpg") and results[0]["caption"] == "caption number 33"
+    assert results[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+    assert [r["similarity"] for r in results] == sorted((r["similarity"] for r in results), reverse=True)
+    exact = np.argsort(-(image @ image[33]))[:5]
+    assert {int(r["url"].rsplit("/", 1)[1][:-4]) for r in results} == set(exact.tolist())
+
+
+def test_safety_model_drops_unsafe_results(server):
+    base, image = server
+    body = {"embedding_input": image[3].tolist(), "num_images": 20}
+    _, plain = call(base, "/knn-service", {**body, "use_safety_model": False})
+    _, safe = call(base, "/knn-service", {**body, "use_safety_model": True})
+    rows = lambda res: {int(r["url"].rsplit("/", 1)[1][:-4]) for r in res}  # noqa: E731
+    assert 3 in rows(plain)
+    assert not rows(safe) & UNSAFE
+    assert all(r["punsafe"] <= 0.5 for r in safe)
+
+
+def test_text_modality_and_metadata(server):
+    base, _ = server
+    text = SERVED["text"][40]
+    status, results = call(base, "/knn-service", {"embedding_input": text.tolist(),
+                                                  "modality": "text", "num_images": 1})
+    assert status == 200 and results[0]["url"].endswith("/40.jpg")
+    assert results[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+    status, meta = call(base, "/metadata", {"ids": [results[0]["id"]], "indice_name": "laion2B-en"})
+    assert status == 200 and meta[0]["metadata"]["url"] == results[0]["url"]
+
+
+def test_thumbnail_is_read_from_the_shard(server):
+    base, image = server
+    _, results = call(base, "/knn-service", {"embedding_input": image[4].tolist(), "num_images": 1})
+    status, data = call(base, results[0]["thumbnail"])
+    assert status == 200
+    pixel = Image.open(io.BytesIO(data)).convert("RGB").getpixel((16, 16))
+    assert np.allclose(pixel, COLORS[4 % 3], atol=12)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"text": ""}, 400, "text is empty"),
+    ({"text": "   "}, 400, "text is empty"),
+    ({}, 400, "give one of"),
+    ({"text": "a red circle"}, 503, "CLIP model"),
+    ({"embedding_input": [0.1] * DIM, "num_images": 10**6}, 400, "num_images must be between"),
+    ({"embedding_input": [0.1] * DIM, "num_images": 0}, 400, "num_images must be between"),
+    ({"embedding_input": [0.1] * DIM, "num_images": "many"}, 400, "num_images must be an integer"),
+    ({"embedding_input": [0.1] * DIM, "num_result_ids": 10**9}, 400, "num_result_ids"),
+    ({"embedding_input": [0.1] * (DIM + 1)}, 400, "dimension"),
+    ({"embedding_input": [0.0] * DIM}, 400, "not all zeros"),
+    ({"embedding_input": "abc"}, 400, "list of numbers"),
+    ({"embedding_input": [0.1] * DIM, "modality": "audio"}, 400, "modality"),
+    ({"embedding_input": [0.1] * DIM, "indice_name": "nope"}, 404, "unknown indice_name"),
+    ({"embedding_input": [0.1] * DIM, "use_safety_model": "yes"}, 400, "true or false"),
+    ({"image": base64.b64encode(b"this is not an image").decode()}, 400, "could not be decoded"),
+    ({"image": "%%% not base64 %%%"}, 400, "base64"),
+    ({"image_url": "http://127.0.0.1:9/x.jpg"}, 400, "never fetches"),
+    ({"text": 42}, 400, "text must be a string"),
+])
+def test_bad_queries_get_clear_4xx(server, body, status, message):
+    base, _ = server
+    got_status, got = call(base, "/knn-service", body)
+    assert got_status == status
+    assert message in got["error"]
+
+
+def test_bad_bodies_and_routes_then_server_still_answers(server):
+    base, image = server
+    assert call(base, "/knn-service", raw=b"{not json")[0] == 400
+    assert call(base, "/knn-service", raw=b"[1, 2]")[1]["error"].startswith("the request body must be")
+    assert call(base, "/knn-service", raw=b"\xff\xfe")[0] == 400
+    assert call(base, "/nowhere")[0] == 404
+    assert call(base, "/thumbnail?indice_name=laion2B-en&id=abc")[0] == 400
+    assert call(base, f"/thumbnail?indice_name=laion2B-en&id={N + 5}")[0] == 404
+    assert call(base, "/metadata", {"ids": [-1]})[0] == 404
+    # An oversized body is refused from its Content-Length, before it is read.
+    conn = http.client.HTTPConnection(base.split("//")[1], timeout=20)
+    conn.putrequest("POST", "/knn-service")
+    conn.putheader("Content-Length", str(200 * 1024 * 1024))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "larger than" in json.loads(resp.read())["error"]
+    conn.close()
+    assert call(base, "/health") == (200, {"ok": True})
+    status, results = call(base, "/knn-service", {"embedding_input": image[0].tolist(), "num_images": 2})
+    assert status == 200 and len(results) == 2
+
+
+def test_page_is_served(server):
+    base, _ = server
+    with urllib.request.urlopen(base + "/", timeout=20) as resp:
+        html = resp.read().decode()
+    assert resp.headers["Content-Type"].startswith("text/html")
+    assert 'id="search-form"' in html and "/knn-service" in html
