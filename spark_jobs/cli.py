@@ -22,6 +22,7 @@ from spark_jobs.config import PROFILES, ConfigError, load_config
 STAGE_MODULES = (
     "spark_jobs.wat_extract",
     "spark_jobs.dedup",
+    "spark_jobs.download",
     "spark_jobs.run",
     "spark_jobs.report",
     "spark_jobs.knn_index",

@@ -104,3 +104,39 @@ DEDUP_REJECTED = DatasetSpec(
     schema=T.StructType([*WAT_PAIRS.schema.fields[:-1], *REJECT_COLUMNS, WAT_PAIRS.schema["crawl"]]),
     partition_by=("status",),
 )
+
+
+# --- stage 3: download ----------------------------------------------------------------------------
+
+def _i(name: str) -> T.StructField:
+    return T.StructField(name, T.IntegerType(), True)
+
+
+DOWNLOAD_INPUT = DatasetSpec(
+    name="download_input",
+    description="any parquet with url and text (uid and page_url are used when present)",
+    schema=T.StructType([_s("uid"), _s("url"), _s("text"), _s("page_url")]),
+    required=("url", "text"),
+)
+
+IMAGES_METADATA = DatasetSpec(
+    name="images_metadata",
+    description="one row per input row of a download shard: <images>/{shard:05d}.parquet "
+                "(read with the glob <images>/*.parquet), written by udfs.download_worker",
+    schema=T.StructType([
+        _s("key"),              # {shard:05d}{index:04d}: the sample's name in the tar
+        _s("uid"), _s("url"), _s("text"), _s("page_url"),
+        _i("shard"),
+        _s("status"),           # success | failed_to_download | failed_to_decode | too_small | too_large |
+                                # opted_out | blocked_address | bad_content_type | invalid_url
+        _s("error_message"),
+        _i("http_status"),
+        _s("content_type"),
+        _i("original_width"), _i("original_height"), _i("width"), _i("height"),
+        _l("bytes"),            # size of the original download
+        _s("sha256"),           # of the original bytes
+        T.StructField("download_seconds", T.DoubleType(), True),
+        T.StructField("retryable", T.BooleanType(), True),   # a later --retry-failed run re-attempts it
+        _i("attempts"),         # HTTP attempts made (retries included)
+    ]),
+)

@@ -1,0 +1,241 @@
+"""Download, check and resize the images of (url, text) pairs into img2dataset-compatible
+webdataset shards: `{shard:05d}.tar` (KEY.jpg, KEY.txt, KEY.json), `{shard:05d}.parquet` (metadata
+of EVERY input row: status, error_message, sizes, sha256, ...), `{shard:05d}_stats.json`, and
+`{shard:05d}_complete.json`, written last. `<images>/_stats/stats.json` sums the written metadata.
+
+Input: any parquet with `url` and `text` (the dedup output); `uid` is computed when absent.
+Rows are sorted by uid and shard = rank // shard_size, so reruns assign the same rows to the same
+shards; a rerun skips every shard whose completion marker exists (`<images>/_stats/plan.json`
+refuses a rerun over a different input).
+
+Retry: `--retry-failed <previous images> --output <new images>` re-attempts only rows whose
+earlier failure was retryable (timeouts, 429/5xx, truncated bodies). The new output has the same
+shards and keys: earlier successes are copied from the previous tars, other failures carried over
+unchanged, and the retried rows get their new outcome, so <new>/*.parquet is the merged metadata.
+
+Safety: hosts are resolved and private/loopback/link-local/multicast/reserved addresses refused on
+every redirect hop (allow networks with --set download.allowed_cidrs=...); X-Robots-Tag opt-outs
+are honoured from the headers before any body byte is read.
+"""
+
+if __package__ in (None, ""):  # run as `spark-submit spark_jobs/download.py`: make the repo importable
+    import os  # noqa: E401
+    import sys
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+
+from spark_jobs import cli, datasets  # noqa: E402
+from spark_jobs.config import ConfigError  # noqa: E402
+from spark_jobs.schemas import DOWNLOAD_INPUT, IMAGES_METADATA  # noqa: E402
+from udfs import fsio  # noqa: E402
+
+NAME = "download"
+HELP = "fetch, check and resize images into webdataset shards (img2dataset-compatible)"
+PLAN_FILE = "plan.json"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", help="parquet dataset with url and text columns (e.g. the dedup output)")
+    parser.add_argument("--output", required=True, help="output folder (local path or s3://) for the shards")
+    parser.add_argument("--retry-failed", metavar="PREVIOUS",
+                        help="a previous download output: re-attempt its retryable failures into --output")
+
+
+def validate_section(section: dict) -> None:
+    """Turn bad download.* values into ConfigError before any task starts."""
+    from udfs.address_guard import parse_cidrs
+    from udfs.resize import ResizeConfig
+
+    try:
+        ResizeConfig.from_section(section)
+        parse_cidrs(section.get("allowed_cidrs"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    for key in ("shard_size", "thread_count"):
+        if not isinstance(section.get(key), int) or section[key] < 1:
+            raise ConfigError(f"download.{key} must be a positive integer, got {section.get(key)!r}")
+
+
+def metadata_glob(output: str) -> str:
+    return fsio.join(output, "*.parquet")
+
+
+def completed_shards(output: str, storage_options: dict | None) -> set[int]:
+    from udfs.download_worker import MARKER_SUFFIX
+
+    done = set()
+    for uri in fsio.expand([fsio.join(output, "*" + MARKER_SUFFIX)], storage_options):
+        name = uri.rsplit("/", 1)[-1][:-len(MARKER_SUFFIX)]
+        if name.isdigit():
+            done.add(int(name))
+    return done
+
+
+def check_plan(output: str, plan: dict, storage_options: dict | None) -> None:
+    """A rerun must see the same input and shard size, or the 'skip complete shards' rule would
+    silently mix two different inputs in one output."""
+    path = datasets.stats_path(output, PLAN_FILE)
+    if fsio.exists(path, storage_options):
+        old = fsio.read_json(path, storage_options)
+        if any(old.get(k) != plan[k] for k in plan):
+            raise datasets.InputError(
+                f"{output} was started for a different input or shard size ({json.dumps(old, sort_keys=True)}); "
+                f"now {json.dumps(plan, sort_keys=True)}. Use a new --output, or delete the old one.")
+    else:
+        fsio.write_json(path, plan, storage_options)
+
+
+def _shard_task(section: dict, output: str, storage_options: dict | None, digits: int,
+                retry_from: str | None):
+    """The mapPartitionsWithIndex function: one partition holds one shard's rows."""
+
+    def run_partition(_index, items):
+        from udfs.download_worker import ShardJob, make_key, shard_name
+
+        rows, shard = [], None
+        for shard, payload in items:
+            if retry_from is None:
+                position, row = payload
+                row = dict(row, key=make_key(shard, position, digits))
+            else:
+                prev = payload
+                fetch = prev.get("status") != "success" and bool(prev.get("retryable"))
+                row = {k: prev.get(k) for k in ("key", "uid", "url", "text", "page_url")}
+                row.update(action="fetch" if fetch else "carry", previous=prev)
+            rows.append(row)
+        if shard is None:
+            return iter(())
+        previous_tar = fsio.join(retry_from, shard_name(shard) + ".tar") if retry_from else None
+        stats = ShardJob(section, output, storage_options).run(shard, rows, previous_tar)
+        return iter([json.dumps(stats)])
+
+    return run_partition
+
+
+def _plan_fresh(spark, args, section, storage_options):
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from udfs.ids import pair_uid
+
+    if not args.input:
+        raise datasets.InputError("--input is required (or --retry-failed PREVIOUS)")
+    df = datasets.read_dataset(spark, args.input, DOWNLOAD_INPUT)
+    uid_udf = F.udf(lambda u, t: pair_uid(u or "", t or ""), T.StringType())
+    computed = uid_udf(F.col("url"), F.col("text"))
+    df = df.withColumn("uid", F.coalesce(F.col("uid"), computed) if "uid" in df.columns else computed)
+    if "page_url" not in df.columns:
+        df = df.withColumn("page_url", F.lit(None).cast("string"))
+    df = df.select(*[F.col(c).cast("string") for c in ("uid", "url", "text", "page_url")])
+    total = df.count()
+    size = section["shard_size"]
+    plan = {"mode": "fresh", "input": args.input, "rows": total, "shard_size": size}
+    check_plan(args.output, plan, storage_options)
+    # A total order, so that rank -> shard is the same in every run (a hash uid also spreads each
+    # domain over all shards, which keeps the per-domain cap from serialising a shard).
+    ordered = df.orderBy("uid", "url", "text", "page_url").rdd.zipWithIndex()
+    keyed = ordered.map(lambda ri: (ri[1] // size, (ri[1] % size, ri[0].asDict())))
+    return keyed, math.ceil(total / size) if total else 0, total
+
+
+def _plan_retry(spark, args, section, storage_options):
+    from pyspark.sql import functions as F
+
+    prev = args.retry_failed
+    if fsio.normalize_uri(prev).rstrip("/") == fsio.normalize_uri(args.output).rstrip("/"):
+        raise datasets.InputError("--retry-failed needs a new --output (the previous shards are read while writing)")
+    if not fsio.expand([metadata_glob(prev)], storage_options):
+        raise datasets.InputError(f"no download metadata (*.parquet) found in {prev}")
+    df = spark.read.parquet(metadata_glob(prev))
+    datasets.check_schema(df, IMAGES_METADATA, prev)
+    df = datasets.conform(df, IMAGES_METADATA)
+    agg = df.agg(F.count("*").alias("n"), F.max("shard").alias("m"),
+                 F.sum(((F.col("status") != "success") & F.col("retryable")).cast("long")).alias("r")).first()
+    total, shards, retry = int(agg["n"]), (int(agg["m"]) + 1 if agg["m"] is not None else 0), int(agg["r"] or 0)
+    log.info("retry-failed: %d of %d previous rows are retryable failures", retry, total)
+    plan = {"mode": "retry", "input": prev, "rows": total, "shard_size": section["shard_size"]}
+    check_plan(args.output, plan, storage_options)
+    keyed = df.rdd.map(lambda r: (r["shard"], r.asDict()))
+    return keyed, shards, total
+
+
+def run(spark, cfg, args) -> dict:
+    timer = datasets.StageTimer()
+    section = cfg.section("download")
+    validate_section(section)
+    storage_options = cfg.get("storage.storage_options") or None
+    output = args.output
+    size = section["shard_size"]
+    digits = max(4, len(str(size - 1)))
+    with timer.phase("plan"):
+        if args.retry_failed:
+            keyed, num_shards, total = _plan_retry(spark, args, section, storage_options)
+        else:
+            keyed, num_shards, total = _plan_fresh(spark, args, section, storage_options)
+        done = completed_shards(output, storage_options)
+        todo = num_shards - len(done & set(range(num_shards)))
+        log.info("download: %d rows in %d shards of %d; %d shards already complete, %d to do",
+                 total, num_shards, size, num_shards - todo, todo)
+    shard_stats: list[dict] = []
+    if todo:
+        with timer.phase("download"):
+            done_b = frozenset(done)
+            task = _shard_task(section, output, storage_options, digits, args.retry_failed)
+            results = (keyed.filter(lambda kv: kv[0] not in done_b)
+                       .partitionBy(num_shards, lambda shard: shard)
+                       .mapPartitionsWithIndex(task)
+                       .collect())
+            shard_stats = [json.loads(s) for s in results]
+    with timer.phase("stats"):
+        stats = summarize(spark, output, total, num_shards, storage_options)
+    stats.update(shards_skipped=num_shards - todo, shards_written=len(shard_stats),
+                 mode="retry" if args.retry_failed else "fresh",
+                 retry_from=args.retry_failed, input=args.input, **timer.summary())
+    datasets.write_stats(output, NAME, stats, storage_options=storage_options)
+    return stats
+
+
+def summarize(spark, output: str, total: int, num_shards: int, storage_options: dict | None) -> dict:
+    """Counts read back from the written shard metadata, plus the time breakdown summed over the
+    per-shard stats files (the same sum whatever ran the shards)."""
+    from pyspark.sql import functions as F
+
+    counts: dict[str, int] = {}
+    retryable = 0
+    if num_shards and fsio.expand([metadata_glob(output)], storage_options):
+        df = spark.read.parquet(metadata_glob(output))
+        for r in df.groupBy("status").agg(F.count("*").alias("n"),
+                                          F.sum(F.col("retryable").cast("long")).alias("r")).collect():
+            counts[str(r["status"])] = int(r["n"])
+            retryable += int(r["r"] or 0)
+    written = sum(counts.values())
+    ok = counts.get("success", 0)
+    seconds: dict[str, float] = {}
+    for uri in fsio.expand([fsio.join(output, "*_stats.json")], storage_options):
+        for k, v in (fsio.read_json(uri, storage_options).get("seconds") or {}).items():
+            seconds[k] = round(seconds.get(k, 0.0) + float(v), 3)
+    rate = ok / written if written else 0.0
+    failures = ", ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if k != "success")
+    log.warning("download: %d of %d rows succeeded (success rate %.1f%%); %s; %d failures are retryable "
+                "(clipcrawl download --retry-failed %s --output <new>)", ok, written, 100 * rate,
+                failures or "no failures", retryable, output)
+    if written != total:
+        log.warning("download: metadata holds %d rows but the input had %d", written, total)
+    return {"input_rows": total, "output_rows": ok, "metadata_rows": written, "success_rate": round(rate, 4),
+            "status_counts": counts, "retryable_failures": retryable, "shards": num_shards,
+            "worker_seconds": seconds}
+
+
+def main(argv=None):
+    return cli.main_for_stage(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
