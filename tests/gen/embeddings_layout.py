@@ -83,3 +83,37 @@ def write_tar(path: Path, images: list, texts: list[str], first: int = 0) -> str
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return str(path)
+
+
+TINY_CLIP_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_clip"
+TINY_CLIP_OVERRIDES = [f"clip.model=local-dir:{TINY_CLIP_DIR}", "clip.pretrained=null", "clip.device=cpu"]
+
+
+def tiny_clip_missing() -> str | None:
+    """Why the tiny CLIP model cannot be used here, or None when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("udfs.clip_model") is None:
+        return "udfs/clip_model.py is not in the tree yet"
+    if not (TINY_CLIP_DIR / "open_clip_config.json").exists():
+        return f"the tiny CLIP model is not trained yet (run {TINY_CLIP_DIR}/train_tiny_clip.py)"
+    return None
+
+
+def write_shapes_subset(dataset: Path, images: Path, model, subset: str = "laion2B-en",
+                        per_class: int = 2, seed: int = 0) -> list[tuple[str, str]]:
+    """Shapes drawn by tests/gen/shapes.py, embedded with `model` (a udfs.clip_model.ClipModel),
+    one tar shard of the images, and the embeddings layout of `subset`. Returns (color, shape)
+    of every row, in row order."""
+    import random
+
+    from tests.gen.shapes import all_classes, caption, draw_shape
+
+    rng = random.Random(seed)
+    classes = [c for c in all_classes() for _ in range(per_class)]
+    imgs = [draw_shape(color, shape, size=64, rng=rng) for color, shape in classes]
+    texts = [caption(color, shape, "en", variant=i % 2) for i, (color, shape) in enumerate(classes)]
+    tar = write_tar(images / "00000.tar", imgs, texts)
+    write_parts(dataset / "embeddings" / subset, model.encode_images(imgs),
+                model.encode_texts(texts), 2, texts=texts, tar_path=tar)
+    return classes
