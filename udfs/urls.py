@@ -53,7 +53,14 @@ def resolve(raw: str | None, page_url: str | None, base_href: str | None = None)
     try:
         absolute = urljoin(base, url) if base else url
     except ValueError as exc:
-        raise UrlError("bad_url", f"cannot resolve {url[:200]!r}: {exc}") from exc
+        # The unparsable part may be the base (page URL or <base>): an absolute URL needs none.
+        try:
+            has_scheme = bool(urlsplit(url).scheme)
+        except ValueError:
+            has_scheme = False
+        if not has_scheme:
+            raise UrlError("bad_url", f"cannot resolve {url[:200]!r}: {exc}") from exc
+        absolute = url
     return absolute
 
 
