@@ -93,6 +93,7 @@ WAT_FILE_OUTCOMES = DatasetSpec(
     ]),
 )
 
+
 # --- stage 2: dedup -------------------------------------------------------------------------------
 
 # dedup's output is WAT_PAIRS itself (same schema, same partitioning): later stages read it as such.
@@ -139,4 +140,88 @@ IMAGES_METADATA = DatasetSpec(
         T.StructField("retryable", T.BooleanType(), True),   # a later --retry-failed run re-attempts it
         _i("attempts"),         # HTTP attempts made (retries included)
     ]),
+)
+
+
+# --- stage 5: filter ------------------------------------------------------------------------------
+
+def _d(name: str) -> T.StructField:
+    return T.StructField(name, T.DoubleType(), True)
+
+
+FILTER_INPUT = DatasetSpec(
+    name="filter_input",
+    description="clip_score output (contract 3): the columns the filter reads",
+    schema=T.StructType([
+        _s("uid"), _s("key"), _s("url"), _s("text"), _s("status"), _s("error_message"),
+        _d("similarity"), _d("similarity_multilingual"),
+        T.StructField("image_embedding", T.BinaryType(), True),
+        T.StructField("text_embedding", T.BinaryType(), True),
+        _s("tar_path"),
+        T.StructField("original_width", T.IntegerType(), True),
+        T.StructField("original_height", T.IntegerType(), True),
+        T.StructField("width", T.IntegerType(), True),
+        T.StructField("height", T.IntegerType(), True),
+    ]),
+    required=("uid", "key", "url", "text", "status", "error_message", "similarity",
+              "similarity_multilingual", "image_embedding", "text_embedding", "tar_path"),
+)
+
+SUBSET = DatasetSpec(
+    name="subset",
+    # Not hive-partitioned: LAION published flat parquet files with LANGUAGE as a column, and a
+    # LANGUAGE=... partitioning would type the all-null nolang subset as `void` on read. Rows are
+    # sorted by LANGUAGE within each file instead, so parquet min/max statistics prune by language.
+    description="one LAION subset (laion2B-en / laion2B-multi / laion1B-nolang): kept pairs with "
+                "LAION's published columns, flat parquet sorted by LANGUAGE within each file",
+    schema=T.StructType([
+        _l("SAMPLE_ID"),        # udfs.ids.uid_to_int64(uid)
+        _s("URL"), _s("TEXT"),
+        T.StructField("HEIGHT", T.IntegerType(), True),   # original image size (before resize)
+        T.StructField("WIDTH", T.IntegerType(), True),
+        _d("similarity"),       # the score the threshold was applied to (multilingual model for non-en when configured)
+        _s("LANGUAGE"),         # ISO 639-1 code from filter.language_detector; null in the nolang subset
+        _d("punsafe"),          # safety head probability; null when filter.punsafe_head is null
+        _d("pwatermark"),       # null when filter.pwatermark_head is null
+        _l("hash"),             # = SAMPLE_ID: the 64-bit hash of url + text, to join subsets
+        _s("key"),              # the sample's key in its webdataset shard
+        _s("tar_path"),         # URI of that shard
+    ]),
+)
+
+FILTER_REJECTED = DatasetSpec(
+    name="filter_rejected",
+    description="rows of the clip_score output the filter did not keep: below_threshold (score, "
+                "threshold and language), not_scored, or their earlier status (failed_to_download, ...)",
+    schema=T.StructType([
+        _s("uid"), _s("key"), _s("url"), _s("text"),
+        _d("similarity"), _d("similarity_multilingual"),
+        _d("score"),            # the similarity the threshold was applied to
+        _d("threshold"),
+        _s("LANGUAGE"), _d("language_confidence"),
+        _s("bucket"),           # en | multi | nolang (null unless scored)
+        _s("tar_path"),
+        *REJECT_COLUMNS,
+    ]),
+    partition_by=("status",),
+)
+
+
+# --- stage 4: clip_score --------------------------------------------------------------------------
+
+SCORED = DatasetSpec(
+    name="scored",
+    description="clip_score output (contract 3): every images_metadata row, success rows with their "
+                "CLIP similarity and normalised embeddings; <scored>/{img_emb,text_emb,metadata}/ hold "
+                "the same scored rows in clip-retrieval's layout",
+    schema=T.StructType([
+        *IMAGES_METADATA.schema.fields,
+        T.StructField("similarity", T.DoubleType(), True),               # cosine; null unless scored
+        T.StructField("similarity_multilingual", T.DoubleType(), True),  # null unless a multilingual model is set
+        T.StructField("image_embedding", T.BinaryType(), True),  # little-endian float16, L2-normalised
+        T.StructField("text_embedding", T.BinaryType(), True),   # (udfs.embeddings.encode / decode)
+        _s("tar_path"),         # URI of the shard tar holding the sample (null when it is not in one)
+    ]),
+    partition_by=("status",),
+    required=("key", "uid", "url", "text", "status", "similarity", "image_embedding", "text_embedding"),
 )
