@@ -31,6 +31,7 @@ import argparse  # noqa: E402 - after the sys.path fix above
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+from collections import Counter  # noqa: E402
 
 from spark_jobs import cli, datasets, schemas  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
@@ -175,45 +176,63 @@ def run(spark, cfg, args) -> dict:
     return stats
 
 
-def _stats_from_data(spark, output: str, rejected_out: str, outcomes_path: str) -> dict:
-    """Totals from the written datasets (never from accumulators)."""
+def _grouped_counts(spark, path: str, *columns: str) -> dict[tuple, int]:
+    """{(values of columns): rows} of a written dataset, in one Spark job; {} when it is empty."""
     from pyspark.sql import functions as F
 
-    kept_by_crawl = datasets.count_by(spark, output, "crawl")
-    rejected_by_reason = datasets.count_by(spark, rejected_out, "status")
-    rejected_by_level = datasets.count_by(spark, rejected_out, "level")
-    outcomes = spark.read.parquet(outcomes_path)
-    sums = outcomes.agg(*[F.sum(c).alias(c) for c in (
-        "records_read", "metadata_records", "html_records", "links_seen", "pairs_kept",
-        "pairs_rejected", "records_rejected", "records_non_utf8", "alt_truncated",
-        "compressed_bytes")]).collect()[0].asDict()
-    sums = {k: int(v or 0) for k, v in sums.items()}
-    files_by_status = {r["status"]: int(r["n"]) for r in
-                       outcomes.groupBy("status").agg(F.count("*").alias("n")).collect()}
-    problems = [{"source_file": r["source_file"], "status": r["status"], "error": r["error_message"]}
-                for r in outcomes.filter(F.col("status") != "ok").orderBy("source_file").limit(100).collect()]
-    truncated = 0
-    if kept_by_crawl:
-        truncated = spark.read.parquet(output).filter(F.col("alt_truncated")).count()
+    from udfs import fsio
+
+    if not fsio.exists(path):
+        return {}
+    try:
+        df = spark.read.parquet(path)
+    except Exception:  # noqa: BLE001 - an output with no rows has no parquet files to read
+        return {}
+    return {tuple(r[c] for c in columns): int(r["n"])
+            for r in df.groupBy(*columns).agg(F.count("*").alias("n")).collect()}
+
+
+def _stats_from_data(spark, output: str, rejected_out: str, outcomes_path: str) -> dict:
+    """Totals from the written datasets (never from accumulators), in three small Spark jobs."""
+    kept = _grouped_counts(spark, output, "crawl", "alt_truncated")
+    rejected = _grouped_counts(spark, rejected_out, "status", "level")
+    # One row per input file: small enough to aggregate on the driver even for a whole crawl.
+    outcomes = [r.asDict() for r in spark.read.parquet(outcomes_path).collect()]
+
+    kept_by_crawl: dict[str, int] = {}
+    for (crawl, _), n in kept.items():
+        kept_by_crawl[crawl] = kept_by_crawl.get(crawl, 0) + n
+    rejected_by_reason: dict[str, int] = {}
+    rejected_by_level: dict[str, int] = {}
+    for (status, level), n in rejected.items():
+        rejected_by_reason[status] = rejected_by_reason.get(status, 0) + n
+        rejected_by_level[level] = rejected_by_level.get(level, 0) + n
+    sums = {c: sum(int(o[c] or 0) for o in outcomes) for c in (
+        "records_read", "metadata_records", "html_records", "links_seen", "records_non_utf8",
+        "compressed_bytes")}
+    files_by_status = Counter(o["status"] for o in outcomes)
+    problems = sorted(({"source_file": o["source_file"], "status": o["status"],
+                        "error": o["error_message"]} for o in outcomes if o["status"] != "ok"),
+                      key=lambda p: p["source_file"])
     pairs_kept = sum(kept_by_crawl.values())
-    link_rejects = int(rejected_by_level.get("link", 0))
+    link_rejects = rejected_by_level.get("link", 0)
     return {
-        "files": {"total": sum(files_by_status.values()), "ok": files_by_status.get("ok", 0),
+        "files": {"total": len(outcomes), "ok": files_by_status.get("ok", 0),
                   "partial": files_by_status.get("partial", 0),
                   "failed": files_by_status.get("failed", 0)},
-        "files_with_problems": problems,
+        "files_with_problems": problems[:100],
         "records_read": sums["records_read"],
         "metadata_records": sums["metadata_records"],
         "html_records": sums["html_records"],
         "links_seen": sums["links_seen"],
         "pairs_kept": pairs_kept,
         "pairs_kept_by_crawl": kept_by_crawl,
-        "alt_truncated": truncated,
+        "alt_truncated": sum(n for (_, truncated), n in kept.items() if truncated),
         "records_non_utf8": sums["records_non_utf8"],
         "rejected_by_reason": rejected_by_reason,
         "rejected_links": link_rejects,
-        "rejected_records": int(rejected_by_level.get("record", 0)),
-        # kept + rejected links must equal links seen; a mismatch would mean lost rows
+        "rejected_records": rejected_by_level.get("record", 0),
+        # kept + rejected links must equal the links seen; False would mean lost rows
         "links_accounted": pairs_kept + link_rejects == sums["links_seen"],
         "compressed_bytes": sums["compressed_bytes"],
         "input_rows": sums["links_seen"],
