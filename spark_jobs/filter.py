@@ -143,9 +143,11 @@ def annotate(df, settings: dict):
     from pyspark.sql import functions as F
 
     worker_settings = {k: v for k, v in settings.items() if k != "histogram"}
-    for col in ("original_width", "original_height", "width", "height"):
+    optional = {"original_width": "int", "original_height": "int", "width": "int", "height": "int",
+                "error_message": "string", "similarity_multilingual": "double", "tar_path": "string"}
+    for col, kind in optional.items():
         if col not in df.columns:
-            df = df.withColumn(col, F.lit(None).cast("int"))
+            df = df.withColumn(col, F.lit(None).cast(kind))
 
     def run_batches(batches):
         from udfs.subset_filter import annotate as annotate_batch
@@ -199,7 +201,7 @@ def embeddings_rows(root: str, storage_options: dict | None) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    parts, img_rows, text_rows, meta_rows = 0, 0, 0, 0
+    parts, meta_rows = 0, 0
     for uri in fsio.expand([fsio.join(root, "metadata", "metadata_*.parquet")], storage_options):
         part = uri.rsplit("_", 1)[-1][: -len(".parquet")]
         with fsio.open_uri(uri, "rb", storage_options) as fh:
@@ -207,15 +209,15 @@ def embeddings_rows(root: str, storage_options: dict | None) -> dict:
         shapes = []
         for sub in ("img_emb", "text_emb"):
             with fsio.open_uri(fsio.join(root, sub, f"{sub}_{part}.npy"), "rb", storage_options) as fh:
-                version = np.lib.format.read_magic(fh)
-                shape = np.lib.format._read_array_header(fh, version)[0]
+                major, _ = np.lib.format.read_magic(fh)
+                read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                               else np.lib.format.read_array_header_2_0)
+                shape = read_header(fh)[0]
             shapes.append(shape[0])
         if shapes != [m, m]:
             raise RuntimeError(f"embeddings part {part} under {root} is not row-aligned: "
                                f"img {shapes[0]}, text {shapes[1]}, metadata {m}")
         parts += 1
-        img_rows += shapes[0]
-        text_rows += shapes[1]
         meta_rows += m
     return {"parts": parts, "rows": meta_rows}
 

@@ -163,8 +163,8 @@ FILTER_INPUT = DatasetSpec(
         T.StructField("width", T.IntegerType(), True),
         T.StructField("height", T.IntegerType(), True),
     ]),
-    required=("uid", "key", "url", "text", "status", "error_message", "similarity",
-              "similarity_multilingual", "image_embedding", "text_embedding", "tar_path"),
+    # SCORED (stage 4) guarantees these; the others are filled with nulls when absent.
+    required=("uid", "key", "url", "text", "status", "similarity", "image_embedding", "text_embedding"),
 )
 
 SUBSET = DatasetSpec(

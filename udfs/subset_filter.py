@@ -15,14 +15,13 @@ subset's `similarity` column. A row is kept when score >= threshold (LAION: "kee
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from udfs import fsio, langid, safety_heads
+from udfs import embeddings, langid, safety_heads
 from udfs.ids import pair_uid, uid_to_int64
 
 BUCKETS = ("en", "multi", "nolang")
@@ -38,17 +37,6 @@ ANNOTATED_COLUMNS = ("uid", "key", "url", "text", "status", "error_message", "si
 
 EMBEDDING_METADATA_COLUMNS = ("SAMPLE_ID", "URL", "TEXT", "similarity", "LANGUAGE", "punsafe",
                               "pwatermark", "key", "tar_path")
-
-
-def decode_f16(values) -> np.ndarray:
-    """Stack little-endian float16 blobs (contract 3) into a float32 [n, dim] array.
-
-    TODO: switch to udfs.embeddings' decoder once the clip_score helper has committed it (same
-    format: contract 3)."""
-    blobs = list(values)
-    if not blobs:
-        return np.zeros((0, 0), np.float32)
-    return np.stack([np.frombuffer(b, dtype="<f2") for b in blobs]).astype(np.float32)
 
 
 def bucket_of(language: str | None) -> str:
@@ -134,7 +122,7 @@ def _safety(out: pd.DataFrame, rows: pd.Index, settings: dict[str, Any]) -> None
     heads = {"punsafe": settings.get("punsafe_head"), "pwatermark": settings.get("pwatermark_head")}
     if not len(rows) or not any(heads.values()):
         return
-    emb = decode_f16(out.loc[rows, "image_embedding"])
+    emb = embeddings.decode_rows(out.loc[rows, "image_embedding"])
     for column, uri in heads.items():
         probs = safety_heads.score(uri, emb, settings.get("storage_options"))
         if probs is not None:
@@ -148,27 +136,19 @@ def parts_for(rows: int, per_file: int) -> int:
 def write_embedding_part(root: str, part: int, pdf: pd.DataFrame,
                          storage_options: dict | None = None) -> int:
     """Write `img_emb/img_emb_{part}.npy`, `text_emb/text_emb_{part}.npy` (float16) and
-    `metadata/metadata_{part}.parquet` under `root`, row-aligned, in the order of `pdf`.
-
-    `pdf` holds the subset columns plus `image_embedding` / `text_embedding` blobs. Each file is
-    written atomically (fsio), so a retried task rewrites the same part with the same content."""
+    `metadata/metadata_{part}.parquet` under `root`, row-aligned, in the order of `pdf`
+    (udfs.embeddings.write_retrieval_part; metadata last, each file atomic), so a retried task
+    rewrites the same part with the same content. `pdf` holds the subset columns plus the
+    `image_embedding` / `text_embedding` blobs."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if not len(pdf):
         return 0
-    for column, sub in (("image_embedding", "img_emb"), ("text_embedding", "text_emb")):
-        arr = decode_f16(pdf[column]).astype(np.float16)
-        buf = io.BytesIO()
-        np.save(buf, arr)
-        fsio.write_bytes_atomic(fsio.join(root, sub, f"{sub}_{part}.npy"), buf.getvalue(), storage_options)
     meta = pdf[list(EMBEDDING_METADATA_COLUMNS)].reset_index(drop=True)
     table = pa.Table.from_pandas(meta, preserve_index=False, schema=pa.schema([
         ("SAMPLE_ID", pa.int64()), ("URL", pa.string()), ("TEXT", pa.string()),
         ("similarity", pa.float64()), ("LANGUAGE", pa.string()), ("punsafe", pa.float64()),
         ("pwatermark", pa.float64()), ("key", pa.string()), ("tar_path", pa.string())]))
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    fsio.write_bytes_atomic(fsio.join(root, "metadata", f"metadata_{part}.parquet"), buf.getvalue(),
-                            storage_options)
+    embeddings.write_retrieval_part(root, part, embeddings.decode_rows(pdf["image_embedding"]),
+                                    embeddings.decode_rows(pdf["text_embedding"]), table, storage_options)
     return len(pdf)
