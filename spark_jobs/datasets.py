@@ -70,6 +70,34 @@ def conform(df: DataFrame, spec: DatasetSpec) -> DataFrame:
     return df.select(*cols)
 
 
+def partition_dirs_beside_sidecars(path: str) -> list[str] | None:
+    """The `col=value` folders of a dataset folder that also holds other, non-Spark folders.
+
+    clip_score writes clip-retrieval's `img_emb/`, `text_emb/` and `metadata/` inside its output
+    folder (contract 3); Spark's partition discovery would reject that mix ("conflicting directory
+    structures"), so such a dataset is read from its partition folders with `basePath`.
+    Returns None for an ordinary dataset folder (read as is).
+    """
+    fs, root = fsio.filesystem(path)
+    try:
+        entries = fs.ls(root, detail=True)
+    except Exception:  # noqa: BLE001 - not a folder (a file or a glob): Spark reads it as given
+        return None
+    dirs = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
+    visible = [d for d in dirs if not d.startswith(("_", "."))]
+    partitions = [d for d in visible if "=" in d]
+    if not partitions or len(partitions) == len(visible):
+        return None
+    return [fsio.join(path, d) for d in sorted(partitions)]
+
+
+def _read_parquet(spark: SparkSession, path: str) -> DataFrame:
+    parts = partition_dirs_beside_sidecars(path)
+    if parts is None:
+        return spark.read.parquet(path)
+    return spark.read.option("basePath", path).parquet(*parts)
+
+
 def read_dataset(spark: SparkSession, path: str, spec: DatasetSpec) -> DataFrame:
     """Read a parquet dataset and check it against `spec`.
 
@@ -80,7 +108,7 @@ def read_dataset(spark: SparkSession, path: str, spec: DatasetSpec) -> DataFrame
     if not fsio.exists(path):
         raise InputError(f"input dataset '{spec.name}' not found at {path}")
     try:
-        df = spark.read.parquet(path)
+        df = _read_parquet(spark, path)
     except Exception as exc:  # noqa: BLE001 - Spark raises AnalysisException subclasses
         message = str(exc)
         if "UNABLE_TO_INFER_SCHEMA" in message or "Unable to infer schema" in message:
@@ -106,7 +134,7 @@ def count_by(spark: SparkSession, path: str, column: str = "status") -> dict[str
     if not fsio.exists(path):
         return {}
     try:
-        df = spark.read.parquet(path)
+        df = _read_parquet(spark, path)
     except Exception:  # noqa: BLE001 - an empty folder has no schema to infer
         return {}
     if column not in df.columns:

@@ -1,0 +1,267 @@
+"""Score downloaded image/text pairs with CLIP (LAION's filtering signal).
+
+Reads the download output (`<images>/*.parquet` metadata + `{shard:05d}.tar` webdataset shards) and
+writes `<scored>/`: every metadata row, partitioned by status, with `similarity` (cosine of the
+normalised image and text embeddings) and both embeddings (float16) for the `success` rows; rows
+that were not downloaded pass through with their status. The same embeddings are also written in
+clip-retrieval's layout, `<scored>/img_emb/img_emb_{i}.npy`, `text_emb/text_emb_{i}.npy` and
+`metadata/metadata_{i}.parquet` (row-aligned; part i holds shards i*k .. i*k+k-1 with
+k = clip.shards_per_embedding_file), which clip-retrieval's tools read directly.
+
+The model is built once per Python worker (never pickled from the driver), on the GPU Spark
+assigned to the task when there is one (fp16 autocast), else on the CPU. A prefetch thread
+decodes and preprocesses the next batches while the model runs; per-partition read / preprocess /
+inference / wait / write seconds land in `<scored>/_stats/stats.json`.
+
+Model: --set clip.model=ViT-B-32 --set clip.pretrained=laion2b_s34b_b79k (tag; needs internet on
+the workers) or clip.pretrained=s3://bucket/ckpt.pt (any fsspec URI or local path), or an open_clip
+local folder: --set clip.model=local-dir:tests/fixtures/tiny_clip (the test model).
+"""
+
+if __package__ in (None, ""):  # run as `spark-submit spark_jobs/clip_score.py`: make the repo importable
+    import os
+    import sys
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from spark_jobs import cli, datasets  # noqa: E402
+from spark_jobs.config import ConfigError  # noqa: E402
+from spark_jobs.schemas import IMAGES_METADATA, SCORED  # noqa: E402
+from udfs import fsio  # noqa: E402
+
+NAME = "clip-score"
+HELP = "CLIP similarity and embeddings for the downloaded pairs (open_clip, GPU when present)"
+
+log = logging.getLogger(__name__)
+
+PART_STATS_DIR = "parts"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, help="download output folder (<images>/*.parquet + *.tar)")
+    parser.add_argument("--output", required=True, help="scored output folder")
+
+
+def tar_uri(images: str, shard: int) -> str:
+    return fsio.join(images, f"{int(shard):05d}.tar")
+
+
+def _model_specs(clip_cfg: dict) -> tuple[dict, dict | None]:
+    """Validate the configured model(s) on the driver, before any task starts."""
+    from udfs.clip_model import ModelLoadError, check_model_spec
+
+    try:
+        main = check_model_spec(clip_cfg.get("model"), clip_cfg.get("pretrained"))
+        multi = None
+        if clip_cfg.get("multilingual_model"):
+            multi = check_model_spec(clip_cfg["multilingual_model"], clip_cfg.get("multilingual_pretrained"))
+    except ModelLoadError as exc:
+        raise ConfigError(f"clip: {exc}") from exc
+    return main, multi
+
+
+def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images: str, output: str,
+                          storage_options: dict | None):
+    """The mapInPandas function. It closes over plain dicts and strings only: the model is built
+    inside the worker, once per process (`udfs.clip_model.cached_clip`)."""
+    batch_size = int(clip_cfg.get("batch_size") or 256)
+    prefetch = int(clip_cfg.get("prefetch_batches") or 2)
+    per_file = max(1, int(clip_cfg.get("shards_per_embedding_file") or 1))
+    out_rows = max(1, int(clip_cfg.get("output_rows_per_batch") or 4096))
+    columns = SCORED.schema.fieldNames()
+
+    def score_partitions(batches):
+        import pandas as pd
+
+        from udfs import clip_model, clip_scoring, embeddings, shard_writer
+
+        try:
+            from pyspark import TaskContext
+
+            ctx = TaskContext.get()
+        except ImportError:  # pragma: no cover - only outside Spark
+            ctx = None
+        pid = ctx.partitionId() if ctx is not None else 0
+        resources = ctx.resources() if ctx is not None else {}
+        gpus = list(resources["gpu"].addresses) if "gpu" in resources else None
+        threads = clip_cfg.get("torch_threads") or (ctx.cpus() if ctx is not None else None)
+
+        frames = [b for b in batches if len(b)]
+        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns[:-5])
+        part_stats = {"partition": pid, "rows": int(len(frame)), "parts": [], "model_load_seconds": 0.0}
+        started = time.perf_counter()
+        model = multi_model = None
+        if len(frame) and (frame["status"] == clip_scoring.SUCCESS).any():
+            t0 = time.perf_counter()
+            if threads:
+                import torch
+
+                torch.set_num_threads(int(threads))
+            model = clip_model.cached_clip(main["model"], main["pretrained"], clip_cfg.get("device", "auto"),
+                                           clip_cfg.get("precision", "auto"), gpus, storage_options)
+            if multi is not None:
+                multi_model = clip_model.cached_clip(multi["model"], multi["pretrained"],
+                                                     clip_cfg.get("device", "auto"),
+                                                     clip_cfg.get("precision", "auto"), gpus, storage_options)
+            part_stats["model_load_seconds"] = round(time.perf_counter() - t0, 3)
+            part_stats["device"] = model.device
+
+        def read_samples(uri):
+            return shard_writer.iter_samples(uri, storage_options)
+
+        def tar_of(shard):
+            return tar_uri(images, shard)
+
+        if len(frame):
+            part_key = (frame["shard"].fillna(-per_file).astype("int64") // per_file)
+            for part, group in frame.groupby(part_key, sort=True):
+                if model is None:  # nothing to score in this partition
+                    scored = clip_scoring.score_frame(group, _NoModel(), tar_of, read_samples)[0]
+                    timings = clip_scoring.Timings()
+                else:
+                    scored, img, txt, timings = clip_scoring.score_frame(
+                        group, model, tar_of, read_samples, batch_size, prefetch, multi_model)
+                    if len(img) and part >= 0:
+                        t0 = time.perf_counter()
+                        embeddings.write_retrieval_part(output, int(part), img, txt,
+                                                        clip_scoring.retrieval_metadata(scored), storage_options)
+                        timings.write += time.perf_counter() - t0
+                        timings.extra["retrieval_rows"] = int(len(img))
+                part_stats["parts"].append({"part": int(part), **timings.as_dict()})
+                for chunk in clip_scoring.iter_chunks(scored[columns], out_rows):
+                    yield chunk
+        part_stats["seconds"] = round(time.perf_counter() - started, 3)
+        fsio.write_json(fsio.join(output, datasets.STATS_DIR, PART_STATS_DIR, f"partition_{pid:05d}.json"),
+                        part_stats, storage_options)
+        log.info("clip-score partition %d: %d rows in %.1fs", pid, len(frame), part_stats["seconds"])
+
+    return score_partitions
+
+
+class _NoModel:
+    """Stands in for a model in partitions without success rows (nothing is encoded)."""
+
+    dim = 0
+
+
+def _sum_part_stats(output: str, storage_options: dict | None) -> dict:
+    files = fsio.expand([fsio.join(output, datasets.STATS_DIR, PART_STATS_DIR, "partition_*.json")],
+                        storage_options)
+    entries = [fsio.read_json(f, storage_options) for f in files]
+    totals = {k: 0.0 for k in ("read", "preprocess", "inference", "wait", "write", "model_load")}
+    images = batches = 0
+    per_part = []
+    for e in entries:
+        totals["model_load"] += e.get("model_load_seconds", 0.0)
+        for p in e.get("parts", []):
+            for k in ("read", "preprocess", "inference", "wait", "write"):
+                totals[k] += p.get(k, 0.0)
+            images += p.get("images", 0)
+            batches += p.get("batches", 0)
+            per_part.append({"partition": e["partition"], **p})
+    devices = sorted({e["device"] for e in entries if e.get("device")})
+    return {"partitions": len(entries), "images_scored": images, "batches": batches,
+            "task_seconds": {k: round(v, 3) for k, v in totals.items()},
+            "images_per_inference_second": round(images / totals["inference"], 2) if totals["inference"] else None,
+            "devices": devices, "per_part": per_part[:2000]}
+
+
+def check_retrieval_layout(output: str, storage_options: dict | None = None) -> dict:
+    """Row counts of the clip-retrieval files, checked part by part (npy headers vs parquet footers)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from udfs import embeddings
+
+    parts = embeddings.list_retrieval_parts(output, storage_options)
+    rows = 0
+    for i in parts:
+        paths = embeddings.retrieval_paths(output, i)
+        counts = []
+        for kind in ("img_emb", "text_emb"):
+            with fsio.open_uri(paths[kind], "rb", storage_options) as fh:
+                version = np.lib.format.read_magic(fh)
+                counts.append(np.lib.format._read_array_header(fh, version)[0][0])
+        with fsio.open_uri(paths["metadata"], "rb", storage_options) as fh:
+            counts.append(pq.ParquetFile(fh).metadata.num_rows)
+        if len(set(counts)) != 1:
+            raise RuntimeError(f"clip-retrieval part {i} is not row-aligned: img/text/metadata rows {counts}")
+        rows += counts[0]
+    return {"parts": len(parts), "rows": rows}
+
+
+def run(spark, cfg, args) -> dict:
+    from pyspark.sql import functions as F
+
+    timer = datasets.StageTimer()
+    clip_cfg = cfg.section("clip")
+    storage_options = cfg.get("storage.storage_options") or None
+    main, multi = _model_specs(clip_cfg)
+    images, output = args.input, args.output
+    per_file = max(1, int(clip_cfg.get("shards_per_embedding_file") or 1))
+
+    with timer.phase("read metadata"):
+        pattern = fsio.join(images, "*.parquet")
+        if not fsio.exists(images, storage_options):
+            raise datasets.InputError(f"images folder not found: {images}")
+        found = fsio.expand([pattern], storage_options)
+        if not found:
+            raise datasets.InputError(f"no shard metadata ({pattern}) in {images}: is it a download output?")
+        df = spark.read.parquet(pattern)
+        datasets.check_schema(df, IMAGES_METADATA, pattern)
+        df = datasets.conform(df, IMAGES_METADATA)
+        part_col = F.floor(F.coalesce(F.col("shard"), F.lit(-per_file)) / F.lit(per_file))
+        n_parts = max(1, df.select(part_col.alias("p")).distinct().count())
+
+    scorer = make_partition_scorer(clip_cfg, main, multi, images, output, storage_options)
+    scored = (df.repartitionByRange(n_parts, part_col)
+                .sortWithinPartitions("shard", "key")
+                .mapInPandas(scorer, SCORED.schema))
+    with timer.phase("score and write"):
+        try:
+            datasets.write_dataset(scored, output, SCORED)
+        except Exception as exc:  # noqa: BLE001 - a model that fails to load in a worker is a config error
+            message = str(exc)
+            if "ModelLoadError" in message:
+                line = next((ln for ln in message.splitlines() if "ModelLoadError" in ln), message)
+                raise ConfigError("clip: " + line.split("ModelLoadError:", 1)[-1].strip()) from exc
+            raise
+
+    with timer.phase("stats"):
+        written = datasets.read_dataset(spark, output, SCORED)
+        status_counts = {str(r["status"]): int(r["n"]) for r in
+                         written.groupBy("status").agg(F.count("*").alias("n")).collect()}
+        sim = (written.where(F.col("similarity").isNotNull())
+               .agg(F.count("*").alias("n"), F.mean("similarity").alias("mean"),
+                    F.min("similarity").alias("min"), F.max("similarity").alias("max"),
+                    F.count("similarity_multilingual").alias("n_multi")).collect()[0])
+        layout = check_retrieval_layout(output, storage_options)
+        tasks = _sum_part_stats(output, storage_options)
+    if layout["rows"] != int(sim["n"]):
+        raise RuntimeError(f"clip-retrieval layout has {layout['rows']} rows, parquet has {sim['n']} scored rows")
+    stats = {
+        "input": images, "output": output,
+        "model": {"model": clip_cfg.get("model"), "pretrained": clip_cfg.get("pretrained"), "kind": main["kind"],
+                  "multilingual_model": clip_cfg.get("multilingual_model"),
+                  "batch_size": clip_cfg.get("batch_size"), "precision": clip_cfg.get("precision")},
+        "rows": sum(status_counts.values()), "status_counts": status_counts,
+        "scored": int(sim["n"]), "scored_multilingual": int(sim["n_multi"]),
+        "similarity": {"mean": sim["mean"], "min": sim["min"], "max": sim["max"]},
+        "retrieval_layout": layout, "tasks": tasks,
+        **timer.summary(),
+    }
+    datasets.write_stats(output, NAME, stats, storage_options=storage_options)
+    return stats
+
+
+def main(argv=None):
+    return cli.main_for_stage(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
