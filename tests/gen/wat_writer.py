@@ -131,11 +131,13 @@ def _relative_forms(abs_url: str, page_url: str, rng: random.Random) -> tuple[st
     return name + (f"?{u.query}" if u.query else ""), f"{u.scheme}://{u.netloc}{directory}/"
 
 
-def pages_for_images(images: list[tuple[str, str]], page_base: str = "http://127.0.0.1:8000/pages/",
-                     per_page: int = 4, seed: int = 0, n_anchor_links: int = 10) -> list[Page]:
+def pages_for_images(images: list[tuple[str, str | None]], page_base: str = "http://127.0.0.1:8000/pages/",
+                     per_page: int = 4, seed: int = 0, n_anchor_links: int = 10,
+                     min_alt_length: int = 5) -> list[Page]:
     """Pages that together reference exactly `images` ([(absolute_url, alt)]), in relative and
-    absolute forms. Alt-texts must already be clean (single spaces, >= 5 chars) to be kept as is;
-    the expectations follow the extractor's rules otherwise only for those simple cases."""
+    absolute forms. `absolute_url` must be normalised already (lower-case host, no default port,
+    no fragment, percent-encoded). Expected status per image: keep, or alt_too_short /
+    empty_alt / missing_alt (alt None) by the whitespace-normalised alt length."""
     rng = random.Random(seed)
     pages: list[Page] = []
     for start in range(0, len(images), per_page):
@@ -151,7 +153,10 @@ def pages_for_images(images: list[tuple[str, str]], page_base: str = "http://127
                 src = abs_url
             if base is not None and want_base is None and not src.startswith(("http:", "https:")):
                 src = abs_url             # other images of a <base> page are written absolute
-            imgs.append(Img(src, alt, "keep", abs_url, " ".join(alt.split())))
+            text = " ".join(alt.split()) if alt is not None else None
+            status = ("missing_alt" if alt is None else "empty_alt" if not text
+                      else "alt_too_short" if len(text) < min_alt_length else "keep")
+            imgs.append(Img(src, alt, status, abs_url, text))
         pages.append(Page(page_url, imgs, base=base, n_anchor_links=n_anchor_links,
                           title=f"page {start // per_page}"))
     return pages
