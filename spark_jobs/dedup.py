@@ -73,15 +73,25 @@ def _ascii_lower(col):
     return F.translate(col, dedup_keys._UPPER, dedup_keys._LOWER)
 
 
-def url_key_column(url):
+def _url_stripped(url):
     from pyspark.sql import functions as F
     ws = dedup_keys.whitespace_class("java")
     u = F.regexp_replace(F.coalesce(url, F.lit("")), f"^{ws}+|{ws}+$", "")
-    u = F.regexp_replace(u, "(?s)#.*", "")
+    return F.regexp_replace(u, "(?s)#.*", "")
+
+
+def _url_rebuilt(u):
+    """Scheme and host lower-cased (u: the stripped, fragment-free url)."""
+    from pyspark.sql import functions as F
     pattern = "(?s)^" + dedup_keys.URL_PATTERN + "$"
     parts = [F.regexp_extract(u, pattern, i) for i in (1, 2, 3, 4)]
     rebuilt = F.concat(_ascii_lower(parts[0]), parts[1], _ascii_lower(parts[2]), parts[3])
     return F.when(u.rlike(pattern), rebuilt).otherwise(u)
+
+
+def url_key_column(url):
+    """udfs.dedup_keys.url_key as a Spark expression."""
+    return _url_rebuilt(_url_stripped(url))
 
 
 def text_key_column(text):
@@ -91,17 +101,26 @@ def text_key_column(text):
 
 
 def pair_key_column(url, text):
+    """udfs.dedup_keys.pair_key as a Spark expression."""
     from pyspark.sql import functions as F
     return F.concat(url_key_column(url), F.lit("\t"), text_key_column(text))
 
 
-def with_digest(df, key, digest_col: str, shard_col: str, shards: int):
-    """Add the key's SHA-256 (binary) and its shard (bloom.shard_of, computed in the JVM)."""
+def with_key_digest(df, url: str, text: str | None, digest_col: str, shard_col: str, shards: int):
+    """Add the SHA-256 (binary) of the pair key (or of the URL key when `text` is None) and its
+    shard (bloom.shard_of, in the JVM). Built in steps on temporary columns: Spark does not
+    collapse projections that would repeat a costly expression, so each regex runs once per row."""
     from pyspark.sql import functions as F
-    hexd = F.sha2(key, 256)
-    return (df.withColumn(digest_col, F.unhex(hexd))
-              .withColumn(shard_col, F.pmod(F.conv(F.substring(hexd, 1, 8), 16, 10).cast("long"),
-                                            F.lit(int(shards))).cast("int")))
+    tmp_u, tmp_k, tmp_h = f"{digest_col}__u", f"{digest_col}__k", f"{digest_col}__h"
+    df = df.withColumn(tmp_u, _url_stripped(F.col(url)))
+    key = _url_rebuilt(F.col(tmp_u))
+    if text is not None:
+        key = F.concat(key, F.lit("\t"), text_key_column(F.col(text)))
+    df = df.withColumn(tmp_k, key).withColumn(tmp_h, F.sha2(F.col(tmp_k), 256))
+    return (df.withColumn(digest_col, F.unhex(F.col(tmp_h)))
+              .withColumn(shard_col, F.pmod(F.conv(F.substring(F.col(tmp_h), 1, 8), 16, 10).cast("long"),
+                                            F.lit(int(shards))).cast("int"))
+              .drop(tmp_u, tmp_k, tmp_h))
 
 
 # -- task-side functions (no Spark objects inside: they run in Python workers) --------------------
@@ -163,6 +182,7 @@ class _ShardCursor:
     def finish(self):
         if self.shard is None:
             return
+        self.old = None  # free the old bits before the file image is built: peak stays ~2 shards
         if self.writable and self.new is not None and self.added:
             self.plan.write(self.new)
         self.done.add(self.shard)
@@ -352,7 +372,7 @@ def add_failed(spark, conf: dict, storage_options: dict, images: str, failed_uri
     state = open_filter("failed-URL", failed_uri, URL_KEYS, conf, storage_options,
                         int(conf["failed_shards"]), int(conf["failed_expected_keys"]), writable=True)
     n = state.plan.shard_count
-    keyed = with_digest(failed, url_key_column(F.col("url")), "_digest", "_shard", n)
+    keyed = with_key_digest(failed, "url", None, "_digest", "_shard", n)
     keyed = keyed.select("_shard", "_digest").repartition(n, "_shard").sortWithinPartitions("_shard")
     out_schema = T.StructType([T.StructField("shard", T.IntegerType()),
                                T.StructField("keys_in", T.LongType()),
@@ -409,11 +429,11 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
         shards = seen.plan.shard_count
 
     df = datasets.conform(datasets.read_dataset(spark, args.input, WAT_PAIRS), WAT_PAIRS)
-    df = with_digest(df, pair_key_column(F.col("url"), F.col("text")), "_digest", "_shard", shards)
+    df = with_key_digest(df, "url", "text", "_digest", "_shard", shards)
 
     if failed is not None:
         fn = failed.plan.shard_count
-        df = with_digest(df, url_key_column(F.col("url")), "_url_digest", "_url_shard", fn)
+        df = with_key_digest(df, "url", None, "_url_digest", "_url_shard", fn)
         df = df.repartition(fn, "_url_shard").sortWithinPartitions("_url_shard")
         df = df.mapInArrow(failed_test_fn(failed.plan),
                            T.StructType([*df.schema.fields, T.StructField("_failed", T.BooleanType())]))

@@ -84,6 +84,10 @@ def test_serialisation_round_trip(tmp_path):
     loaded = BloomFilter.load(str(tmp_path / "f" / "x.bloom"))
     assert np.array_equal(loaded.bits, bf.bits) and loaded.keys_added == 4000
     assert not list((tmp_path / "f").glob("*.tmp"))  # atomic write left no temporary
+    view = BloomFilter.from_bytes(bytes(data), writable=False)  # no copy of the payload
+    assert view.contains([f"k{i}" for i in range(4000)]).all()
+    with pytest.raises(ValueError, match="read-only"):
+        view.add(["new"])
 
 
 def _corrupt(data: bytes, offset: int) -> bytes:

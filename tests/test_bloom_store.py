@@ -15,7 +15,7 @@ def _fill(store: BloomStore, plan, keys: list[str]) -> None:
     words = bloom.digests(keys)
     shards = bloom.shard_of(words, plan.shard_count)
     for shard in sorted(set(shards.tolist())):
-        bf = plan.load(shard)
+        bf = plan.load(shard).copy()  # loaded shards are read-only
         bf.add_digests(words[shards == shard])
         plan.write(bf)
 

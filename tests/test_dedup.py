@@ -22,7 +22,7 @@ CRAWLS = ("CC-MAIN-2024-10", "CC-MAIN-2024-18")
 
 @pytest.fixture(scope="module")
 def dcfg(cfg):
-    return cfg.with_overrides(["dedup.shards=4", "dedup.expected_keys=20000",
+    return cfg.with_overrides(["dedup.shards=2", "dedup.expected_keys=20000",
                                "dedup.failed_shards=2", "dedup.failed_expected_keys=5000"])
 
 
@@ -59,18 +59,21 @@ def test_jvm_keys_digests_and_shards_match_python(spark):
              (None, None), ("http://h.example/\u00e9\u00c9?Q#\n", "ÜNÏ\x1ccode"),
              ("http://a.b/#", "multi\n\nline\r\ntext")]
     df = spark.createDataFrame(cases, "url string, text string")
-    df = dedup.with_digest(df.withColumn("pk", dedup.pair_key_column(F.col("url"), F.col("text")))
-                             .withColumn("uk", dedup.url_key_column(F.col("url"))),
-                           F.col("pk"), "d", "s", 5)
+    df = (df.withColumn("pk", dedup.pair_key_column(F.col("url"), F.col("text")))
+            .withColumn("uk", dedup.url_key_column(F.col("url"))))
+    df = dedup.with_key_digest(df, "url", "text", "d", "s", 5)
+    df = dedup.with_key_digest(df, "url", None, "ud", "us", 3)
     rows = df.collect()
     for (url, text), row in zip(cases, rows):
         assert row.pk == dedup_keys.pair_key(url, text), (url, text)
         assert row.uk == dedup_keys.url_key(url)
-        words = bloom.digests([row.pk])
-        assert bytes(row.d) == b"".join(int(w).to_bytes(8, "big") for w in words[0])
-        assert row.s == int(bloom.shard_of(words, 5)[0])
+        for key, digest, shard, count in ((row.pk, row.d, row.s, 5), (row.uk, row.ud, row.us, 3)):
+            words = bloom.digests([key])
+            assert bytes(digest) == b"".join(int(w).to_bytes(8, "big") for w in words[0])
+            assert shard == int(bloom.shard_of(words, count)[0])
 
 
+@pytest.mark.slow
 def test_exact_dedup_keeps_the_earliest_then_smallest_uid(spark, dcfg, tmp_path):
     rows = [pair(i) for i in range(200)]
     # key A: three spellings of one pair; the one with the earliest date must win
@@ -217,7 +220,7 @@ def test_damaged_or_missing_filter_is_a_clear_error_or_a_documented_fresh_start(
 
     def cli(output, *extra):
         return dedup.main(["--input", src, "--output", str(tmp_path / output), "--seen", str(seen),
-                           "--set", "spark.master=local[2]", "--set", "dedup.shards=4", *extra])
+                           "--set", "spark.master=local[2]", "--set", "dedup.shards=2", *extra])
 
     # a flipped bit inside a shard: found by the task that loads it
     path.write_bytes(good[:200] + bytes([good[200] ^ 4]) + good[201:])

@@ -141,6 +141,8 @@ class BloomFilter:
 
     def add_digests(self, words: np.ndarray) -> int:
         """Insert the digests; returns how many were new (not already all-set before this call)."""
+        if not self.bits.flags.writeable:  # numpy 1.26's ufunc.at would write through anyway
+            raise ValueError("this filter is read-only (loaded with writable=False): copy() it first")
         new = 0
         for start in range(0, len(words), CHUNK_ROWS):
             chunk = words[start:start + CHUNK_ROWS]
@@ -176,12 +178,17 @@ class BloomFilter:
         return self.fill_ratio() ** self.num_hashes
 
     # -- serialisation ---------------------------------------------------------------------------
-    def to_bytes(self) -> bytes:
-        payload = self.bits.tobytes()
+    def to_bytes(self) -> bytearray:
+        """The file image, built in one buffer (one copy of the payload, not three)."""
+        payload = memoryview(self.bits)
         head = HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, HASH_SCHEME_SHA256_DOUBLE,
                            self.num_bits, self.num_hashes, self.shard_index, self.shard_count,
                            zlib.crc32(payload), self.keys_added, self.bits_set(), 0)
-        return head + struct.pack("<I", zlib.crc32(head)) + payload
+        out = bytearray(HEADER_SIZE + self.bits.size)
+        out[:HEADER.size] = head
+        out[HEADER.size:HEADER_SIZE] = struct.pack("<I", zlib.crc32(head))
+        out[HEADER_SIZE:] = payload
+        return out
 
     @staticmethod
     def read_header(data: bytes, source: str = "<bytes>") -> dict:
@@ -208,7 +215,9 @@ class BloomFilter:
         return header
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "BloomFilter":
+    def from_bytes(cls, data: bytes, source: str = "<bytes>", writable: bool = True) -> "BloomFilter":
+        """Parse a file image. `writable=False` keeps a read-only view of `data` instead of a
+        copy: a task that only tests membership (or copies before adding) saves one shard of RAM."""
         header = cls.read_header(data, source)
         if len(data) != header["file_bytes"]:
             raise CorruptFilterError(f"{source}: {len(data)} bytes, expected {header['file_bytes']} "
@@ -216,7 +225,8 @@ class BloomFilter:
         payload = memoryview(data)[HEADER_SIZE:]
         if zlib.crc32(payload) != header["payload_crc32"]:
             raise CorruptFilterError(f"{source}: payload checksum mismatch (the file is damaged)")
-        bits = np.frombuffer(payload, dtype=np.uint8).copy()
+        bits = np.frombuffer(payload, dtype=np.uint8)
+        bits = bits.copy() if writable else bits
         return cls(header["num_bits"], header["num_hashes"], bits, header["keys_added"],
                    header["shard_index"], header["shard_count"])
 
@@ -225,11 +235,11 @@ class BloomFilter:
         fsio.write_bytes_atomic(uri, self.to_bytes(), storage_options)
 
     @classmethod
-    def load(cls, uri: str, storage_options: dict | None = None) -> "BloomFilter":
+    def load(cls, uri: str, storage_options: dict | None = None, writable: bool = True) -> "BloomFilter":
         from udfs import fsio
         try:
             with fsio.open_uri(uri, "rb", storage_options) as fh:
                 data = fh.read()
         except FileNotFoundError as exc:
             raise CorruptFilterError(f"{uri}: Bloom filter file is missing") from exc
-        return cls.from_bytes(data, uri)
+        return cls.from_bytes(data, uri, writable)

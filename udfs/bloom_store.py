@@ -122,14 +122,15 @@ class ShardPlan:
     write_generation: int | None = None
 
     def load(self, shard: int) -> BloomFilter:
-        """The shard as published (an empty filter when the shard has no file yet). The file's
-        header and payload checksum are verified; a mismatch raises CorruptFilterError."""
+        """The shard as published (an empty filter when the shard has no file yet), read-only:
+        `copy()` it before adding. The header and payload checksum are verified; a mismatch
+        raises CorruptFilterError."""
         entry = self.read_entries[shard]
         if entry is None:
             return BloomFilter(self.num_bits, self.num_hashes, shard_index=shard,
                                shard_count=self.shard_count)
         uri = fsio.join(self.root, entry["path"])
-        bf = BloomFilter.load(uri, self.storage_options)
+        bf = BloomFilter.load(uri, self.storage_options, writable=False)
         if (bf.num_bits, bf.num_hashes, bf.shard_index, bf.shard_count) != (
                 self.num_bits, self.num_hashes, shard, self.shard_count):
             raise CorruptFilterError(f"{uri}: header ({bf.num_bits} bits, k={bf.num_hashes}, shard "
