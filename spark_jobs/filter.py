@@ -310,6 +310,10 @@ def run(spark, cfg, args) -> dict:
         _check_head_dims(df, settings)
     log.info("filter: %d input rows; thresholds %s; language detector %s (min confidence %s)",
              input_rows, settings["thresholds"], settings["detector"], settings["min_language_confidence"])
+    # The embeddings root exists even when every subset is empty, so knn-index sees "no subsets"
+    # rather than "not a filter output" (a no-op on object stores, which have no folders).
+    fs, emb_root = fsio.filesystem(fsio.join(output, EMBEDDINGS_DIR), settings["storage_options"])
+    fs.makedirs(emb_root, exist_ok=True)
     annotated = annotate(df, settings).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         with timer.phase("write_rejected"):

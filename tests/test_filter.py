@@ -46,8 +46,33 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+SCORED_ARROW = pa.schema([
+    ("key", pa.string()), ("uid", pa.string()), ("url", pa.string()), ("text", pa.string()),
+    ("page_url", pa.string()), ("shard", pa.int32()), ("status", pa.string()),
+    ("error_message", pa.string()), ("http_status", pa.int32()), ("content_type", pa.string()),
+    ("original_width", pa.int32()), ("original_height", pa.int32()), ("width", pa.int32()),
+    ("height", pa.int32()), ("bytes", pa.int64()), ("sha256", pa.string()),
+    ("download_seconds", pa.float64()), ("retryable", pa.bool_()),
+    ("similarity", pa.float64()), ("similarity_multilingual", pa.float64()),
+    ("image_embedding", pa.binary()), ("text_embedding", pa.binary()), ("tar_path", pa.string())])
+
+
+def make_scored_from_records(folder: Path, records: list[dict]) -> pd.DataFrame:
+    """Write rows as a clip_score output (contract 3: SCORED columns, partitioned by status);
+    columns a record does not give get plausible download-metadata defaults."""
+    defaults = {"page_url": "http://127.0.0.1/page", "shard": 0, "error_message": None,
+                "http_status": 200, "content_type": "image/jpeg", "original_width": 64,
+                "original_height": 64, "width": 64, "height": 64, "bytes": 10000, "sha256": "0" * 64,
+                "download_seconds": 0.1, "retryable": False, "similarity_multilingual": None,
+                "tar_path": str(folder.parent / "images" / "00000.tar")}
+    pdf = pd.DataFrame([{**defaults, **r} for r in records])
+    table = pa.Table.from_pandas(pdf[SCORED_ARROW.names], preserve_index=False, schema=SCORED_ARROW)
+    pq.write_to_dataset(table, str(folder), partition_cols=["status"])
+    return pdf
+
+
 def make_scored(folder: Path, rows=ROWS, dim: int = DIM, seed: int = 0) -> pd.DataFrame:
-    """A clip_score output (contract 3) with float16 embeddings made with numpy, partitioned by status."""
+    """The ROWS above as a scored dataset, with float16 embeddings made with numpy."""
     rng = np.random.default_rng(seed)
     u = np.load(HEADS / "direction_d32.npy") if dim == 32 else _unit(rng.standard_normal(dim))
     records = []
@@ -60,28 +85,13 @@ def make_scored(folder: Path, rows=ROWS, dim: int = DIM, seed: int = 0) -> pd.Da
         has = status == "success"
         records.append({
             "key": f"00000{i:04d}", "uid": pair_uid(url, text), "url": url, "text": text,
-            "page_url": "http://127.0.0.1/page", "shard": 0, "status": status,
-            "error_message": None if has else f"earlier error {i}",
-            "http_status": 200, "content_type": "image/jpeg", "original_width": 640 + i,
-            "original_height": 480 + i, "width": 256, "height": 256, "bytes": 10000, "sha256": "x",
-            "download_seconds": 0.1, "retryable": False,
+            "status": status, "error_message": None if has else f"earlier error {i}",
+            "original_width": 640 + i, "original_height": 480 + i, "width": 256, "height": 256,
             "similarity": sim, "similarity_multilingual": msim,
             "image_embedding": img.astype("<f2").tobytes() if has else None,
             "text_embedding": txt.astype("<f2").tobytes() if has else None,
-            "tar_path": str(folder.parent / "images" / "00000.tar"),
         })
-    pdf = pd.DataFrame(records)
-    table = pa.Table.from_pandas(pdf, preserve_index=False, schema=pa.schema([
-        ("key", pa.string()), ("uid", pa.string()), ("url", pa.string()), ("text", pa.string()),
-        ("page_url", pa.string()), ("shard", pa.int32()), ("status", pa.string()),
-        ("error_message", pa.string()), ("http_status", pa.int32()), ("content_type", pa.string()),
-        ("original_width", pa.int32()), ("original_height", pa.int32()), ("width", pa.int32()),
-        ("height", pa.int32()), ("bytes", pa.int64()), ("sha256", pa.string()),
-        ("download_seconds", pa.float64()), ("retryable", pa.bool_()),
-        ("similarity", pa.float64()), ("similarity_multilingual", pa.float64()),
-        ("image_embedding", pa.binary()), ("text_embedding", pa.binary()), ("tar_path", pa.string())]))
-    pq.write_to_dataset(table, str(folder), partition_cols=["status"])
-    return pdf
+    return make_scored_from_records(folder, records)
 
 
 def _args(inp, out):
