@@ -113,7 +113,8 @@ def resolve_inputs(cfg, args, storage_options) -> list[str]:
         matched = fsio.expand([pattern], storage_options)
         if not matched:
             raise InputError(f"--input {pattern!r} matches no file")
-        files.extend(matched)
+        for path in matched:
+            files.extend(_files_in(path, storage_options))
     if args.paths_file:
         if not fsio.exists(args.paths_file, storage_options):
             raise InputError(f"paths file not found: {args.paths_file}")
@@ -124,6 +125,23 @@ def resolve_inputs(cfg, args, storage_options) -> list[str]:
         files.extend(listed)
     seen: set[str] = set()
     return [f for f in files if not (f in seen or seen.add(f))]
+
+
+def _files_in(path: str, storage_options) -> list[str]:
+    """A folder given as --input stands for the files directly in it (sorted, hidden ones and
+    Spark/Hadoop markers skipped); anything else is kept as it is."""
+    from udfs import fsio
+
+    fs, fs_path = fsio.filesystem(path, storage_options)
+    try:
+        is_dir = fs.isdir(fs_path)
+    except Exception:  # noqa: BLE001 - an unreachable path is reported per file later
+        is_dir = False
+    if not is_dir:
+        return [path]
+    names = sorted(e["name"] for e in fs.ls(fs_path, detail=True) if e.get("type") == "file")
+    names = [n for n in names if not n.rsplit("/", 1)[-1].startswith((".", "_"))]
+    return [fsio.join(path, n.rsplit("/", 1)[-1]) for n in names]
 
 
 def run(spark, cfg, args) -> dict:

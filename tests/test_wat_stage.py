@@ -164,6 +164,11 @@ def test_user_errors_are_input_or_config_errors(cfg, tmp_path):
         wat_extract.resolve_inputs(cfg, stage_args("--input", str(tmp_path / "*.wat.gz"), "--output", "x"), {})
     with pytest.raises(datasets.InputError, match="paths file not found"):
         wat_extract.resolve_inputs(cfg, stage_args("--paths-file", str(tmp_path / "p.gz"), "--output", "x"), {})
+    (tmp_path / "d").mkdir()
+    for name in ("b.warc.wat.gz", "a.warc.wat.gz", ".hidden", "_SUCCESS"):
+        (tmp_path / "d" / name).write_bytes(b"")
+    listed = wat_extract.resolve_inputs(cfg, stage_args("--input", str(tmp_path / "d"), "--output", "x"), {})
+    assert listed == [str(tmp_path / "d" / "a.warc.wat.gz"), str(tmp_path / "d" / "b.warc.wat.gz")]
     with pytest.raises(ConfigError, match="reader"):
         wat_extract.run(None, cfg.with_overrides(["wat_extract.reader=nope"]),
                         stage_args("--input", "x", "--output", "y"))
