@@ -504,6 +504,7 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
     rules = opts.rules
     want = "metadata" if opts.fmt == "wat" else "response"
     state = _ReadState()
+    min_len, max_len, pair_uid = rules.min_alt_length, rules.max_alt_length, ids.pair_uid
     try:
         for rec in _READER_FUNCS[opts.reader](raw, want, out, state, opts.chunk_size):
             if rec.payload is None:
@@ -535,19 +536,33 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
             out.html_records += 1
             date = headers.get("WARC-Date")
             resolver = urls.Resolver(found.page_url, found.base_href, rules.schemes)
+            absolute, page_url = resolver.absolute, found.page_url
             for raw_url, raw_alt in found.links:
                 out.links_seen += 1
+                # Hot path, inlined: a usable URL and a plain alt-text of acceptable length.
+                # Everything else goes through LinkRules.judge, which gives the same result.
+                if raw_alt is not None and "&" not in raw_alt and "\x00" not in raw_alt:
+                    try:
+                        url = absolute(raw_url)
+                    except urls.UrlError:
+                        url = None
+                    text = " ".join(raw_alt.split())
+                    if url is not None and min_len <= len(text) <= max_len:
+                        out.pairs_kept += 1
+                        # tuple.__new__ skips NamedTuple's Python-level __new__
+                        yield _new_tuple(Pair, (pair_uid(url, text), url, text, page_url,
+                                                source_file, record_id, date, False, crawl))
+                        continue
                 url, text, truncated, status, message = rules.judge(resolver, raw_url, raw_alt,
                                                                     unescape)
                 if status is None:
                     out.pairs_kept += 1
                     out.alt_truncated += truncated
-                    # tuple.__new__ skips NamedTuple's Python-level __new__ (hot path)
-                    yield _new_tuple(Pair, (ids.pair_uid(url, text), url, text, found.page_url,
+                    yield _new_tuple(Pair, (pair_uid(url, text), url, text, page_url,
                                             source_file, record_id, date, truncated, crawl))
                 else:
                     out.pairs_rejected += 1
-                    yield Rejected(url, text, found.page_url, source_file, record_id,
+                    yield Rejected(url, text, page_url, source_file, record_id,
                                    status, message, "link", crawl)
     except InputProblem as exc:
         _fail(out, exc.reason, str(exc))
