@@ -119,29 +119,47 @@ def _shard_task(section: dict, output: str, storage_options: dict | None, digits
     return run_partition
 
 
-def _plan_fresh(spark, args, section, storage_options):
+def _uid_udf():
+    import pandas as pd
     from pyspark.sql import functions as F
-    from pyspark.sql import types as T
 
     from udfs.ids import pair_uid
+
+    @F.pandas_udf("string")
+    def uid(url: pd.Series, text: pd.Series) -> pd.Series:
+        return pd.Series([pair_uid(u or "", t or "") for u, t in zip(url, text)])
+
+    return uid
+
+
+def _plan_fresh(spark, args, section, storage_options):
+    from pyspark.sql import functions as F
 
     if not args.input:
         raise datasets.InputError("--input is required (or --retry-failed PREVIOUS)")
     df = datasets.read_dataset(spark, args.input, DOWNLOAD_INPUT)
-    uid_udf = F.udf(lambda u, t: pair_uid(u or "", t or ""), T.StringType())
-    computed = uid_udf(F.col("url"), F.col("text"))
+    computed = _uid_udf()(F.col("url"), F.col("text"))
     df = df.withColumn("uid", F.coalesce(F.col("uid"), computed) if "uid" in df.columns else computed)
     if "page_url" not in df.columns:
         df = df.withColumn("page_url", F.lit(None).cast("string"))
     df = df.select(*[F.col(c).cast("string") for c in ("uid", "url", "text", "page_url")])
-    total = df.count()
     size = section["shard_size"]
+    # A total order, so that rank -> shard is the same in every run (a hash uid also spreads each
+    # domain over all shards, which keeps the per-domain cap from serialising a shard). Ranks are
+    # zipWithIndex's, done by hand so that the per-partition counts also give the total (one job
+    # fewer than count() + zipWithIndex()).
+    ordered = df.orderBy("uid", "url", "text", "page_url").rdd
+    sizes = ordered.mapPartitions(lambda it: [sum(1 for _ in it)]).collect()
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    total = sum(sizes)
     plan = {"mode": "fresh", "input": args.input, "rows": total, "shard_size": size}
     check_plan(args.output, plan, storage_options)
-    # A total order, so that rank -> shard is the same in every run (a hash uid also spreads each
-    # domain over all shards, which keeps the per-domain cap from serialising a shard).
-    ordered = df.orderBy("uid", "url", "text", "page_url").rdd.zipWithIndex()
-    keyed = ordered.map(lambda ri: (ri[1] // size, (ri[1] % size, ri[0].asDict())))
+
+    def rank(pi, rows):
+        for i, row in enumerate(rows, starts[pi]):
+            yield i // size, (i % size, row.asDict())
+
+    keyed = ordered.mapPartitionsWithIndex(rank)
     return keyed, math.ceil(total / size) if total else 0, total
 
 
