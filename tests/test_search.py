@@ -8,8 +8,8 @@ import pytest
 
 from spark_jobs import search
 from tests.gen.embeddings_layout import (
-    TINY_CLIP_OVERRIDES,
     tiny_clip_missing,
+    tiny_clip_overrides,
     write_random_subset,
     write_shapes_subset,
 )
@@ -61,7 +61,7 @@ def shapes_index(tmp_path_factory):
     from udfs.clip_model import load_clip
 
     tmp = tmp_path_factory.mktemp("shapes")
-    model = load_clip(TINY_CLIP_OVERRIDES[0].split("=", 1)[1], None, device="cpu")
+    model = load_clip(tiny_clip_overrides()[0].split("=", 1)[1], None, device="cpu")
     classes = write_shapes_subset(tmp / "dataset", tmp / "images", model, per_class=2)
     knn.build_subset(str(tmp / "dataset" / "embeddings" / "laion2B-en"),
                      str(tmp / "indices" / "laion2B-en"), knn.BuildParams(recall_sample=20, nb_cores=2))
@@ -69,19 +69,27 @@ def shapes_index(tmp_path_factory):
 
 
 def _overrides():
-    return [x for o in TINY_CLIP_OVERRIDES for x in ("--set", o)]
+    return [x for o in tiny_clip_overrides() for x in ("--set", o)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("query", ["a red circle", "a blue star", "a yellow square"])
 def test_text_query_finds_the_shape(shapes_index, capsys, query):
-    tmp, _ = shapes_index
-    rc = search.main(["--index", str(tmp / "indices" / "laion2B-en"), "--text", query, "-k", "2",
+    """The printed results are the exact top-k for the query as the clip config embeds it, and
+    the best one is the shape asked for."""
+    from udfs.clip_model import load_clip
+
+    tmp, classes = shapes_index
+    rc = search.main(["--index", str(tmp / "indices" / "laion2B-en"), "--text", query, "-k", "3",
                       *_overrides()])
     out = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0
-    wanted = query.split(" ", 1)[1]  # "red circle"
-    assert all(wanted in line for line in out), out
+    assert rc == 0 and len(out) == 3
+    assert query.split(" ", 1)[1] in out[0], out  # "red circle"
+    model = load_clip(tiny_clip_overrides()[0].split("=", 1)[1], None, device="cpu")
+    images = np.concatenate([np.load(p) for p in sorted(
+        (tmp / "dataset" / "embeddings" / "laion2B-en" / "img_emb").glob("*.npy"))]).astype(np.float32)
+    _, exact = knn.exact_search([images], model.encode_texts([query]), 3)
+    assert [line.split()[2] for line in out] == [f"http://127.0.0.1/img/{i}.jpg" for i in exact[0]]
 
 
 @pytest.mark.slow

@@ -86,7 +86,11 @@ def write_tar(path: Path, images: list, texts: list[str], first: int = 0) -> str
 
 
 TINY_CLIP_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_clip"
-TINY_CLIP_OVERRIDES = [f"clip.model=local-dir:{TINY_CLIP_DIR}", "clip.pretrained=null", "clip.device=cpu"]
+
+
+def tiny_clip_overrides() -> list[str]:
+    """`--set` values that select the tiny model, as `--config conf/presets/tiny_clip.yaml` does."""
+    return [f"clip.model=local-dir:{TINY_CLIP_DIR}", "clip.pretrained=null", "clip.device=cpu"]
 
 
 def tiny_clip_missing() -> str | None:
