@@ -32,8 +32,9 @@ install-browser:
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi; \
 	fi
 
+# gcld3 (optional CLD3 language id, built from source against protobuf) stays out of the lock.
 lock:
-	$(PY) -m pip freeze --exclude-editable | grep -v '^clipcrawl' > requirements.lock
+	$(PY) -m pip freeze --exclude-editable | grep -v -e '^clipcrawl' -e '^gcld3' > requirements.lock
 
 test: install
 	$(PY) -m pytest -q
