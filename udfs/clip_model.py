@@ -120,9 +120,10 @@ def check_model_spec(model: str, pretrained: str | None) -> dict[str, Any]:
     if not model:
         raise ModelLoadError("no CLIP model configured (clip.model is empty)")
     if model.startswith(LOCAL_DIR):
-        folder = resolve_local_dir(model[len(LOCAL_DIR):])
-        if fsio.is_remote(folder):
+        folder = model[len(LOCAL_DIR):]
+        if fsio.is_remote(folder):  # fetched to a local temp folder by load_clip
             return {"model": LOCAL_DIR + folder, "pretrained": None, "kind": "local-dir"}
+        folder = resolve_local_dir(folder)
         p = Path(folder)
         if not p.is_dir():
             raise ModelLoadError(f"local-dir model folder not found: {folder}")
