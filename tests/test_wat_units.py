@@ -246,8 +246,12 @@ def test_every_bad_case_is_counted(bad_files, reader):
         if case.summary is None:
             assert not pairs and not rejects, name
             continue
+        got = [(p.url, p.text) for p in pairs]
+        if case.prefix_only:  # one gzip stream cut in the middle: what was read before is kept
+            assert 0 < len(got) < len(case.summary.pairs) and got == case.summary.pairs[:len(got)]
+            continue
         # pairs before a truncation point are kept, in order
-        assert [(p.url, p.text) for p in pairs] == case.summary.pairs, name
+        assert got == case.summary.pairs, name
         if name == "truncated":
             # the record cut by the truncation is read in part: its JSON is invalid
             assert record_rejects == Counter({"invalid_json": 1})

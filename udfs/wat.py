@@ -336,14 +336,19 @@ def _fastwarc_records(raw, want: str, counter: FileOutcome, state: _ReadState,
             ctype = rec.http_headers.get("Content-Type") if rec.http_headers else None
         yield Record(want, rec.headers, ctype, rec.reader.read())
     if is_gzip:
+        # In a file with one gzip member per record (Common Crawl's layout) the last record's
+        # stream_pos is the start of its member. Otherwise (one gzip stream for the whole file)
+        # it is not, and the whole file is checked: slower, but such files are rare.
         raw.seek(last_pos)
+        at_member = raw.read(2) == _GZIP_MAGIC
+        raw.seek(last_pos if at_member else 0)
         tail = GzipMembers(raw, chunk_size=chunk_size)
         while tail.read(1 << 20):
             pass
         if tail.truncated:
-            raise InputProblem("truncated_gzip", f"file ends inside a gzip member "
-                                                 f"(after byte {last_pos})")
-        if tail.members > (1 if counter.records_read else 0):
+            raise InputProblem("truncated_gzip", "file ends inside a gzip member "
+                                                 f"(after byte {last_pos if at_member else 0})")
+        if at_member and tail.members > (1 if counter.records_read else 0):
             raise InputProblem("unread_data", f"the WARC reader stopped at byte {last_pos}, "
                                               f"{tail.members - 1} gzip members before the end")
     state.compressed_bytes = raw.seek(0, io.SEEK_END)

@@ -104,6 +104,7 @@ class BadFile:
     expect_status: str              # ok | partial | failed
     expect_error: str | None        # reason prefix of error_message
     summary: WatSummary | None      # expected rows (for truncated files: the part before the cut)
+    prefix_only: bool = False       # the kept pairs are a non-empty prefix of summary.pairs
 
 
 # --- pages ----------------------------------------------------------------------------------------
@@ -478,6 +479,22 @@ def bad_case_files(folder: str | Path, seed: int = 0) -> dict[str, BadFile]:
     p = folder / "plain.warc.wat"
     out["plain"] = BadFile(str(p), "ok", None, write_wat(p, random_pages(2, seed=seed + 2,
                                                                          bad_link_rate=0.0), gzip=False))
+
+    # One gzip stream for the whole file instead of one member per record (valid, unusual),
+    # complete and truncated: the truncation must be noticed here too.
+    plain_src = folder / "single-stream.src"
+    s = write_wat(plain_src, random_pages(6, seed=seed + 3, bad_link_rate=0.0), gzip=False)
+    data = gzip_mod.compress(plain_src.read_bytes())
+    plain_src.unlink()
+    p = folder / "single-stream.warc.wat.gz"
+    p.write_bytes(data)
+    out["single_stream"] = BadFile(str(p), "ok", None, WatSummary(
+        str(p), records=s.records, metadata_records=s.metadata_records, html_records=s.html_records,
+        links=s.links, pairs=s.pairs))
+    p = folder / "single-stream-truncated.warc.wat.gz"
+    p.write_bytes(data[: len(data) * 2 // 3])
+    out["single_stream_truncated"] = BadFile(str(p), "partial", "truncated_gzip",
+                                             WatSummary(str(p), pairs=s.pairs), prefix_only=True)
 
     # A path that does not exist (listed in the paths file by the tests).
     out["missing"] = BadFile(str(folder / "does-not-exist.warc.wat.gz"), "failed", "file_not_found", None)
