@@ -44,6 +44,7 @@ def server(tmp_path_factory, cfg):
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     SERVED["text"] = text.astype(np.float16).astype(np.float32)
+    SERVED["indices"] = str(tmp / "indices")
     yield f"http://127.0.0.1:{srv.server_address[1]}", image.astype(np.float16).astype(np.float32)
     srv.shutdown()
     srv.server_close()
@@ -168,3 +169,44 @@ def test_page_is_served(server):
         html = resp.read().decode()
     assert resp.headers["Content-Type"].startswith("text/html")
     assert 'id="search-form"' in html and "/knn-service" in html
+
+
+@pytest.mark.slow
+def test_build_service_checks_index_and_model(server, tmp_path, cfg):
+    from spark_jobs import serve
+    from spark_jobs.datasets import InputError
+    from tests.gen.embeddings_layout import tiny_clip_missing, tiny_clip_overrides
+
+    with pytest.raises(InputError, match="does not exist"):
+        serve.build_service(cfg, str(tmp_path / "missing"), with_model=False)
+    indices = _served_indices_root()
+    assert serve.build_service(cfg, indices, with_model=False).encoder is None
+    if tiny_clip_missing() is None:  # the tiny model's width is not the 16-d test index's
+        with pytest.raises(InputError, match="-d vectors but these indices are not"):
+            serve.build_service(cfg.with_overrides(tiny_clip_overrides()), indices)
+    with pytest.raises(InputError, match="cannot load the query model"):
+        serve.build_service(cfg.with_overrides([f"clip.model=local-dir:{tmp_path}", "clip.pretrained=null"]),
+                            indices)
+
+
+@pytest.mark.slow
+def test_serve_command_starts_and_answers(server):
+    """`python -m spark_jobs.serve` as a user runs it (port 0 picks a free port), then stopped."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "spark_jobs.serve", "--index", _served_indices_root(),
+                             "--no-model", "--port", "0", "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "serving laion2B-en on http://127.0.0.1:" in line
+        base = line.split(" on ", 1)[1].strip().rstrip("/")
+        assert call(base, "/indices-list") == (200, ["laion2B-en"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _served_indices_root() -> str:
+    return SERVED["indices"]
