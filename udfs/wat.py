@@ -466,10 +466,6 @@ def wat_links(payload: bytes, target_uri: str | None = None) -> RecordLinks:
                           alt if alt is None or isinstance(alt, str) else str(alt)))
         elif base is None and isinstance(url, str):
             base = url
-    if base is None:  # some extractor versions put <base href> under Head
-        head = html.get("Head")
-        if isinstance(head, dict) and isinstance(head.get("Base"), str):
-            base = head["Base"]
     if page_url is None and found:
         return RecordLinks("missing_fields", "record has image links but no WARC-Target-URI",
                            None, base, found, non_utf8)
