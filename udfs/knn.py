@@ -386,9 +386,11 @@ def _local_copy(uri: str, cache_dir: str | None, storage_options: dict | None) -
     if not fsio.is_remote(uri):
         return fsio.normalize_uri(uri)
     cache_dir = cache_dir or tempfile.mkdtemp(prefix="clipcrawl-index-cache-")
+    os.makedirs(cache_dir, exist_ok=True)
     local = os.path.join(cache_dir, uri.replace("://", "_").replace("/", "_"))
-    if not os.path.exists(local):
-        fs, path = fsio.filesystem(uri, storage_options)
+    fs, path = fsio.filesystem(uri, storage_options)
+    # A rebuilt index at the same URI must not be served from a stale copy: compare sizes.
+    if not os.path.exists(local) or os.path.getsize(local) != fs.size(path):
         fs.get_file(path, local + ".part")
         os.replace(local + ".part", local)
     return local
