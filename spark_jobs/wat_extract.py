@@ -31,6 +31,7 @@ import argparse  # noqa: E402 - after the sys.path fix above
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import zlib  # noqa: E402
 from collections import Counter  # noqa: E402
 
 from spark_jobs import cli, datasets, schemas  # noqa: E402
@@ -119,7 +120,10 @@ def resolve_inputs(cfg, args, storage_options) -> list[str]:
         if not fsio.exists(args.paths_file, storage_options):
             raise InputError(f"paths file not found: {args.paths_file}")
         base = cfg.get("wat_extract.paths_base") or ""
-        listed = wat.read_paths_list(args.paths_file, base, storage_options)
+        try:
+            listed = wat.read_paths_list(args.paths_file, base, storage_options)
+        except (OSError, EOFError, ValueError, zlib.error) as exc:  # corrupt gzip, unreadable object
+            raise InputError(f"cannot read paths file {args.paths_file}: {exc}") from exc
         if not listed:
             raise InputError(f"paths file {args.paths_file} lists no path")
         files.extend(listed)
@@ -167,7 +171,9 @@ def run(spark, cfg, args) -> dict:
     slices = max(1, -(-len(files) // per_task))
     rdd = spark.sparkContext.parallelize(files, slices).mapPartitions(
         _partition_extractor(opts, storage_options))
-    staged = spark.createDataFrame(rdd, _staging_schema()).persist(StorageLevel.DISK_ONLY)
+    # Rows are built with the declared types, so Spark's per-row Python type check is skipped.
+    staged = spark.createDataFrame(rdd, _staging_schema(), verifySchema=False).persist(
+        StorageLevel.DISK_ONLY)
     try:
         with timer.phase("extract + write pairs"):
             pairs = staged.filter(F.col("kind") == "pair")

@@ -165,6 +165,10 @@ def test_user_errors_are_input_or_config_errors(cfg, tmp_path):
         wat_extract.resolve_inputs(cfg, stage_args("--input", str(tmp_path / "*.wat.gz"), "--output", "x"), {})
     with pytest.raises(datasets.InputError, match="paths file not found"):
         wat_extract.resolve_inputs(cfg, stage_args("--paths-file", str(tmp_path / "p.gz"), "--output", "x"), {})
+    (tmp_path / "bad.paths.gz").write_bytes(b"\x1f\x8b\x08\x00 definitely not gzip")
+    with pytest.raises(datasets.InputError, match="cannot read paths file"):
+        wat_extract.resolve_inputs(cfg, stage_args("--paths-file", str(tmp_path / "bad.paths.gz"),
+                                                   "--output", "x"), {})
     (tmp_path / "d").mkdir()
     for name in ("b.warc.wat.gz", "a.warc.wat.gz", ".hidden", "_SUCCESS"):
         (tmp_path / "d" / name).write_bytes(b"")
