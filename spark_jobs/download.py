@@ -4,7 +4,7 @@ of EVERY input row: status, error_message, sizes, sha256, ...), `{shard:05d}_sta
 `{shard:05d}_complete.json`, written last. `<images>/_stats/stats.json` sums the written metadata.
 
 Input: any parquet with `url` and `text` (the dedup output); `uid` is computed when absent.
-Rows are sorted by uid and shard = rank // shard_size, so reruns assign the same rows to the same
+Rows are sorted by uid (or a hash of url and text) and shard = rank // shard_size, so reruns assign the same rows to the same
 shards; a rerun skips every shard whose completion marker exists (`<images>/_stats/plan.json`
 refuses a rerun over a different input).
 
@@ -67,6 +67,15 @@ def metadata_glob(output: str) -> str:
     return fsio.join(output, "*.parquet")
 
 
+def metadata_paths(output: str, storage_options: dict | None) -> list[str]:
+    """What Spark should read: the listed shard files for a local output (a glob makes Spark log a
+    stack trace while it looks for a streaming metadata folder), the glob for object stores (so
+    that the user's s3a:// / s3:// spelling reaches Spark unchanged)."""
+    if fsio.is_remote(output):
+        return [metadata_glob(output)] if fsio.expand([metadata_glob(output)], storage_options) else []
+    return fsio.expand([metadata_glob(output)], storage_options)
+
+
 def completed_shards(output: str, storage_options: dict | None) -> set[int]:
     from udfs.download_worker import MARKER_SUFFIX
 
@@ -98,12 +107,15 @@ def _shard_task(section: dict, output: str, storage_options: dict | None, digits
 
     def run_partition(_index, items):
         from udfs.download_worker import ShardJob, make_key, shard_name
+        from udfs.ids import pair_uid
 
         rows, shard = [], None
         for shard, payload in items:
             if retry_from is None:
                 position, row = payload
                 row = dict(row, key=make_key(shard, position, digits))
+                if not row.get("uid"):
+                    row["uid"] = pair_uid(row.get("url") or "", row.get("text") or "")
             else:
                 prev = payload
                 fetch = prev.get("status") != "success" and bool(prev.get("retryable"))
@@ -119,36 +131,25 @@ def _shard_task(section: dict, output: str, storage_options: dict | None, digits
     return run_partition
 
 
-def _uid_udf():
-    import pandas as pd
-    from pyspark.sql import functions as F
-
-    from udfs.ids import pair_uid
-
-    @F.pandas_udf("string")
-    def uid(url: pd.Series, text: pd.Series) -> pd.Series:
-        return pd.Series([pair_uid(u or "", t or "") for u, t in zip(url, text)])
-
-    return uid
-
-
 def _plan_fresh(spark, args, section, storage_options):
     from pyspark.sql import functions as F
 
     if not args.input:
         raise datasets.InputError("--input is required (or --retry-failed PREVIOUS)")
     df = datasets.read_dataset(spark, args.input, DOWNLOAD_INPUT)
-    computed = _uid_udf()(F.col("url"), F.col("text"))
-    df = df.withColumn("uid", F.coalesce(F.col("uid"), computed) if "uid" in df.columns else computed)
-    if "page_url" not in df.columns:
-        df = df.withColumn("page_url", F.lit(None).cast("string"))
+    for col in ("uid", "page_url"):
+        if col not in df.columns:
+            df = df.withColumn(col, F.lit(None).cast("string"))
     df = df.select(*[F.col(c).cast("string") for c in ("uid", "url", "text", "page_url")])
     size = section["shard_size"]
-    # A total order, so that rank -> shard is the same in every run (a hash uid also spreads each
-    # domain over all shards, which keeps the per-domain cap from serialising a shard). Ranks are
+    # A total order, so that rank -> shard is the same in every run. The uid (a hash) comes first,
+    # or, for inputs without uids, Spark's xxhash64 of (url, text): either spreads each domain over
+    # all shards, which keeps the per-domain cap from serialising a shard, and neither needs a
+    # Python UDF before the sort (missing uids are computed by the shard task). Ranks are
     # zipWithIndex's, done by hand so that the per-partition counts also give the total (one job
     # fewer than count() + zipWithIndex()).
-    ordered = df.orderBy("uid", "url", "text", "page_url").rdd
+    order = F.coalesce(F.col("uid"), F.lpad(F.hex(F.xxhash64("url", "text")), 16, "0"))
+    ordered = df.orderBy(order, "url", "text", "page_url").rdd
     sizes = ordered.mapPartitions(lambda it: [sum(1 for _ in it)]).collect()
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     total = sum(sizes)
@@ -169,9 +170,10 @@ def _plan_retry(spark, args, section, storage_options):
     prev = args.retry_failed
     if fsio.normalize_uri(prev).rstrip("/") == fsio.normalize_uri(args.output).rstrip("/"):
         raise datasets.InputError("--retry-failed needs a new --output (the previous shards are read while writing)")
-    if not fsio.expand([metadata_glob(prev)], storage_options):
+    paths = metadata_paths(prev, storage_options)
+    if not paths:
         raise datasets.InputError(f"no download metadata (*.parquet) found in {prev}")
-    df = spark.read.parquet(metadata_glob(prev))
+    df = spark.read.parquet(*paths)
     datasets.check_schema(df, IMAGES_METADATA, prev)
     df = datasets.conform(df, IMAGES_METADATA)
     agg = df.agg(F.count("*").alias("n"), F.max("shard").alias("m"),
@@ -227,8 +229,9 @@ def summarize(spark, output: str, total: int, num_shards: int, storage_options: 
 
     counts: dict[str, int] = {}
     retryable = 0
-    if num_shards and fsio.expand([metadata_glob(output)], storage_options):
-        df = spark.read.parquet(metadata_glob(output))
+    paths = metadata_paths(output, storage_options) if num_shards else []
+    if paths:
+        df = spark.read.parquet(*paths)
         for r in df.groupBy("status").agg(F.count("*").alias("n"),
                                           F.sum(F.col("retryable").cast("long")).alias("r")).collect():
             counts[str(r["status"])] = int(r["n"])

@@ -12,6 +12,7 @@ import pytest
 
 from spark_jobs import datasets, download
 from tests.gen.image_server import ImageServer, Response, jpeg_bytes
+from udfs.ids import pair_uid
 from udfs.shard_writer import iter_samples
 
 pytestmark = pytest.mark.slow
@@ -24,11 +25,14 @@ def _args(inp, out, retry=None):
     return argparse.Namespace(input=inp, output=str(out), retry_failed=retry)
 
 
-def _input(tmp_path: Path, urls: list[str], name="pairs") -> str:
+def _input(tmp_path: Path, urls: list[str], name="pairs", with_uid=False) -> str:
     path = tmp_path / name
     path.mkdir()
-    pd.DataFrame({"url": urls, "text": [f"caption of {u.rsplit('/', 1)[-1]}" for u in urls]}).to_parquet(
-        path / "part-0.parquet")
+    frame = pd.DataFrame({"url": urls, "text": [f"caption of {u.rsplit('/', 1)[-1]}" for u in urls]})
+    if with_uid:   # as in the dedup output
+        frame["uid"] = [pair_uid(u, t) for u, t in zip(frame.url, frame.text)]
+        frame["page_url"] = "http://example.invalid/page"
+    frame.to_parquet(path / "part-0.parquet")
     return str(path)
 
 
@@ -59,11 +63,11 @@ def test_stage_writes_every_row_and_resumes(spark, cfg, server, tmp_path):
     assert stats["output_rows"] == (meta.status == "success").sum()
     assert stats["success_rate"] == pytest.approx(stats["output_rows"] / len(urls), abs=1e-4)
     assert datasets.read_stats(str(out))["shards"] == 3 == stats["shards_written"]
-    # keys: 5-digit shard + 4-digit index, rows sorted by uid within the shard (deterministic)
+    # keys: 5-digit shard + 4-digit index; uids computed for an input without them
     assert meta.key.str.len().eq(9).all() and meta.key.is_unique
     assert (meta.key.str[:5].astype(int) == meta.shard).all()
+    assert list(meta.uid) == [pair_uid(u, t) for u, t in zip(meta.url, meta.text)]
     for shard, grp in meta.groupby("shard"):
-        assert list(grp.sort_values("key").uid) == sorted(grp.uid)
         names = {p.name for p in out.glob(f"{shard:05d}*")}
         assert names == {f"{shard:05d}.tar", f"{shard:05d}.parquet", f"{shard:05d}_stats.json",
                          f"{shard:05d}_complete.json"}
@@ -113,7 +117,7 @@ def test_retry_failed_reattempts_only_retryable_rows(spark, cfg, tmp_path):
             + [srv.url("/gone.jpg")]
         conf = cfg.with_overrides(FAST)
         first_out = tmp_path / "first"
-        first = download.run(spark, conf, _args(_input(tmp_path, urls), first_out))
+        first = download.run(spark, conf, _args(_input(tmp_path, urls, with_uid=True), first_out))
         assert first["status_counts"] == {"success": 6, "failed_to_download": 4}
         assert first["retryable_failures"] == 3
         before = {p: srv.request_count(p) for p in ["/gone.jpg"] + [f"/good{i}.jpg" for i in range(6)]}
@@ -126,6 +130,8 @@ def test_retry_failed_reattempts_only_retryable_rows(spark, cfg, tmp_path):
         assert all(srv.request_count(p) == n for p, n in before.items())
         old, new = _metadata(spark, first_out), _metadata(spark, second_out)
         assert sorted(old.key) == sorted(new.key)
+        assert list(old.sort_values("key").uid) == sorted(old.uid)   # ranked by uid
+        assert set(old.page_url) == {"http://example.invalid/page"}
         merged = new.set_index("key")
         for row in old.itertuples():
             if row.status == "success":   # carried over unchanged, image copied from the old tar
