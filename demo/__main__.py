@@ -44,6 +44,8 @@ def demo_config(root: Path, wat_files: list[str], extra: list[str]):
         f"run.input={json.dumps(wat_files)}",
         "download.allowed_cidrs=127.0.0.0/8",   # the sample's images live on loopback
         f"dedup.seen={root / '_filters' / 'seen_pairs'}",
+        "dedup.shards=4",                        # a sample of hundreds of rows needs few filter shards
+        "dedup.expected_keys=100000",
         *extra,
     ])
 

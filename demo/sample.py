@@ -54,7 +54,7 @@ def _jpeg(img, quality: int = 90) -> bytes:
 
 def _image_bytes(color: str, shape: str, rng: random.Random, min_bytes: int = 6000) -> bytes:
     """A noisy-background shape image comfortably above the 5 KB too-small cut."""
-    size = rng.choice((128, 160, 192, 256))
+    size = rng.randint(112, 360)
     while True:
         body = _jpeg(shapes.draw_shape(color, shape, size=size, background="noisy", rng=rng))
         if len(body) >= min_bytes:

@@ -33,12 +33,21 @@ class StageFunnel:
 
 
 def _dataset(path: str, files_glob: str | None = None):
+    """A pyarrow dataset of the parquet files of one dataset folder.
+
+    Without a glob only hive-partitioned data files count (every folder below `path` is
+    `key=value`), so side folders such as clip-score's `metadata/` or `_stats/` are left out."""
     if files_glob:
         files = sorted(glob.glob(os.path.join(path, files_glob)))
         return pads.dataset(files, format="parquet") if files else None
-    if not os.path.isdir(path) or not any(Path(path).rglob("*.parquet")):
+    if not os.path.isdir(path):
         return None
-    return pads.dataset(path, format="parquet", partitioning="hive")
+    files = sorted(str(f) for f in Path(path).rglob("*.parquet")
+                   if all("=" in part for part in f.relative_to(path).parts[:-1])
+                   and not f.name.startswith(("_", ".")))
+    if not files:
+        return None
+    return pads.dataset(files, format="parquet", partitioning="hive", partition_base_dir=path)
 
 
 def _table(path: str, columns: list[str], files_glob: str | None = None):
@@ -54,14 +63,28 @@ def _count(path: str, files_glob: str | None = None) -> int:
     return 0 if ds is None else ds.count_rows()
 
 
-def _by_status(path: str, files_glob: str | None = None, column: str = "status") -> dict[str, int]:
-    table = _table(path, [column], files_glob)
+def _by_status(path: str, files_glob: str | None = None, column: str = "status",
+               where: tuple[str, str] | None = None) -> dict[str, int]:
+    """Row counts by `column`, optionally only of rows whose `where[0]` equals `where[1]`."""
+    columns = [column] + ([where[0]] if where else [])
+    table = _table(path, columns, files_glob)
     if table is None or column not in table.column_names:
         return {}
+    keep = (table.column(where[0]).to_pylist() if where and where[0] in table.column_names
+            else [where[1] if where else None] * table.num_rows)
     counts: dict[str, int] = {}
-    for value in table.column(column).to_pylist():
-        counts[str(value)] = counts.get(str(value), 0) + 1
+    for value, tag in zip(table.column(column).to_pylist(), keep):
+        if where is None or tag == where[1]:
+            counts[str(value)] = counts.get(str(value), 0) + 1
     return counts
+
+
+def _downstream(stage: str, upstream: dict[str, int], here: dict[str, int]) -> StageFunnel:
+    """A pass-through stage: rows in = upstream successes; dropped = statuses beyond the carried ones."""
+    carried = {k: v for k, v in upstream.items() if k != "success"}
+    dropped = {k: v - carried.get(k, 0) for k, v in here.items()
+               if k != "success" and v - carried.get(k, 0) != 0}
+    return StageFunnel(stage, upstream.get("success", 0), here.get("success", 0), dropped)
 
 
 def collect(root: str, datasets: dict[str, str], subsets: dict[str, str]) -> dict[str, Any]:
@@ -70,7 +93,8 @@ def collect(root: str, datasets: dict[str, str], subsets: dict[str, str]) -> dic
     facts: dict[str, Any] = {"root": root, "funnel": []}
 
     wat_kept = _count(p["wat-extract"])
-    wat_rej = _by_status(p["wat-extract"] + "_rejected")
+    # Only link-level rejects: record-level ones (invalid JSON, missing fields) are not image links.
+    wat_rej = _by_status(p["wat-extract"] + "_rejected", where=("level", "link"))
     facts["funnel"].append(StageFunnel("wat-extract", wat_kept + sum(wat_rej.values()), wat_kept, wat_rej))
 
     dedup_kept = _count(p["dedup"])
@@ -82,16 +106,16 @@ def collect(root: str, datasets: dict[str, str], subsets: dict[str, str]) -> dic
     facts["funnel"].append(StageFunnel("download", sum(dl_status.values()), dl_status.get("success", 0),
                                        {k: v for k, v in dl_status.items() if k != "success"}))
 
+    # clip-score and filter pass earlier failures through; the funnel shows each stage's input
+    # as the rows still alive when it starts, and only the rows it dropped itself.
     scored_status = _by_status(p["clip-score"])
-    facts["funnel"].append(StageFunnel("clip-score", sum(scored_status.values()),
-                                       scored_status.get("success", 0),
-                                       {k: v for k, v in scored_status.items() if k != "success"}))
+    facts["funnel"].append(_downstream("clip-score", dl_status, scored_status))
 
     subset_counts = {name: _count(os.path.join(p["filter"], name)) for name in subsets.values()}
-    filter_rej = _by_status(p["filter"] + "_rejected")
     facts["subsets"] = subset_counts
-    facts["funnel"].append(StageFunnel("filter", sum(scored_status.values()), sum(subset_counts.values()),
-                                       filter_rej))
+    filter_status = dict(_by_status(p["filter"] + "_rejected"))
+    filter_status["success"] = sum(subset_counts.values())
+    facts["funnel"].append(_downstream("filter", scored_status, filter_status))
 
     images = _table(p["download"], ["status", "original_width", "original_height", "bytes"], "*.parquet")
     facts["image_sizes"] = []
@@ -143,7 +167,8 @@ def _charts(facts: dict[str, Any], thresholds: dict[str, float], out: Path) -> d
     funnel: list[StageFunnel] = facts["funnel"]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     reasons = sorted({r for f in funnel for r in f.dropped})
-    colors = plt.cm.tab20.colors
+    colors = ["#e8590c", "#1c7ed6", "#f59f00", "#ae3ec9", "#e03131", "#868e96", "#0c8599", "#5f3dc4",
+              "#d6336c", "#495057"]
     x = range(len(funnel))
     ax.bar(x, [f.kept for f in funnel], color="#2b8a3e", label="kept")
     bottom = [f.kept for f in funnel]
