@@ -172,3 +172,23 @@ def test_distributed_build_on_local_spark(tmp_path, cfg, spark):
     index = knn.open_indices(str(tmp_path / "indices"))["laion2B-en"]
     assert index.search(image[1100], "image", 1)[0]["URL"].endswith("/1100.jpg")
     assert not (tmp_path / "indices" / "_tmp_distributed" / "laion2B-en" / "image").exists()
+
+
+@pytest.mark.slow
+def test_low_recall_search_parameters_are_widened_to_the_goal(tmp_path, cfg):
+    """An IVF index searched with nprobe=1 misses neighbours in other lists; the build widens
+    nprobe until recall@10 reaches index.min_recall, and serving uses the widened value."""
+    _, image, _ = write_random_subset(tmp_path / "dataset", n=2000, dim=16, parts=2)
+    base = ["index.index_key=IVF32,Flat", "index.index_param=nprobe=1"]
+    _build(cfg, tmp_path / "dataset", tmp_path / "off", *base, "index.min_recall=null")
+    _build(cfg, tmp_path / "dataset", tmp_path / "on", *base)
+    off = json.loads((tmp_path / "off" / "laion2B-en" / "index_infos.json").read_text())["indices"]["image"]
+    on = json.loads((tmp_path / "on" / "laion2B-en" / "index_infos.json").read_text())["indices"]["image"]
+    assert off["index_param"] == "nprobe=1" and off["recall@10"] < 0.95
+    assert on["autofaiss_index_param"] == "nprobe=1"
+    assert on["autofaiss_recall@10"] == off["recall@10"]
+    assert on["recall@10"] >= 0.95 and on["index_param"] != "nprobe=1"
+    index = knn.open_indices(str(tmp_path / "on"))["laion2B-en"]
+    import faiss
+
+    assert faiss.extract_index_ivf(index.indices["image"]).nprobe == int(on["index_param"].split("=")[1])
