@@ -32,6 +32,8 @@ from udfs import fsio, knn
 
 NAME = "build-index"
 HELP = "build image and text kNN indices (autofaiss) for each subset's embeddings"
+# Only the distributed mode needs Spark; a single-machine build does not pay for a JVM start.
+NEEDS_SPARK = False
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,9 @@ def run(spark, cfg, args) -> dict:
         raise ConfigError(str(exc)) from exc
     storage_options = cfg.get("storage.storage_options") or None
     if params.distributed and spark is None:
-        raise InputError("index.distributed=true needs a Spark session")
+        from spark_jobs.session import get_spark
+
+        spark = get_spark(cfg, "clipcrawl-build-index")  # autofaiss finds the active session
     try:
         subsets = knn.find_subsets(args.input, storage_options)
     except knn.EmbeddingLayoutError as exc:

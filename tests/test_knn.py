@@ -192,3 +192,15 @@ def test_low_recall_search_parameters_are_widened_to_the_goal(tmp_path, cfg):
     import faiss
 
     assert faiss.extract_index_ivf(index.indices["image"]).nprobe == int(on["index_param"].split("=")[1])
+
+
+def test_build_index_command_line(tmp_path, capsys):
+    """`spark-submit spark_jobs/knn_index.py ...` / `clipcrawl build-index` argument handling."""
+    write_random_subset(tmp_path / "dataset", n=120, dim=8, parts=2)
+    rc = knn_index.main(["--input", str(tmp_path / "dataset"), "--output", str(tmp_path / "indices"),
+                         "--set", "index.recall_sample=20", "--log-level", "WARNING"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["subsets"]["laion2B-en"]["ids_rows"] == 120
+    assert knn_index.main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "x")]) == 2
+    assert "no embeddings folder" in capsys.readouterr().err
