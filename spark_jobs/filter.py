@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as `spark-submit spark_jobs/filter.py`: mak
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
@@ -223,12 +224,14 @@ def embeddings_rows(root: str, storage_options: dict | None) -> dict:
 
 
 def similarity_histogram(df, column: str, hist: dict) -> list[int]:
-    """Counts per bin over [min, max) (values outside are clamped to the end bins)."""
+    """Counts per bin [min + k*width, min + (k+1)*width) (values outside are clamped to the end
+    bins). The bin position is rounded to 1e-9 first, so a value on an edge such as 0.26 lands in
+    the bin it starts, not the one below through floating-point error."""
     from pyspark.sql import functions as F
 
     lo, hi, bins = float(hist["min"]), float(hist["max"]), int(hist["bins"])
     width = (hi - lo) / bins
-    b = F.floor((F.col(column) - F.lit(lo)) / F.lit(width)).cast("int")
+    b = F.floor(F.round((F.col(column) - F.lit(lo)) / F.lit(width), 9)).cast("int")
     b = F.least(F.greatest(b, F.lit(0)), F.lit(bins - 1))
     counts = [0] * bins
     for r in df.where(F.col(column).isNotNull()).groupBy(b.alias("b")).count().collect():
@@ -263,12 +266,8 @@ def summarize(spark, output: str, rejected: str, settings: dict, input_rows: int
     if rejected_by.get("below_threshold"):
         scored_frames.append(spark.read.parquet(rejected).where(F.col("status") == "below_threshold")
                              .select(F.col("score").alias("s")))
-    union = None
-    for f in scored_frames:
-        union = f if union is None else union.unionByName(f)
-    kept_union = None
-    for f in kept_frames:
-        kept_union = f if kept_union is None else kept_union.unionByName(f)
+    union = functools.reduce(lambda a, b: a.unionByName(b), scored_frames) if scored_frames else None
+    kept_union = functools.reduce(lambda a, b: a.unionByName(b), kept_frames) if kept_frames else None
     bins = int(hist["bins"])
     scored = kept + rejected_by.get("below_threshold", 0)
     stats = {

@@ -221,9 +221,10 @@ def test_stats_histogram_and_languages(filtered):
     kept = sum(1 for r in ROWS if r[4] in ("en", "multi", "nolang"))
     assert sum(hist["scored"]) == stats["scored_rows"] == kept + stats["rejected_by_status"]["below_threshold"]
     assert sum(hist["kept"]) == stats["kept"] == kept
-    # the two rows at exactly 0.26 fall in the bin [0.26, 0.27)
-    b = int(np.floor((0.26 - hist["min"]) / hist["bin_width"] + 1e-9))
-    assert hist["kept"][b] >= 1
+    # the three kept rows scored exactly 0.26 fall in the bin [0.26, 0.27), the two at 0.2599 below it
+    b = round((0.26 - hist["min"]) / hist["bin_width"])
+    at = sum(1 for r in ROWS if r[4] in ("multi", "nolang") and (r[3] if r[3] is not None else r[2]) == 0.26)
+    assert at == 3 and hist["kept"][b] == at and hist["scored"][b - 1] == 2
     assert stats["languages"] == {"en": 2, "none": 2, "de": 1, "fr": 1, "ru": 1, "ja": 1}
     written = datasets.read_stats(str(filtered[0]))
     assert written["stage"] == "filter" and written["kept"] == kept
