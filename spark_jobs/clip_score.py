@@ -71,6 +71,7 @@ def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images
     inside the worker, once per process (`udfs.clip_model.cached_clip`)."""
     batch_size = int(clip_cfg.get("batch_size") or 256)
     prefetch = int(clip_cfg.get("prefetch_batches") or 2)
+    decode_threads = max(1, int(clip_cfg.get("decode_threads") or 1))
     per_file = max(1, int(clip_cfg.get("shards_per_embedding_file") or 1))
     out_rows = max(1, int(clip_cfg.get("output_rows_per_batch") or 4096))
     columns = SCORED.schema.fieldNames()
@@ -125,7 +126,7 @@ def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images
                     timings = clip_scoring.Timings()
                 else:
                     scored, img, txt, timings = clip_scoring.score_frame(
-                        group, model, tar_of, read_samples, batch_size, prefetch, multi_model)
+                        group, model, tar_of, read_samples, batch_size, prefetch, multi_model, decode_threads)
                     if len(img) and part >= 0:
                         t0 = time.perf_counter()
                         embeddings.write_retrieval_part(output, int(part), img, txt,

@@ -86,43 +86,86 @@ def _same_preprocess(a, b) -> bool:
 
 def _produce(frame: pd.DataFrame, tar_of: Callable[[int], str], read_samples: Callable[[str], Iterable[dict]],
              clip, multi, batch_size: int, out: "queue.Queue", timings: Timings, outcome: dict,
-             stop: threading.Event) -> None:
-    """Producer thread: stream tars, decode + preprocess into batches, put them on `out`."""
+             stop: threading.Event, decode_threads: int = 1) -> None:
+    """Producer thread: stream tars, decode + preprocess into batches, put them on `out`.
+
+    With decode_threads > 1, images are decoded by a thread pool in chunks (PIL's decoders and
+    resizers release the GIL), which is what a GPU needs to be fed; the tar is still read by
+    this one thread, in order.
+    """
     import torch
 
     share_images = _same_preprocess(clip, multi)
-    try:
-        success = frame.index[frame["status"] == SUCCESS]
-        by_shard: dict[int, dict[str, int]] = {}
-        for pos in success:
-            by_shard.setdefault(int(frame.at[pos, "shard"]), {})[str(frame.at[pos, "key"])] = pos
-        pending: list[tuple[int, object, object]] = []
+    pin = str(getattr(clip, "device", "cpu")).startswith("cuda")
+    pool = None
+    if decode_threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
 
-        def flush():
-            if not pending:
+        pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="clip-decode")
+    chunk_size = decode_threads * 8 if pool else 1
+    pending: list[tuple[int, object, object]] = []
+    chunk: list[tuple[int, bytes | None, list]] = []
+
+    def flush():
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        rows = [p for p, _, _ in pending]
+        texts = [frame.at[p, "text"] if isinstance(frame.at[p, "text"], str) else "" for p in rows]
+        images = torch.stack([t for _, t, _ in pending])
+        batch = _Batch(rows=rows, images=images.pin_memory() if pin else images,
+                       tokens=clip.tokenize(texts),
+                       tokens_multi=multi.tokenize(texts) if multi is not None else None,
+                       images_multi=(None if share_images or multi is None
+                                     else torch.stack([m for _, _, m in pending])))
+        timings.preprocess += time.perf_counter() - t0
+        pending.clear()
+        while not stop.is_set():
+            try:
+                out.put(batch, timeout=0.5)
                 return
-            t0 = time.perf_counter()
-            rows = [p for p, _, _ in pending]
-            texts = [frame.at[p, "text"] if isinstance(frame.at[p, "text"], str) else "" for p in rows]
-            batch = _Batch(rows=rows, images=torch.stack([t for _, t, _ in pending]),
-                           tokens=clip.tokenize(texts),
-                           tokens_multi=multi.tokenize(texts) if multi is not None else None,
-                           images_multi=(None if share_images or multi is None
-                                         else torch.stack([m for _, _, m in pending])))
-            timings.preprocess += time.perf_counter() - t0
-            pending.clear()
-            while not stop.is_set():
-                try:
-                    out.put(batch, timeout=0.5)
-                    return
-                except queue.Full:
-                    continue
+            except queue.Full:
+                continue
 
+    def decode_one(item):
+        data, names = item
+        try:
+            if data is None:
+                raise ValueError(f"sample has no image file (has: {names})")
+            img = decode_image(data)
+            return clip.preprocess(img), (None if share_images or multi is None else multi.preprocess(img)), None
+        except Exception as exc:  # noqa: BLE001 - any decoder error is this row's outcome
+            return None, None, f"{type(exc).__name__}: {str(exc)[:300]}"
+
+    def process_chunk():
+        if not chunk:
+            return
+        t0 = time.perf_counter()
+        items = [(data, names) for _, data, names in chunk]
+        results = list(pool.map(decode_one, items)) if pool else [decode_one(i) for i in items]
+        timings.preprocess += time.perf_counter() - t0
+        for (pos, _, _), (tensor, tensor_multi, error) in zip(chunk, results):
+            if error is not None:
+                outcome[pos] = (FAILED_TO_DECODE, error)
+                continue
+            pending.append((pos, tensor, tensor_multi))
+            if len(pending) >= batch_size:
+                flush()
+        chunk.clear()
+
+    try:
+        by_shard: dict[int, dict[str, int]] = {}
+        for pos in frame.index[frame["status"] == SUCCESS]:
+            shard = frame.at[pos, "shard"]
+            if pd.isna(shard):
+                outcome[pos] = (MISSING_FROM_SHARD, "row has no shard number")
+                continue
+            by_shard.setdefault(int(shard), {})[str(frame.at[pos, "key"])] = pos
         for shard in sorted(by_shard):
             wanted = by_shard[shard]
             uri = tar_of(shard)
-            it = iter(read_samples(uri))
             try:
+                it = iter(read_samples(uri))
                 while wanted and not stop.is_set():
                     t0 = time.perf_counter()
                     try:
@@ -134,39 +177,31 @@ def _produce(frame: pd.DataFrame, tar_of: Callable[[int], str], read_samples: Ca
                     pos = wanted.pop(str(sample.get("__key__")), None)
                     if pos is None:
                         continue
-                    t0 = time.perf_counter()
-                    data = sample_image_bytes(sample)
-                    try:
-                        if data is None:
-                            raise ValueError(f"sample has no image file (has: {sorted(k for k in sample if k != '__key__')})")
-                        img = decode_image(data)
-                        tensor = clip.preprocess(img)
-                        tensor_multi = None if share_images or multi is None else multi.preprocess(img)
-                    except Exception as exc:  # noqa: BLE001 - any decoder error is this row's outcome
-                        outcome[pos] = (FAILED_TO_DECODE, f"{type(exc).__name__}: {str(exc)[:300]}")
-                        continue
-                    finally:
-                        timings.preprocess += time.perf_counter() - t0
-                    pending.append((pos, tensor, tensor_multi))
-                    if len(pending) >= batch_size:
-                        flush()
+                    chunk.append((pos, sample_image_bytes(sample), sorted(k for k in sample if k != "__key__")))
+                    if len(chunk) >= chunk_size:
+                        process_chunk()
             except Exception as exc:  # noqa: BLE001 - unreadable/corrupt tar: its remaining rows are missing
                 log.warning("cannot read shard %s: %s", uri, exc)
                 for pos in wanted.values():
                     outcome[pos] = (MISSING_FROM_SHARD, f"cannot read shard {uri}: {type(exc).__name__}: {str(exc)[:200]}")
                 wanted.clear()
+            process_chunk()
             for key, pos in wanted.items():
                 outcome[pos] = (MISSING_FROM_SHARD, f"sample {key} not found in {uri}")
         flush()
     except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
         out.put(exc)
         return
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
     out.put(None)
 
 
 def score_frame(frame: pd.DataFrame, clip, tar_of: Callable[[int], str],
                 read_samples: Callable[[str], Iterable[dict]], batch_size: int = 256,
-                prefetch_batches: int = 2, multi=None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, Timings]:
+                prefetch_batches: int = 2, multi=None,
+                decode_threads: int = 1) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, Timings]:
     """Score the success rows of `frame` (IMAGES_METADATA columns, any shards).
 
     Returns (frame with SCORE_COLUMNS added and statuses updated, image embeddings [k, dim] float32,
@@ -190,7 +225,7 @@ def score_frame(frame: pd.DataFrame, clip, tar_of: Callable[[int], str],
         stop = threading.Event()
         producer = threading.Thread(target=_produce, name="clip-prefetch", daemon=True,
                                     args=(frame, tar_of, read_samples, clip, multi, batch_size, q,
-                                          timings, outcome, stop))
+                                          timings, outcome, stop, max(1, int(decode_threads))))
         producer.start()
         try:
             while True:

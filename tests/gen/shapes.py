@@ -78,8 +78,8 @@ def draw_shape(color: str, shape: str, size: int = 64, background: str = "plain"
                rng: random.Random | None = None) -> Image.Image:
     """An RGB image of `size` x `size` pixels with one `shape` in `color`.
 
-    `background` is "plain" (white) or "noisy" (light grey pixel noise). `rng` (random.Random)
-    jitters position, size and rotation; None draws the shape centred and upright.
+    `background` is "plain" (white) or "noisy" (light grey pixel noise). `rng` (random.Random or a
+    numpy Generator) jitters position, size and rotation; None draws the shape centred and upright.
     """
     if color not in COLORS or shape not in SHAPES:
         raise ValueError(f"unknown colour/shape {color!r}/{shape!r}")
@@ -91,7 +91,9 @@ def draw_shape(color: str, shape: str, size: int = 64, background: str = "plain"
         img = Image.new("RGB", (size, size), (255, 255, 255))
     else:
         noise_rng = rng or random.Random(0)
-        grey = bytes(150 + (b * 106 >> 8) for b in noise_rng.randbytes(size * size))
+        raw = (noise_rng.randbytes(size * size) if hasattr(noise_rng, "randbytes")
+               else noise_rng.bytes(size * size))  # numpy Generator
+        grey = bytes(150 + (b * 106 >> 8) for b in raw)
         img = Image.frombytes("L", (size, size), grey).convert("RGB")
     draw = ImageDraw.Draw(img)
     if rng is None:
