@@ -82,18 +82,21 @@ from bench.bench_langid import load_captions
 from udfs.langid import build_detector
 texts = [t for _, t in load_captions()]
 build_detector({name!r}, 0.0, {languages!r}).detect_batch(texts)
-print(time.perf_counter() - t0)
+# VmHWM (peak RSS of this process's own memory; ru_maxrss would carry the parent's over fork+exec)
+hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")]
+print(time.perf_counter() - t0, int(hwm[0]) / 1024 if hwm else float("nan"))
 """
 
 
-def cold_start_seconds(name: str, languages) -> float:
-    """Import + build + first pass over the set in a fresh interpreter: what every Spark Python
-    worker pays once (lingua loads its models lazily, on first use)."""
+def cold_start(name: str, languages) -> tuple[float, float]:
+    """(seconds, peak RSS MB) of import + build + first pass over the set in a fresh interpreter:
+    what every Spark Python worker pays once (lingua loads its models lazily, on first use)."""
     import subprocess
 
     code = COLD_START.format(repo=str(REPO), name=name, languages=list(languages) if languages else None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    seconds, rss = out.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(rss)
 
 
 def measure(quick: bool) -> tuple[list[dict], float]:
@@ -107,7 +110,7 @@ def measure(quick: bool) -> tuple[list[dict], float]:
     reps = 3 if quick else 15
     results = []
     for label, name, languages in variants():
-        build_s = cold_start_seconds(name, languages)
+        build_s, rss_mb = cold_start(name, languages)
         detector = build_detector(name, 0.0, languages)
         raw = detector.detect_batch(texts)  # also warms lazily loaded models
         t0 = time.perf_counter()
@@ -117,7 +120,7 @@ def measure(quick: bool) -> tuple[list[dict], float]:
         sweep = {c: score(raw, expected, c) for c in CUTOFFS}
         best_cut = max(CUTOFFS, key=lambda c: (sweep[c]["accuracy"], -abs(c - configured)))
         results.append({"label": label, "captions_per_s": rate, "build_s": build_s,
-                        "best_cutoff": best_cut, "best": sweep[best_cut],
+                        "best_cutoff": best_cut, "best": sweep[best_cut], "rss_mb": rss_mb,
                         "at_configured": score(raw, expected, configured)})
     return results, configured
 
@@ -144,7 +147,8 @@ def run(work: Path, quick: bool) -> list[dict]:
             "peer": f"fastest ({fastest})", "peer_value": round(top_rate, 1),
             "ratio": round(r["captions_per_s"] / top_rate, 3), "goal": "informative",
             "note": f"one thread, warm; cold start (fresh process: import, build, first pass) "
-                    f"{r['build_s']:.1f} s, paid once per Spark Python worker"})
+                    f"{r['build_s']:.1f} s and peak RSS {r['rss_mb']:.0f} MB, paid by every Spark "
+                    "Python worker"})
     return figures
 
 
@@ -155,4 +159,4 @@ if __name__ == "__main__":
         print(f"{r['label']:22s} best-cut {r['best_cutoff']:.2f} acc {r['best']['accuracy']:.3f} "
               f"(lang {r['best']['language_recall']:.3f}, none {r['best']['nolang_recall']:.3f})  "
               f"at-configured {r['at_configured']['accuracy']:.3f}  "
-              f"{r['captions_per_s']:9.1f} captions/s  cold start {r['build_s']:.2f}s")
+              f"{r['captions_per_s']:9.1f} captions/s  cold start {r['build_s']:.2f}s  RSS {r['rss_mb']:.0f} MB")

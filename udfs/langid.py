@@ -17,20 +17,23 @@ With `filter.languages` set (a list of ISO 639-1 codes) lingua only chooses amon
 cannot be restricted.
 
 Measured by `python bench/bench_langid.py` on tests/fixtures/captions_multilingual.tsv (155
-captions in 14 languages + 25 no-language strings), 2-core shared VM, 2026-11-21; accuracy at each
-detector's best cut-off / captions per second on one thread:
-    lingua (all 75 languages)        0.944 @0.20    ~1,800/s
-    lingua, 30 common web languages  0.966 @0.20    ~5,900/s
-    lingua-low (all)                 0.898 @0.50   ~11,000/s
-    lingua-low, 30 languages         0.938 @0.45   ~25,000/s
-    cld3 (gcld3 3.0.13, LAION's)     0.797 @0.80   ~48,000/s  (no-language recall 0.56: it
-                                     calls "12345" Japanese and "DSC 0042" Frisian, reliably)
+captions in 14 languages + 25 no-language strings), 2-core VM shared with other jobs (speeds are
+noisy, ratios less so), 2026-11-21. Accuracy at each detector's best cut-off; warm captions/s on
+one thread; cold start and peak RSS of a fresh process (what each Spark Python worker pays):
+    lingua (all 75 languages)        0.944 @0.20    ~1,800/s   8-20 s   1,070 MB
+    lingua, 30 common web languages  0.966 @0.20    ~5,900/s   ~8 s       560 MB
+    lingua-low (all)                 0.898 @0.30   ~11,000/s   ~1 s        85 MB
+    lingua-low, 30 languages         0.938 @0.45   ~25,000/s   <1 s        51 MB
+    cld3 (gcld3 3.0.13, LAION's)     0.797 @0.80   ~48,000/s   <0.1 s      17 MB
+CLD3's no-language recall is 0.56: it calls "12345" Japanese and "DSC 0042" Frisian, reliably.
 Default: `lingua`, all languages, `min_language_confidence: 0.2`: the most accurate choice that
 does not force captions of unlisted languages into a wrong one; 1,800 captions/s per core is
-small next to CLIP scoring. Lingua's confidences are relative over its candidate languages, so the
+small next to CLIP scoring. Its cost is memory: ~1.1 GB per Python worker (size the executors'
+Python memory for it, e.g. spark.executor.pyspark.memory), or choose `lingua-low` (85 MB, 5 points
+less accurate here). Lingua's confidences are relative over its candidate languages, so the
 cut-off must be re-tuned when `filter.languages` or the detector changes (the bench sweeps it).
 
-Building a detector loads its models (lingua: ~8 s for all languages here), so it is built
+Building a detector loads its models (lingua: 8-20 s for all languages here), so it is built
 once per Python worker and cached here (`get_detector` is memoised); detectors are never pickled
 from the driver.
 """
