@@ -225,3 +225,24 @@ SCORED = DatasetSpec(
     partition_by=("status",),
     required=("key", "uid", "url", "text", "status", "similarity", "image_embedding", "text_embedding"),
 )
+
+# --- stage 6: knn_index ---------------------------------------------------------------------------
+
+INDEX_IDS = DatasetSpec(
+    name="index_ids",
+    description="<indices>/<subset>/ids.parquet: faiss index id -> the subset row it stands for "
+                "(written by udfs.knn.write_ids with pyarrow, one row group per embeddings part)",
+    schema=T.StructType([
+        _l("index_id"),         # row number in the order autofaiss read the npy files (path order)
+        _l("SAMPLE_ID"),
+        _s("URL"),
+        _s("TEXT"),
+        T.StructField("similarity", T.DoubleType(), True),
+        _s("LANGUAGE"),
+        T.StructField("punsafe", T.DoubleType(), True),
+        T.StructField("pwatermark", T.DoubleType(), True),
+        _s("key"),              # sample key in its shard
+        _s("tar_path"),         # URI of the shard tar (thumbnails are read from it)
+    ]),
+    required=("index_id", "URL", "TEXT"),
+)

@@ -204,3 +204,15 @@ def test_build_index_command_line(tmp_path, capsys):
     assert printed["subsets"]["laion2B-en"]["ids_rows"] == 120
     assert knn_index.main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "x")]) == 2
     assert "no embeddings folder" in capsys.readouterr().err
+
+
+def test_ids_parquet_matches_its_declared_schema(tmp_path, spark):
+    from spark_jobs import datasets, schemas
+
+    write_random_subset(tmp_path / "dataset", n=50, dim=8, parts=1)
+    infos = knn.build_subset(str(tmp_path / "dataset" / "embeddings" / "laion2B-en"),
+                             str(tmp_path / "indices"), knn.BuildParams(recall_sample=10))
+    assert infos["status"] == "ok"
+    df = datasets.read_dataset(spark, str(tmp_path / "indices" / "ids.parquet"), schemas.INDEX_IDS)
+    assert [f.name for f in df.schema.fields] == schemas.INDEX_IDS.schema.fieldNames()
+    assert df.count() == 50
