@@ -49,7 +49,7 @@ bench: install
 	$(PY) -m bench
 
 lint: install
-	$(VENV)/bin/ruff check spark_jobs udfs tests bench demo notebooks
+	$(VENV)/bin/ruff check spark_jobs udfs serving tests bench demo notebooks
 
 package: install
 	rm -rf dist build
