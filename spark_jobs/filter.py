@@ -11,8 +11,8 @@ status), so kept + rejected == input rows.
 
 Language: filter.language_detector (default lingua; see udfs/langid.py for the measured choice);
 a caption whose best guess is below filter.min_language_confidence is "no language".
-Thresholds: filter.preset (laion5b: 0.28 en / 0.26 multi / 0.26 nolang; laion400m: 0.30), and any
-non-null filter.thresholds.<bucket> overrides its preset value. Kept when score >= threshold.
+Thresholds: filter.thresholds (LAION-5B: 0.28 en / 0.26 multi / 0.26 nolang), or all three from
+filter.presets when filter.preset is set (laion400m: 0.30). Kept when score >= threshold.
 English is scored with `similarity`, other buckets with `similarity_multilingual` when present.
 Safety: punsafe / pwatermark from the heads at filter.punsafe_head / filter.pwatermark_head
 (udfs/safety_heads.py), null when none is configured.
@@ -47,31 +47,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_thresholds(section: dict) -> dict[str, float]:
-    """Per-bucket thresholds: the preset's values, overridden by any non-null `thresholds` entry."""
+    """Per-bucket thresholds: `filter.thresholds`, or all three from `filter.presets[preset]` when
+    `filter.preset` is set (a preset is an explicit choice, so it wins; `filter.thresholds` keeps
+    holding the thresholds of the default run, which is what other readers of the config see)."""
     from udfs.subset_filter import BUCKETS
 
     preset_name = section.get("preset")
     presets = section.get("presets") or {}
-    if preset_name is not None and preset_name not in presets:
-        raise ConfigError(f"filter.preset {preset_name!r} is not in filter.presets "
-                          f"({', '.join(presets) or 'none defined'})")
-    base = dict(presets.get(preset_name) or {})
-    explicit = section.get("thresholds") or {}
-    unknown = set(explicit) - set(BUCKETS)
+    if preset_name is not None:
+        if preset_name not in presets:
+            raise ConfigError(f"filter.preset {preset_name!r} is not in filter.presets "
+                              f"({', '.join(presets) or 'none defined'})")
+        source, values = f"filter.presets.{preset_name}", presets[preset_name] or {}
+    else:
+        source, values = "filter.thresholds", section.get("thresholds") or {}
+    unknown = set(values) - set(BUCKETS)
     if unknown:
-        raise ConfigError(f"filter.thresholds has unknown buckets {sorted(unknown)}; use {', '.join(BUCKETS)}")
+        raise ConfigError(f"{source} has unknown buckets {sorted(unknown)}; use {', '.join(BUCKETS)}")
     out = {}
     for bucket in BUCKETS:
-        value = explicit.get(bucket)
-        value = base.get(bucket) if value is None else value
+        value = values.get(bucket)
         if value is None:
-            raise ConfigError(f"no threshold for '{bucket}': set filter.preset or filter.thresholds.{bucket}")
+            raise ConfigError(f"{source}.{bucket} is not set")
         try:
             out[bucket] = float(value)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"filter threshold for '{bucket}' must be a number, got {value!r}") from exc
+            raise ConfigError(f"{source}.{bucket} must be a number, got {value!r}") from exc
         if not -1.0 <= out[bucket] <= 1.0:
-            raise ConfigError(f"filter threshold for '{bucket}' is a cosine similarity in [-1, 1], got {value!r}")
+            raise ConfigError(f"{source}.{bucket} is a cosine similarity in [-1, 1], got {value!r}")
     return out
 
 

@@ -258,16 +258,22 @@ def test_thresholds_preset_and_overrides(cfg):
     assert filter_stage.resolve_thresholds(_section(cfg)) == {"en": 0.28, "multi": 0.26, "nolang": 0.26}
     assert filter_stage.resolve_thresholds(_section(cfg, preset="laion400m")) == \
         {"en": 0.30, "multi": 0.30, "nolang": 0.30}
-    over = _section(cfg, thresholds={"en": 0.31, "multi": None, "nolang": None})
-    assert filter_stage.resolve_thresholds(over) == {"en": 0.31, "multi": 0.26, "nolang": 0.26}
-    full = _section(cfg, preset=None, thresholds={"en": 0.2, "multi": 0.1, "nolang": 0.0})
-    assert filter_stage.resolve_thresholds(full) == {"en": 0.2, "multi": 0.1, "nolang": 0.0}
-    with pytest.raises(ConfigError, match="no threshold for 'multi'"):
-        filter_stage.resolve_thresholds(_section(cfg, preset=None, thresholds={"en": 0.2}))
+    assert filter_stage.resolve_thresholds(_section(cfg, preset="laion5b")) == \
+        {"en": 0.28, "multi": 0.26, "nolang": 0.26}
+    custom = cfg.with_overrides(["filter.thresholds.en=0.31"]).section("filter")
+    assert filter_stage.resolve_thresholds(custom) == {"en": 0.31, "multi": 0.26, "nolang": 0.26}
+    # a preset is an explicit choice: it replaces all three thresholds
+    both = cfg.with_overrides(["filter.thresholds.en=0.31", "filter.preset=laion400m"]).section("filter")
+    assert filter_stage.resolve_thresholds(both) == {"en": 0.30, "multi": 0.30, "nolang": 0.30}
+    with pytest.raises(ConfigError, match="filter.thresholds.multi is not set"):
+        filter_stage.resolve_thresholds(_section(cfg, thresholds={"en": 0.2, "multi": None, "nolang": 0.1}))
     with pytest.raises(ConfigError, match="not in filter.presets"):
         filter_stage.resolve_thresholds(_section(cfg, preset="laion9b"))
     with pytest.raises(ConfigError, match="unknown buckets"):
-        filter_stage.resolve_thresholds(_section(cfg, thresholds={"english": 0.3}))
+        filter_stage.resolve_thresholds(_section(cfg, thresholds={"en": 0.3, "multi": 0.3, "nolang": 0.3,
+                                                                  "english": 0.3}))
+    with pytest.raises(ConfigError, match="must be a number"):
+        filter_stage.resolve_thresholds(_section(cfg, thresholds={"en": "high", "multi": 0.3, "nolang": 0.3}))
 
 
 def test_build_settings_rejects_bad_config(cfg):
