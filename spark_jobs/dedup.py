@@ -74,30 +74,52 @@ def _ascii_lower(col):
 
 
 def _url_stripped(url):
+    """Surrounding whitespace and the fragment removed (plain string functions, no regex)."""
     from pyspark.sql import functions as F
-    ws = dedup_keys.whitespace_class("java")
-    u = F.regexp_replace(F.coalesce(url, F.lit("")), f"^{ws}+|{ws}+$", "")
-    return F.regexp_replace(u, "(?s)#.*", "")
+    u = F.trim(F.coalesce(url, F.lit("")), F.lit(dedup_keys.WHITESPACE_CHARS))
+    return F.substring_index(u, "#", 1)
 
 
-def _url_rebuilt(u):
-    """Scheme and host lower-cased (u: the stripped, fragment-free url)."""
+def _authority_prefix(u):
+    from pyspark.sql import functions as F
+    return F.regexp_extract(u, dedup_keys.AUTHORITY_PREFIX, 0)
+
+
+def _url_rebuilt(u, prefix):
+    """Scheme and host lower-cased. u: the stripped url; prefix: its `scheme://authority` ("" if
+    none). Without user-info (nearly always) that is one lower-casing of the prefix; with
+    user-info, the full pattern splits it off so it keeps its case."""
     from pyspark.sql import functions as F
     pattern = "(?s)^" + dedup_keys.URL_PATTERN + "$"
     parts = [F.regexp_extract(u, pattern, i) for i in (1, 2, 3, 4)]
-    rebuilt = F.concat(_ascii_lower(parts[0]), parts[1], _ascii_lower(parts[2]), parts[3])
-    return F.when(u.rlike(pattern), rebuilt).otherwise(u)
+    with_userinfo = F.concat(_ascii_lower(parts[0]), parts[1], _ascii_lower(parts[2]), parts[3])
+    plain = F.concat(_ascii_lower(prefix), u.substr(F.length(prefix) + 1, F.length(u)))
+    return (F.when(prefix == "", u)
+             .when(F.instr(prefix, "@") > 0, with_userinfo)
+             .otherwise(plain))
 
 
 def url_key_column(url):
     """udfs.dedup_keys.url_key as a Spark expression."""
-    return _url_rebuilt(_url_stripped(url))
+    u = _url_stripped(url)
+    return _url_rebuilt(u, _authority_prefix(u))
 
 
 def text_key_column(text):
+    """Every whitespace character -> space (translate, no regex), runs of spaces -> one (a regex
+    only when the text holds a double space), ends trimmed: the same as dedup_keys.normalize_text."""
+    return _text_collapsed(_text_spaces(text))
+
+
+def _text_spaces(text):
     from pyspark.sql import functions as F
-    ws = dedup_keys.whitespace_class("java")
-    return F.trim(F.regexp_replace(F.coalesce(text, F.lit("")), f"{ws}+", " "))
+    others = dedup_keys.WHITESPACE_CHARS.replace(" ", "")
+    return F.translate(F.coalesce(text, F.lit("")), others, " " * len(others))
+
+
+def _text_collapsed(t):
+    from pyspark.sql import functions as F
+    return F.trim(F.when(F.instr(t, "  ") > 0, F.regexp_replace(t, " {2,}", " ")).otherwise(t))
 
 
 def pair_key_column(url, text):
@@ -111,16 +133,19 @@ def with_key_digest(df, url: str, text: str | None, digest_col: str, shard_col: 
     shard (bloom.shard_of, in the JVM). Built in steps on temporary columns: Spark does not
     collapse projections that would repeat a costly expression, so each regex runs once per row."""
     from pyspark.sql import functions as F
-    tmp_u, tmp_k, tmp_h = f"{digest_col}__u", f"{digest_col}__k", f"{digest_col}__h"
+    tmp_u, tmp_p, tmp_t = f"{digest_col}__u", f"{digest_col}__p", f"{digest_col}__t"
+    tmp_k, tmp_h = f"{digest_col}__k", f"{digest_col}__h"
     df = df.withColumn(tmp_u, _url_stripped(F.col(url)))
-    key = _url_rebuilt(F.col(tmp_u))
+    df = df.withColumn(tmp_p, _authority_prefix(F.col(tmp_u)))
+    key = _url_rebuilt(F.col(tmp_u), F.col(tmp_p))
     if text is not None:
-        key = F.concat(key, F.lit("\t"), text_key_column(F.col(text)))
+        df = df.withColumn(tmp_t, _text_spaces(F.col(text)))
+        key = F.concat(key, F.lit("\t"), _text_collapsed(F.col(tmp_t)))
     df = df.withColumn(tmp_k, key).withColumn(tmp_h, F.sha2(F.col(tmp_k), 256))
     return (df.withColumn(digest_col, F.unhex(F.col(tmp_h)))
               .withColumn(shard_col, F.pmod(F.conv(F.substring(F.col(tmp_h), 1, 8), 16, 10).cast("long"),
                                             F.lit(int(shards))).cast("int"))
-              .drop(tmp_u, tmp_k, tmp_h))
+              .drop(tmp_u, tmp_p, tmp_t, tmp_k, tmp_h))
 
 
 # -- task-side functions (no Spark objects inside: they run in Python workers) --------------------
@@ -327,10 +352,8 @@ def open_filter(role: str, uri: str, key_kind: str, conf: dict, storage_options:
     if read is not None and read.shard_count != shards:
         log.info("%s filter has %d shards (config says %d): the filter's own count is used",
                  role, read.shard_count, shards)
+    # A number above every folder on disk: a fresh start never overwrites the damaged generations.
     write_gen = store.next_generation(read.generation if read else None) if writable else None
-    if write_gen is not None and reason is not None:
-        # A fresh start must not reuse numbers of the damaged generations.
-        write_gen = max(write_gen, (store.generations_on_disk() or [0])[-1] + 1)
     plan = store.plan(read, write_gen, fresh=(shards, expected_keys, fpr))
     return FilterState(role, uri, store, read, plan, reason, resumed)
 

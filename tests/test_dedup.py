@@ -57,7 +57,10 @@ def test_jvm_keys_digests_and_shards_match_python(spark):
              (" http://x.COM/Path ", "\u3000lead and trail\u205f"),
              ("//CDN.x/a#b", "t"), ("data:image/png;base64,AAAA#x", "t"), ("nohost", ""),
              (None, None), ("http://h.example/\u00e9\u00c9?Q#\n", "ÜNÏ\x1ccode"),
-             ("http://a.b/#", "multi\n\nline\r\ntext")]
+             ("http://a.b/#", "multi\n\nline\r\ntext"), ("HTTP://", "x"), ("Http://HOST?Q=A#y", "x"),
+             ("ftp://U@H.COM:21/A", "x"), ("http://a@b@C.com/D", "x"), ("\u3000https://A.b\u00a0", "x"),
+             ("mailto:X@Y.COM", "x"), ("http://[::FFFF]:80/P", "x"), ("h\nttp://X.y/", "x"),
+             ("http://x/", "   "), ("http://x/", "a \u2003\u2003 b  c\x0b"), ("http://x/", "")]
     df = spark.createDataFrame(cases, "url string, text string")
     df = (df.withColumn("pk", dedup.pair_key_column(F.col("url"), F.col("text")))
             .withColumn("uk", dedup.url_key_column(F.col("url"))))

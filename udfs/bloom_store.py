@@ -250,7 +250,11 @@ class BloomStore:
         """A number no folder uses yet: a dead run's unpublished folder is skipped, never reused
         or deleted (it is garbage, safe to remove by hand)."""
         on_disk = self.generations_on_disk()
-        unpublished = [g for g in on_disk if read_generation is None or g > read_generation]
+        try:
+            published = self.current_generation() or 0
+        except CorruptFilterError:
+            published = 0
+        unpublished = [g for g in on_disk if g > max(read_generation or 0, published)]
         if unpublished:
             log.warning("filter store %s has unpublished generation folders %s (left by runs that "
                         "did not finish); they are ignored", self.root, unpublished)

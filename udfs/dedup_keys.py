@@ -30,8 +30,11 @@ WHITESPACE_RANGES = ((0x09, 0x0D), (0x1C, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x
 _UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _LOWER = "abcdefghijklmnopqrstuvwxyz"
 _ASCII_LOWER = str.maketrans(_UPPER, _LOWER)
+WHITESPACE_CHARS = "".join(chr(c) for a, b in WHITESPACE_RANGES for c in range(a, b + 1))
 # Groups: scheme, "//" + user-info (optional, kept as is), host[:port], rest (path, query).
 URL_PATTERN = r"([A-Za-z][A-Za-z0-9+.\-]*:)(//[^/?#@]*@|//)([^/?#]*)(.*)"
+# scheme://authority: the part lower-cased when it holds no user-info (the usual case, one regex).
+AUTHORITY_PREFIX = r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*"
 
 
 def whitespace_class(dialect: str = "python") -> str:
