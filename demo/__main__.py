@@ -78,8 +78,7 @@ def run_demo(images: int, wat_files: int, out: Path, overrides: list[str], query
 
     from reporting.report import build_report
 
-    report = build_report(str(root), cfg.get("run.datasets"), cfg.get("filter.subsets"),
-                          cfg.get("filter.thresholds"), str(out / "report"))
+    report = build_report(str(root), cfg.get("run.datasets"), cfg.get("filter.subsets"), str(out / "report"))
     en_subset = cfg.get("filter.subsets.en")
     hits = search.search(cfg, argparse.Namespace(
         index=str(root / cfg.get("run.datasets.build-index")), subset=en_subset, text=query, image=None,

@@ -243,10 +243,16 @@ def _funnel_table(funnel: list[StageFunnel]) -> str:
 
 
 def build_report(root: str, datasets: dict[str, str], subsets: dict[str, str],
-                 thresholds: dict[str, float], out_dir: str | None = None) -> str:
+                 out_dir: str | None = None) -> str:
     out = Path(out_dir or os.path.join(root, "report"))
     out.mkdir(parents=True, exist_ok=True)
     facts = collect(root, datasets, subsets)
+    # The thresholds the filter really applied (presets resolved), from its stats.
+    filter_stats = os.path.join(root, datasets["filter"], "_stats", "stats.json")
+    thresholds: dict[str, float] = {}
+    if os.path.exists(filter_stats):
+        with open(filter_stats, encoding="utf-8") as fh:
+            thresholds = json.load(fh).get("thresholds") or {}
     charts = _charts(facts, thresholds, out)
     subset_list = "".join(f"<li><code>{html.escape(k)}</code>: {v} pairs</li>" for k, v in facts["subsets"].items())
     captions = {

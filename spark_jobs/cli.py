@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from types import ModuleType
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def main_for_stage(module: ModuleType, argv: list[str] | None = None) -> int:
     """Entry point of `spark-submit spark_jobs/<stage>.py ARGS`: the stage's own parser."""
-    parser = argparse.ArgumentParser(prog=f"spark_jobs/{module.__name__.rsplit('.', 1)[-1]}.py",
+    parser = argparse.ArgumentParser(prog=f"spark_jobs/{os.path.basename(module.__file__)}",
                                      description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)

@@ -33,8 +33,7 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
     root = args.root or cfg.get("storage.root")
     if fsio.is_remote(root):
         raise ConfigError("the report reads a local run root; copy the datasets locally first")
-    path = build_report(root, cfg.get("run.datasets"), cfg.get("filter.subsets"),
-                        cfg.get("filter.thresholds"), args.output)
+    path = build_report(root, cfg.get("run.datasets"), cfg.get("filter.subsets"), args.output)
     return {"report": path}
 
 
