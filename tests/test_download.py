@@ -131,7 +131,7 @@ def test_opt_out_body_is_never_read(server, cfg):
     t0 = time.monotonic()
     res = fetcher.fetch(server.url("/robots-noai.jpg"))
     assert res.status == "opted_out" and res.body is None
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 1.5   # margin for a loaded machine, still under the 2 s body delay
 
 
 def test_retry_after_is_honoured(server, cfg):
