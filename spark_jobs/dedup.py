@@ -148,6 +148,32 @@ def with_key_digest(df, url: str, text: str | None, digest_col: str, shard_col: 
               .drop(tmp_u, tmp_p, tmp_t, tmp_k, tmp_h))
 
 
+def shard_partitioning(spark, df, shard_col: str, part_col: str, shards: int):
+    """Repartition so that partition i holds exactly the rows of shard i.
+
+    `repartition(n, shard)` would hash the shard number, leaving some partitions with two or three
+    shards and others empty. Spark's hash partitioning is pmod(hash(col), n), so for each shard we
+    pick a long whose hash lands in that shard's partition (a tiny driver-side search) and
+    partition by that value instead: one shard per task, balanced, and the downstream window on
+    (part_col, digest) needs no further shuffle."""
+    from pyspark.sql import functions as F
+    found: dict[int, int] = {}
+    span = 64 * shards
+    start = 0
+    while len(found) < shards:
+        rows = (spark.range(start, start + span)
+                .select(F.pmod(F.hash("id"), F.lit(shards)).alias("p"), F.col("id"))
+                .groupBy("p").agg(F.min("id").alias("v")).collect())
+        for r in rows:
+            found.setdefault(int(r["p"]), int(r["v"]))
+        start += span
+        if start > 10_000 * shards:
+            raise RuntimeError(f"no hash-partition value found for {shards - len(found)} shards")
+    values = F.array(*[F.lit(found[s]).cast("long") for s in range(shards)])
+    return (df.withColumn(part_col, F.element_at(values, F.col(shard_col) + 1))
+              .repartition(shards, part_col))
+
+
 # -- task-side functions (no Spark objects inside: they run in Python workers) --------------------
 
 def _digest_words(arr):
@@ -167,7 +193,8 @@ def _digest_words(arr):
 
 
 def _shard_runs(shards) -> Iterator[tuple[int, int, int]]:
-    """(shard, start, stop) for runs of equal shard in a sorted batch."""
+    """(shard, start, stop) for runs of equal shard in a batch (a partition holds one shard, so
+    normally one run; the cursor refuses a shard that comes back after another)."""
     import numpy as np
     if len(shards) == 0:
         return
@@ -180,7 +207,7 @@ def _shard_runs(shards) -> Iterator[tuple[int, int, int]]:
 
 class _ShardCursor:
     """Walks the shards of one partition in order, loading one shard at a time. A shard that
-    shows up again after the cursor moved on is a bug in the plan (rows not sorted by shard)."""
+    shows up again after the cursor moved on is a bug in the plan (see shard_partitioning)."""
 
     def __init__(self, plan: ShardPlan, writable: bool):
         self.plan, self.writable = plan, writable
@@ -396,7 +423,7 @@ def add_failed(spark, conf: dict, storage_options: dict, images: str, failed_uri
                         int(conf["failed_shards"]), int(conf["failed_expected_keys"]), writable=True)
     n = state.plan.shard_count
     keyed = with_key_digest(failed, "url", None, "_digest", "_shard", n)
-    keyed = keyed.select("_shard", "_digest").repartition(n, "_shard").sortWithinPartitions("_shard")
+    keyed = shard_partitioning(spark, keyed.select("_shard", "_digest"), "_shard", "_part", n)
     out_schema = T.StructType([T.StructField("shard", T.IntegerType()),
                                T.StructField("keys_in", T.LongType()),
                                T.StructField("keys_new", T.LongType())])
@@ -457,18 +484,18 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
     if failed is not None:
         fn = failed.plan.shard_count
         df = with_key_digest(df, "url", None, "_url_digest", "_url_shard", fn)
-        df = df.repartition(fn, "_url_shard").sortWithinPartitions("_url_shard")
+        df = shard_partitioning(spark, df, "_url_shard", "_url_part", fn)
         df = df.mapInArrow(failed_test_fn(failed.plan),
                            T.StructType([*df.schema.fields, T.StructField("_failed", T.BooleanType())]))
-        df = df.drop("_url_digest", "_url_shard")
+        df = df.drop("_url_digest", "_url_shard", "_url_part")
     else:
         df = df.withColumn("_failed", F.lit(False))
 
-    # One shuffle: rows hash-partitioned by shard; the window's (shard, digest) clustering is then
-    # already satisfied, and its sort leaves each partition ordered by shard for the Bloom join.
+    # One shuffle: partition i = shard i; the window's (part, digest) clustering is then already
+    # satisfied (part <-> shard is one-to-one), and the Bloom join sees one shard per task.
     order = [F.col(c).asc_nulls_last() for c in REPRESENTATIVE_ORDER]
-    w = Window.partitionBy("_shard", "_digest").orderBy(*order)
-    df = (df.repartition(shards, "_shard")
+    w = Window.partitionBy("_part", "_digest").orderBy(*order)
+    df = (shard_partitioning(spark, df, "_shard", "_part", shards)
             .withColumn("_rank", F.row_number().over(w))
             .withColumn("_kept_uid", F.first("uid").over(w)))
     if seen is not None:

@@ -76,6 +76,19 @@ def test_jvm_keys_digests_and_shards_match_python(spark):
             assert shard == int(bloom.shard_of(words, count)[0])
 
 
+def test_shard_partitioning_puts_exactly_one_shard_in_each_partition(spark):
+    from pyspark.sql import functions as F
+
+    df = spark.range(3000).select(F.col("id").cast("string").alias("url"), F.lit("t").alias("text"))
+    df = dedup.with_key_digest(df, "url", "text", "_digest", "_shard", 7)
+    parts = dedup.shard_partitioning(spark, df, "_shard", "_part", 7)
+    assert parts.rdd.getNumPartitions() == 7
+    per_partition = (parts.groupBy(F.spark_partition_id().alias("p"))
+                     .agg(F.countDistinct("_shard").alias("n"), F.min("_shard").alias("s")).collect())
+    assert sorted((r.p, r.n) for r in per_partition) == [(i, 1) for i in range(7)]
+    assert all(r.p == r.s for r in per_partition)
+
+
 @pytest.mark.slow
 def test_exact_dedup_keeps_the_earliest_then_smallest_uid(spark, dcfg, tmp_path):
     rows = [pair(i) for i in range(200)]
