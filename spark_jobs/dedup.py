@@ -481,7 +481,7 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
     df = datasets.conform(datasets.read_dataset(spark, args.input, WAT_PAIRS), WAT_PAIRS)
     df = with_key_digest(df, "url", "text", "_digest", "_shard", shards)
 
-    if failed is not None:
+    if failed is not None and failed.read is not None:  # an empty failed-URL filter needs no pass
         fn = failed.plan.shard_count
         df = with_key_digest(df, "url", None, "_url_digest", "_url_shard", fn)
         df = shard_partitioning(spark, df, "_url_shard", "_url_part", fn)
