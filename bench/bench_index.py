@@ -157,11 +157,13 @@ def serve_latency(index_root: Path, requests: int, threads: int, max_seconds: fl
             "requests": len(lat), "errors": len(errors), "qps": len(lat) / wall}
 
 
-def run(work: Path, quick: bool) -> list[dict]:
+def run(work: Path, quick: bool, n: int | None = None) -> list[dict]:
+    """Full run: 1M vectors (about an hour on 2 shared cores: two HNSW32 builds); --quick: 20k.
+    `python -m bench.bench_index --n 200000` runs another size."""
     from udfs import knn
 
-    n = 20_000 if quick else 1_000_000
-    parts = 2 if quick else 10
+    n = n or (20_000 if quick else 1_000_000)
+    parts = max(2, min(10, n // 100_000))
     emb = work / f"vectors_{n}" / "img_emb"
     make_vectors(emb, n, parts)
     ours = run_child("ours", emb, work / "ours")
@@ -237,7 +239,12 @@ def _write_bench_ids(path: Path, n: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--child", nargs=3, metavar=("KIND", "EMB", "OUT"))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "EMB", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help="number of vectors (default 1M)")
+    parser.add_argument("--work", default=str(REPO / "bench" / "work" / "index"))
     args = parser.parse_args()
-    _child(*args.child)
+    if args.child:
+        _child(*args.child)
+    else:
+        print(json.dumps(run(Path(args.work), False, args.n), indent=2))
