@@ -213,9 +213,7 @@ def run(spark, cfg, args) -> dict:
         found = fsio.expand([pattern], storage_options)
         if not found:
             raise datasets.InputError(f"no shard metadata ({pattern}) in {images}: is it a download output?")
-        df = spark.read.parquet(pattern)
-        datasets.check_schema(df, IMAGES_METADATA, pattern)
-        df = datasets.conform(df, IMAGES_METADATA)
+        df = datasets.conform(datasets.read_dataset(spark, pattern, IMAGES_METADATA), IMAGES_METADATA)
         part_col = F.floor(F.coalesce(F.col("shard"), F.lit(-per_file)) / F.lit(per_file))
         n_parts = max(1, df.select(part_col.alias("p")).distinct().count())
 

@@ -101,14 +101,16 @@ def _read_parquet(spark: SparkSession, path: str) -> DataFrame:
 def read_dataset(spark: SparkSession, path: str, spec: DatasetSpec) -> DataFrame:
     """Read a parquet dataset and check it against `spec`.
 
-    A missing path or a schema mismatch raises InputError with a clear message. A folder with no
+    `path` is a folder or a glob of files (e.g. download's `<images>/*.parquet`). A missing path,
+    an unreadable (corrupt) file or a schema mismatch raises InputError with a clear message. A folder with no
     data files is an empty input: it yields an empty DataFrame of the declared schema (the stage
     then writes empty outputs and stats saying 0 rows) rather than Spark's "unable to infer schema".
     """
-    if not fsio.exists(path):
+    is_glob = any(ch in path for ch in "*?[")
+    if not (fsio.expand([path]) if is_glob else fsio.exists(path)):
         raise InputError(f"input dataset '{spec.name}' not found at {path}")
     try:
-        df = _read_parquet(spark, path)
+        df = spark.read.parquet(path) if is_glob else _read_parquet(spark, path)
     except Exception as exc:  # noqa: BLE001 - Spark raises AnalysisException subclasses
         message = str(exc)
         if "UNABLE_TO_INFER_SCHEMA" in message or "Unable to infer schema" in message:

@@ -29,7 +29,7 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 
-from spark_jobs import cli, datasets  # noqa: E402
+from spark_jobs import cli, datasets, faults  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import DOWNLOAD_INPUT, IMAGES_METADATA  # noqa: E402
 from udfs import fsio  # noqa: E402
@@ -102,7 +102,7 @@ def check_plan(output: str, plan: dict, storage_options: dict | None) -> None:
 
 
 def _shard_task(section: dict, output: str, storage_options: dict | None, digits: int,
-                retry_from: str | None):
+                retry_from: str | None, fault: dict | None = None):
     """The mapPartitionsWithIndex function: one partition holds one shard's rows."""
 
     def run_partition(_index, items):
@@ -126,6 +126,8 @@ def _shard_task(section: dict, output: str, storage_options: dict | None, digits
             return iter(())
         previous_tar = fsio.join(retry_from, shard_name(shard) + ".tar") if retry_from else None
         stats = ShardJob(section, output, storage_options).run(shard, rows, previous_tar)
+        # Resilience tests: the task dies after its files are written; Spark's retry rewrites them.
+        faults.maybe_fail(fault, NAME)
         return iter([json.dumps(stats)])
 
     return run_partition
@@ -207,7 +209,8 @@ def run(spark, cfg, args) -> dict:
     if todo:
         with timer.phase("download"):
             done_b = frozenset(done)
-            task = _shard_task(section, output, storage_options, digits, args.retry_failed)
+            task = _shard_task(section, output, storage_options, digits, args.retry_failed,
+                               faults.fault_spec(cfg))
             results = (keyed.filter(lambda kv: kv[0] not in done_b)
                        .partitionBy(num_shards, lambda shard: shard)
                        .mapPartitionsWithIndex(task)

@@ -15,11 +15,12 @@ TEST_FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 @pytest.fixture(scope="session")
 def cfg():
-    """The local profile with test-sized Spark settings."""
+    """The local profile with test-sized Spark settings. `local[2,2]`: two cores, and a failed task
+    is retried once, as on a cluster (tests/test_resilience.py injects such a failure)."""
     from spark_jobs.config import load_config
 
     return load_config("local", overrides=[
-        "spark.master=local[2]",
+        "spark.master=local[2,2]",
         "spark.conf.spark.sql.shuffle.partitions=4",
         "spark.conf.spark.driver.memory=2g",
         "spark.conf.spark.ui.enabled=false",
