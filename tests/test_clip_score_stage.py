@@ -98,3 +98,21 @@ def test_stage_with_no_success_rows_and_errors(spark, cfg, tmp_path):
     with pytest.raises(ConfigError, match="checkpoint not found"):
         _run(spark, cfg, tmp_path / "images", tmp_path / "x",
              ["clip.model=ViT-B-32", f"clip.pretrained={tmp_path / 'missing.pt'}"])
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_found_in_the_worker_is_a_config_error(spark, cfg, tmp_path):
+    """The driver only checks that the files exist; the worker that loads a corrupt checkpoint
+    fails the job, and the stage reports it as one clear configuration error."""
+    import shutil
+
+    from tests.test_clip_model import TINY
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(TINY / "open_clip_config.json", folder)
+    (folder / "open_clip_model.safetensors").write_bytes(b"\x00" * 100)
+    write_images_folder(tmp_path / "images", [[Row("red", "circle")]])
+    with pytest.raises(ConfigError, match="corrupt checkpoint"):
+        _run(spark, cfg, tmp_path / "images", tmp_path / "scored", [f"clip.model=local-dir:{folder}"])
+    assert not datasets.is_complete(str(tmp_path / "scored"))
