@@ -29,7 +29,7 @@ setup(
     packages=["spark_jobs", "udfs", "spark_jobs.conf", "reporting", "serving"],
     # conf/ ships inside the package so a wheel or --py-files zip finds base.yaml and the profiles.
     package_dir={"spark_jobs.conf": "conf"},
-    package_data={"spark_jobs.conf": ["*.yaml", "gpu/*.sh"], "serving": ["static/*.html"]},
+    package_data={"spark_jobs.conf": ["*.yaml", "presets/*.yaml", "gpu/*.sh"], "serving": ["static/*.html"]},
     install_requires=requirements(),
     entry_points={"console_scripts": ["clipcrawl=spark_jobs.cli:main"]},
 )
