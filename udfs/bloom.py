@@ -187,7 +187,7 @@ class BloomFilter:
         out = bytearray(HEADER_SIZE + self.bits.size)
         out[:HEADER.size] = head
         out[HEADER.size:HEADER_SIZE] = struct.pack("<I", zlib.crc32(head))
-        out[HEADER_SIZE:] = payload
+        np.frombuffer(out, dtype=np.uint8, offset=HEADER_SIZE)[:] = self.bits  # memcpy, no temporary
         return out
 
     @staticmethod
