@@ -70,7 +70,7 @@ def _child(kind: str, emb: str, out: str) -> None:
         infos.update(knn.measure_recall(index, _parts(Path(emb)), "image", params.recall_sample,
                                         params.recall_k, params.seed, params.metric_type, None,
                                         params.min_recall, params.recall_tuning_steps,
-                                        infos.get("index_param")))
+                                        infos.get("index_param"), params.recall_tuning_max_query_ms))
     else:
         from autofaiss import build_index
 

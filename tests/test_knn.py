@@ -193,6 +193,12 @@ def test_low_recall_search_parameters_are_widened_to_the_goal(tmp_path, cfg):
 
     assert faiss.extract_index_ivf(index.indices["image"]).nprobe == int(on["index_param"].split("=")[1])
 
+    # A query-time cap stops the widening: the parameters within the cap are kept and it says why.
+    _build(cfg, tmp_path / "dataset", tmp_path / "capped", *base, "index.recall_tuning_max_query_ms=0.000001")
+    capped = json.loads((tmp_path / "capped" / "laion2B-en" / "index_infos.json").read_text())["indices"]["image"]
+    assert capped["index_param"] == "nprobe=1" and "would take" in capped["recall_tuning_stopped"]
+    assert capped["recall@10"] == off["recall@10"]
+
 
 def test_build_index_command_line(tmp_path, capsys):
     """`spark-submit spark_jobs/knn_index.py ...` / `clipcrawl build-index` argument handling."""

@@ -185,6 +185,7 @@ class BuildParams:
     recall_k: int = 10
     min_recall: float | None = 0.95
     recall_tuning_steps: int = 6
+    recall_tuning_max_query_ms: float | None = 50.0
     seed: int = 0
 
     @classmethod
@@ -300,14 +301,15 @@ def sample_queries(parts: list[EmbeddingPart], kind: str, sample: int, seed: int
 def measure_recall(index, parts: list[EmbeddingPart], kind: str, sample: int, k: int, seed: int,
                    metric: str = "ip", storage_options: dict | None = None,
                    min_recall: float | None = None, tuning_steps: int = 0,
-                   index_param: str | None = None) -> dict:
+                   index_param: str | None = None, max_query_ms: float | None = None) -> dict:
     """Recall@k of `index` against exact flat search, with `sample` of the subset's own vectors as
     queries (the queries a user sends are CLIP vectors from the same distribution).
 
     autofaiss tunes nprobe/efSearch for a query-time budget only, and on a busy machine its timing
     runs pick low values and recall drops (we measured 0.91 on random vectors). With `min_recall`
-    set, the search parameters are doubled (up to `tuning_steps` times) until recall reaches it;
-    the parameters used are returned as `index_param` (autofaiss's own as `autofaiss_index_param`).
+    set, the search parameters are doubled (up to `tuning_steps` times) until recall reaches it,
+    unless a doubling would cost more than `max_query_ms` per query (batched timing); the
+    parameters used are returned as `index_param` (autofaiss's own as `autofaiss_index_param`).
     """
     queries = sample_queries(parts, kind, sample, seed, storage_options)
     if len(queries) == 0:
@@ -329,11 +331,17 @@ def measure_recall(index, parts: list[EmbeddingPart], kind: str, sample: int, k:
             if wider is None:
                 break
             apply_index_param(index, wider)
-            t1 = time.time()
-            _, approx = index.search(queries, k)
-            t2 = time.time()
-            param, recall = wider, recall_at_k(approx, exact, k)
-            log.info("search parameters %s: recall@%d %.4f", param, k, recall)
+            t3 = time.time()
+            _, wider_approx = index.search(queries, k)
+            t4 = time.time()
+            ms = 1000 * (t4 - t3) / len(queries)
+            if max_query_ms is not None and ms > max_query_ms:
+                apply_index_param(index, param)  # keep the last parameters within the cap
+                out["recall_tuning_stopped"] = (f"{wider} would take {ms:.1f} ms per query "
+                                                f"(cap index.recall_tuning_max_query_ms={max_query_ms})")
+                break
+            param, recall, t1, t2 = wider, recall_at_k(wider_approx, exact, k), t3, t4
+            log.info("search parameters %s: recall@%d %.4f, %.2f ms per query", param, k, recall, ms)
             if recall >= min_recall:
                 break
     if param:
@@ -401,7 +409,7 @@ def build_subset(subset_root: str, output: str, params: BuildParams,
             kind_infos.update(measure_recall(
                 index, parts, kind, params.recall_sample, params.recall_k, params.seed,
                 params.metric_type, storage_options, params.min_recall, params.recall_tuning_steps,
-                kind_infos.get("index_param")))
+                kind_infos.get("index_param"), params.recall_tuning_max_query_ms))
             kind_infos.pop("index_path", None)  # the scratch path, meaningless after the copy
             kind_infos["index_file"] = INDEX_FILES[kind]
             kind_infos["dim"] = int(index.d)
