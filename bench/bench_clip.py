@@ -28,7 +28,7 @@ A100_VIT_B32 = 2500.0   # clip-retrieval: ViT-B/32 images/s on one A100 (LAION-R
 def _images(work: Path, n: int, shard_size: int = 512) -> Path:
     from tests.gen.image_shards import mixed_rows, write_images_folder
 
-    folder = work / f"images_{n}"
+    folder = work / f"images_{n}_{shard_size}"
     if not (folder / "00000.parquet").exists():
         rows = mixed_rows(n, seed=3, mismatch_every=2)
         for r in rows:
@@ -119,7 +119,7 @@ def _spark_stage(work: Path, folder: Path, model_overrides: list[str], batch_siz
     from spark_jobs.config import load_config
     from spark_jobs.session import get_spark
 
-    cfg = load_config("local", overrides=["spark.master=local[2]", "spark.conf.spark.ui.enabled=false",
+    cfg = load_config("local", overrides=["spark.master=local[1]", "spark.conf.spark.ui.enabled=false",
                                           "spark.conf.spark.ui.showConsoleProgress=false",
                                           f"clip.batch_size={batch_size}", *model_overrides])
     spark = get_spark(cfg, "bench-clip")
@@ -165,18 +165,25 @@ def _run(work: Path, quick: bool) -> list[dict]:
     raw_vit = figures[-2]["peer_value"]
     decode_rate = figures[-1]["value"]
     if not quick:
-        res = _spark_stage(work, vit_folder, ["clip.model=ViT-B-32", "clip.pretrained=null"], 64)
+        # local[1]: one task slot with one torch thread, the same resources as the raw forward pass (on
+        # this shared 2-core machine two concurrent tasks would measure the other tenants, not us);
+        # two shards, so the worker's second task reuses the cached model
+        res = _spark_stage(work, _images(work, vit_n, vit_n // 2), ["clip.model=ViT-B-32", "clip.pretrained=null"], 64)
         scored = res["stats"]["scored"]
         stage_seconds = res["stats"]["phase_seconds"].get("score and write", res["seconds"])
         t = res["stats"]["tasks"]["task_seconds"]
-        limit = 2 * raw_vit   # two task slots, one torch thread each
+        limit = raw_vit
+        steady = scored / max(1e-9, stage_seconds - t["model_load"])
+        in_task = scored / t["inference"] if t["inference"] else 0.0
         figures.append({
-            "name": f"ViT-B-32 (random init) clip-score stage, Spark local[2], {scored} images",
+            "name": f"ViT-B-32 (random init) clip-score stage, Spark local[1], {scored} images",
             "value": round(scored / stage_seconds, 1), "unit": "images/s",
-            "peer": "raw forward x 2 task slots (1 thread each)", "peer_value": round(limit, 1),
+            "peer": "raw open_clip forward, same model/batch/run", "peer_value": round(limit, 1),
             "ratio": round(scored / stage_seconds / limit, 3), "goal": ">= 0.9",
             "note": (f"whole Spark job (metadata read, 2 tasks, parquet + npy writes), including the model load in "
-                     f"each new Python worker ({t['model_load']:.1f}s summed over workers); summed task seconds: "
+                     f"the Python worker ({t['model_load']:.1f}s; a fixed cost per worker that 10,000-image shards "
+                     f"amortise: without it {steady:.1f} images/s, ratio {steady / limit:.2f}); forward passes "
+                     f"inside the task ran at {in_task:.1f} images/s; summed task seconds: "
                      f"read {t['read']:.2f}, preprocess {t['preprocess']:.2f}, inference {t['inference']:.2f}, "
                      f"wait {t['wait']:.2f}, write {t['write']:.2f}")})
     figures.append({
