@@ -249,6 +249,9 @@ def run(spark, cfg, args) -> dict:
                   "multilingual_model": clip_cfg.get("multilingual_model"),
                   "batch_size": clip_cfg.get("batch_size"), "precision": clip_cfg.get("precision")},
         "rows": sum(status_counts.values()), "status_counts": status_counts,
+        # as download's stats: output_rows are the useful rows (scored); every input row is still
+        # written, with its status
+        "input_rows": sum(status_counts.values()), "output_rows": int(sim["n"]),
         "scored": int(sim["n"]), "scored_multilingual": int(sim["n_multi"]),
         "similarity": {"mean": sim["mean"], "min": sim["min"], "max": sim["max"]},
         "retrieval_layout": layout, "tasks": tasks,

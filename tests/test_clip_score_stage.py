@@ -37,7 +37,8 @@ def test_stage_contract(spark, cfg, tmp_path):
     assert stats["rows"] == len(meta) == 16
     assert stats["status_counts"] == {"success": 11, "failed_to_download": 1, "failed_to_decode": 1,
                                       "missing_from_shard": 1, "too_small": 1, "opted_out": 1}
-    assert stats["scored"] == 11 and stats["retrieval_layout"] == {"parts": 2, "rows": 11}
+    assert stats["scored"] == stats["output_rows"] == 11 and stats["input_rows"] == 16
+    assert stats["retrieval_layout"] == {"parts": 2, "rows": 11}
     assert stats["tasks"]["images_scored"] == 11
     for phase in ("read", "preprocess", "inference", "write"):
         assert phase in stats["tasks"]["task_seconds"]
