@@ -51,7 +51,7 @@ bench: install
 	$(PY) -m bench
 
 lint: install
-	$(VENV)/bin/ruff check spark_jobs udfs serving tests bench demo notebooks
+	$(VENV)/bin/ruff check spark_jobs udfs serving reporting tests bench demo notebooks
 
 package: install
 	rm -rf dist build
