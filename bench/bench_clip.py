@@ -153,6 +153,7 @@ def _run(work: Path, quick: bool) -> list[dict]:
     threads = torch.get_num_threads()
     figures: list[dict] = []
     tiny_n, vit_n, repeats = (256, 64, 1) if quick else (2048, 256, 2)
+    stage_n = 512   # the Spark figure: more images, so fixed costs (job setup, model load) weigh less
     tiny = clip_model.load_clip("local-dir:tests/fixtures/tiny_clip", None, device="cpu")
     figures += _compare("tiny_clip", tiny, _images(work, tiny_n), 256, repeats,
                         f"tiny 2-layer width-64 ViT at 32 px; torch threads {threads}. Its forward pass costs less "
@@ -168,17 +169,23 @@ def _run(work: Path, quick: bool) -> list[dict]:
         # local[1]: one task slot with one torch thread, the same resources as the raw forward pass (on
         # this shared 2-core machine two concurrent tasks would measure the other tenants, not us);
         # two shards, so the worker's second task reuses the cached model
-        res = _spark_stage(work, _images(work, vit_n, vit_n // 2), ["clip.model=ViT-B-32", "clip.pretrained=null"], 64)
+        stage_folder = _images(work, stage_n, stage_n // 2)
+        # the limit again, right before the Spark run (this machine's load drifts within minutes)
+        images, tokens, _ = _preprocessed(vit, vit_folder, _frame(vit_folder))
+        raw_before = _raw(vit, images, tokens, 64)
+        del images, tokens
+        res = _spark_stage(work, stage_folder, ["clip.model=ViT-B-32", "clip.pretrained=null"], 64)
         scored = res["stats"]["scored"]
         stage_seconds = res["stats"]["phase_seconds"].get("score and write", res["seconds"])
         t = res["stats"]["tasks"]["task_seconds"]
-        limit = raw_vit
+        limit = (raw_vit + raw_before) / 2
         steady = scored / max(1e-9, stage_seconds - t["model_load"])
         in_task = scored / t["inference"] if t["inference"] else 0.0
         figures.append({
             "name": f"ViT-B-32 (random init) clip-score stage, Spark local[1], {scored} images",
             "value": round(scored / stage_seconds, 1), "unit": "images/s",
-            "peer": "raw open_clip forward, same model/batch/run", "peer_value": round(limit, 1),
+            "peer": "raw open_clip forward, same model/batch/run (mean of two measurements)",
+            "peer_value": round(limit, 1),
             "ratio": round(scored / stage_seconds / limit, 3), "goal": ">= 0.9",
             "note": (f"whole Spark job (metadata read, 2 tasks, parquet + npy writes), including the model load in "
                      f"the Python worker ({t['model_load']:.1f}s; a fixed cost per worker that 10,000-image shards "
