@@ -107,10 +107,11 @@ def read_dataset(spark: SparkSession, path: str, spec: DatasetSpec) -> DataFrame
     then writes empty outputs and stats saying 0 rows) rather than Spark's "unable to infer schema".
     """
     is_glob = any(ch in path for ch in "*?[")
-    if not (fsio.expand([path]) if is_glob else fsio.exists(path)):
+    files = fsio.expand([path]) if is_glob else []   # Spark given a glob logs a spurious stack trace
+    if not (files if is_glob else fsio.exists(path)):
         raise InputError(f"input dataset '{spec.name}' not found at {path}")
     try:
-        df = spark.read.parquet(path) if is_glob else _read_parquet(spark, path)
+        df = spark.read.parquet(*files) if is_glob else _read_parquet(spark, path)
     except Exception as exc:  # noqa: BLE001 - Spark raises AnalysisException subclasses
         message = str(exc)
         if "UNABLE_TO_INFER_SCHEMA" in message or "Unable to infer schema" in message:
