@@ -112,21 +112,9 @@ def test_damage_is_reported_not_emptied(tmp_path):
 
 
 @pytest.fixture
-def s3_store():
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x",
-                 aws_secret_access_key="x").create_bucket(Bucket="filters")
-    options = {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": endpoint,
-                                                            "region_name": "us-east-1"}}
-    yield "s3://filters/seen", options
-    server.stop()
-
+def s3_store(moto_s3):
+    moto_s3.bucket("filters")
+    return "s3://filters/seen", moto_s3.options
 
 def test_store_on_s3(s3_store):
     uri, options = s3_store

@@ -125,29 +125,16 @@ def test_checkpoint_path_for_a_named_config_and_wrong_architecture(tmp_path):
         clip_model.load_clip("clipcrawl-tiny-wide-test", str(ckpt), device="cpu")
 
 
-def test_checkpoint_from_s3(tmp_path):
+def test_checkpoint_from_s3(moto_s3):
     """A local-dir model folder on S3 (moto on loopback) is fetched once to a temp folder."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x",
-                          region_name="us-east-1")
-        s3.create_bucket(Bucket="models")
-        bucket_dir = f"tiny-{random.randrange(10**9)}"
-        for f in ("open_clip_config.json", "open_clip_model.safetensors"):
-            s3.upload_file(str(TINY / f), "models", f"{bucket_dir}/{f}")
-        opts = {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        model = clip_model.load_clip(f"local-dir:s3://models/{bucket_dir}", None, device="cpu",
-                                     storage_options=opts)
-        ref = clip_model.load_clip(TINY_SPEC, None, device="cpu")
-        np.testing.assert_allclose(model.encode_texts(["a red star"]), ref.encode_texts(["a red star"]), atol=1e-6)
-    finally:
-        server.stop()
+    moto_s3.bucket("models")
+    bucket_dir = f"tiny-{random.randrange(10**9)}"
+    for f in ("open_clip_config.json", "open_clip_model.safetensors"):
+        moto_s3.client.upload_file(str(TINY / f), "models", f"{bucket_dir}/{f}")
+    model = clip_model.load_clip(f"local-dir:s3://models/{bucket_dir}", None, device="cpu",
+                                 storage_options=moto_s3.options)
+    ref = clip_model.load_clip(TINY_SPEC, None, device="cpu")
+    np.testing.assert_allclose(model.encode_texts(["a red star"]), ref.encode_texts(["a red star"]), atol=1e-6)
 
 
 def test_cached_clip_builds_once_per_process():

@@ -301,28 +301,17 @@ def test_failed_url_filter_fed_from_download_metadata(spark, dcfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_seen_filter_on_s3_through_fsspec(spark, dcfg, tmp_path):
+def test_seen_filter_on_s3_through_fsspec(spark, dcfg, tmp_path, moto_s3):
     """Tasks load and write their shards on S3 (a moto server on loopback); Spark's own parquet IO
     stays local, as in the rest of the suite."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x",
-                     aws_secret_access_key="x").create_bucket(Bucket="filters")
-        cfg = dcfg.with_overrides(["storage.storage_options.key=x", "storage.storage_options.secret=x",
-                                   "storage.storage_options.client_kwargs={endpoint_url: '%s', "
-                                   "region_name: us-east-1}" % endpoint])
-        src = write_input(spark, tmp_path / "in", [pair(i) for i in range(300)])
-        s1 = run_dedup(spark, cfg, "--input", src, "--output", tmp_path / "o1", "--seen", "s3://filters/seen")
-        s2 = run_dedup(spark, cfg, "--input", src, "--output", tmp_path / "o2", "--seen", "s3://filters/seen")
-        assert s1["output_rows"] == 300 and s2["output_rows"] == 0 and s2["bloom_drops"] == 300
-        store = BloomStore("s3://filters/seen", "pair", cfg.get("storage.storage_options"))
-        assert store.current_generation() == 2
-        store.verify(store.manifest(2), full=True)
-    finally:
-        server.stop()
+    moto_s3.bucket("dedup-filters")
+    cfg = dcfg.with_overrides(["storage.storage_options.key=testing", "storage.storage_options.secret=testing",
+                               "storage.storage_options.client_kwargs={endpoint_url: '%s', "
+                               "region_name: us-east-1}" % moto_s3.endpoint])
+    src = write_input(spark, tmp_path / "in", [pair(i) for i in range(300)])
+    s1 = run_dedup(spark, cfg, "--input", src, "--output", tmp_path / "o1", "--seen", "s3://dedup-filters/seen")
+    s2 = run_dedup(spark, cfg, "--input", src, "--output", tmp_path / "o2", "--seen", "s3://dedup-filters/seen")
+    assert s1["output_rows"] == 300 and s2["output_rows"] == 0 and s2["bloom_drops"] == 300
+    store = BloomStore("s3://dedup-filters/seen", "pair", cfg.get("storage.storage_options"))
+    assert store.current_generation() == 2
+    store.verify(store.manifest(2), full=True)

@@ -14,26 +14,9 @@ from udfs.shard_writer import ShardWriteError, TarShardWriter, iter_samples, ver
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    pytest.importorskip("moto")
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    mp = pytest.MonkeyPatch()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}.items():
-        mp.setenv(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="shards")
-    import s3fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield {"client_kwargs": {"endpoint_url": endpoint}, "key": "testing", "secret": "testing"}
-    server.stop()
-    mp.undo()
-
+def s3(moto_s3):
+    moto_s3.bucket("shards")
+    return moto_s3.options
 
 def test_shards_on_s3(s3, cfg):
     section = cfg.section("download")

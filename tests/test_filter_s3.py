@@ -15,22 +15,9 @@ HEADS = Path(__file__).resolve().parent / "fixtures" / "safety_head"
 
 
 @pytest.fixture
-def s3_bucket():
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x",
-                          aws_secret_access_key="x")
-    client.create_bucket(Bucket="laion")
-    options = {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": endpoint,
-                                                            "region_name": "us-east-1"}}
-    yield client, options
-    server.stop()
-
+def s3_bucket(moto_s3):
+    moto_s3.bucket("laion")
+    return moto_s3.client, moto_s3.options
 
 def test_safety_head_from_s3(s3_bucket):
     client, options = s3_bucket

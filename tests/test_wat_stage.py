@@ -122,21 +122,9 @@ def test_real_warc_fixture_with_the_warcio_reader(spark, cfg, tmp_path, commoncr
 
 
 @pytest.fixture
-def s3_bucket():
-    pytest.importorskip("moto")
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    client.create_bucket(Bucket="cc-wat")
-    yield client, endpoint
-    server.stop()
-
+def s3_bucket(moto_s3):
+    moto_s3.bucket("cc-wat")
+    return moto_s3.client, moto_s3.endpoint
 
 @pytest.mark.slow
 def test_stage_reads_wat_files_from_s3(spark, cfg, tmp_path, s3_bucket):

@@ -339,28 +339,9 @@ def test_paths_list_plain_and_gzip(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    pytest.importorskip("moto")
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    mp = pytest.MonkeyPatch()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}.items():
-        mp.setenv(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket="commoncrawl-test")
-    import s3fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield {"client": client, "endpoint": endpoint,
-           "options": {"client_kwargs": {"endpoint_url": endpoint}, "key": "testing", "secret": "testing"}}
-    server.stop()
-    mp.undo()
-
+def s3(moto_s3):
+    moto_s3.bucket("commoncrawl-test")
+    return {"client": moto_s3.client, "endpoint": moto_s3.endpoint, "options": moto_s3.options}
 
 def test_s3_files_and_paths_list(s3, bad_files, tmp_path):
     client, options = s3["client"], s3["options"]
