@@ -39,11 +39,12 @@ def render_markdown(results: dict) -> str:
         if entry.get("error"):
             lines.append(f"| {name} | FAILED | | | | | | {entry['error'].splitlines()[-1][:120]} |")
             continue
+        size = " (quick)" if entry.get("quick") else ""
         for fig in entry["figures"]:
             def fmt(v):
                 return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
             lines.append("| {b} | {n} | {v} {u} | {p} | {pv} | {r} | {g} | {note} |".format(
-                b=name, n=fig.get("name"), v=fmt(fig.get("value")), u=fig.get("unit", ""),
+                b=name + size, n=fig.get("name"), v=fmt(fig.get("value")), u=fig.get("unit", ""),
                 p=fig.get("peer", ""), pv=fmt(fig.get("peer_value")), r=fmt(fig.get("ratio")),
                 g=fig.get("goal", ""), note=str(fig.get("note", "")).replace("|", "/")))
     return "\n".join(lines) + "\n"
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             module = importlib.import_module(f"bench.bench_{name}")
             figures = module.run(work / name, args.quick)
-            entry = {"figures": figures, "seconds": round(time.time() - t0, 1)}
+            entry = {"figures": figures, "seconds": round(time.time() - t0, 1), "quick": args.quick}
             for fig in figures:
                 print(f"   {fig.get('name')}: {fig.get('value')} {fig.get('unit', '')} "
                       f"(ratio {fig.get('ratio')} vs {fig.get('peer')}, goal {fig.get('goal')})", flush=True)
