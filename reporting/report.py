@@ -165,7 +165,7 @@ def _charts(facts: dict[str, Any], thresholds: dict[str, float], out: Path) -> d
         charts[name.rsplit(".", 1)[0]] = name
 
     funnel: list[StageFunnel] = facts["funnel"]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(10.5, 4.5))
     reasons = sorted({r for f in funnel for r in f.dropped})
     colors = ["#e8590c", "#1c7ed6", "#f59f00", "#ae3ec9", "#e03131", "#868e96", "#0c8599", "#5f3dc4",
               "#d6336c", "#495057"]
@@ -181,7 +181,7 @@ def _charts(facts: dict[str, Any], thresholds: dict[str, float], out: Path) -> d
     ax.set_xticks(list(x), [f.stage for f in funnel])
     ax.set_ylabel("rows")
     ax.set_title("Rows per stage: kept (green) and dropped by reason")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save(fig, "funnel.png")
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
