@@ -137,3 +137,30 @@ def test_producer_errors_reach_the_caller(tmp_path, tiny):
     with pytest.raises(Boom):
         clip_scoring.score_frame(pd.DataFrame(rows), BadTokenizer(), lambda s: str(tmp_path / f"{s:05d}.tar"),
                                  shard_writer.iter_samples)
+
+
+def test_model_errors_mid_shard_fail_the_task_not_the_rows(tmp_path, tiny):
+    """A tokenizer/model error while a shard is being read is not a tar problem: it must fail the
+    task (Spark retries it), never mark the shard's remaining rows missing_from_shard."""
+    rows = write_images_folder(tmp_path, [[Row("red", "circle"), Row("blue", "star"), Row("green", "square")]])
+
+    class Boom(RuntimeError):
+        pass
+
+    class BadTokenizer:
+        dim = 64
+
+        def preprocess(self, img):
+            return tiny.preprocess(img)
+
+        calls = 0
+
+        def tokenize(self, texts):   # fails once, as a transient device error would
+            BadTokenizer.calls += 1
+            if BadTokenizer.calls == 1:
+                raise Boom("tokenizer exploded")
+            return tiny.tokenize(texts)
+
+    with pytest.raises(Boom):
+        clip_scoring.score_frame(pd.DataFrame(rows), BadTokenizer(), lambda s: str(tmp_path / f"{s:05d}.tar"),
+                                 shard_writer.iter_samples, batch_size=1)

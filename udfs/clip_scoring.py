@@ -164,26 +164,35 @@ def _produce(frame: pd.DataFrame, tar_of: Callable[[int], str], read_samples: Ca
         for shard in sorted(by_shard):
             wanted = by_shard[shard]
             uri = tar_of(shard)
+            # Only reading the tar is guarded: an unreadable/corrupt tar makes its remaining rows
+            # missing_from_shard, while a model or preprocessing error must fail the task.
+            read_error: Exception | None = None
             try:
                 it = iter(read_samples(uri))
-                while wanted and not stop.is_set():
-                    t0 = time.perf_counter()
-                    try:
-                        sample = next(it)
-                    except StopIteration:
-                        break
-                    finally:
-                        timings.read += time.perf_counter() - t0
-                    pos = wanted.pop(str(sample.get("__key__")), None)
-                    if pos is None:
-                        continue
-                    chunk.append((pos, sample_image_bytes(sample), sorted(k for k in sample if k != "__key__")))
-                    if len(chunk) >= chunk_size:
-                        process_chunk()
-            except Exception as exc:  # noqa: BLE001 - unreadable/corrupt tar: its remaining rows are missing
-                log.warning("cannot read shard %s: %s", uri, exc)
+            except Exception as exc:  # noqa: BLE001 - unreadable tar
+                read_error, it = exc, iter(())
+            while read_error is None and wanted and not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    sample = next(it)
+                except StopIteration:
+                    break
+                except Exception as exc:  # noqa: BLE001 - corrupt tar midway
+                    read_error = exc
+                    break
+                finally:
+                    timings.read += time.perf_counter() - t0
+                pos = wanted.pop(str(sample.get("__key__")), None)
+                if pos is None:
+                    continue
+                chunk.append((pos, sample_image_bytes(sample), sorted(k for k in sample if k != "__key__")))
+                if len(chunk) >= chunk_size:
+                    process_chunk()
+            if read_error is not None:
+                log.warning("cannot read shard %s: %s", uri, read_error)
                 for pos in wanted.values():
-                    outcome[pos] = (MISSING_FROM_SHARD, f"cannot read shard {uri}: {type(exc).__name__}: {str(exc)[:200]}")
+                    outcome[pos] = (MISSING_FROM_SHARD, f"cannot read shard {uri}: "
+                                    f"{type(read_error).__name__}: {str(read_error)[:200]}")
                 wanted.clear()
             process_chunk()
             for key, pos in wanted.items():
