@@ -25,7 +25,7 @@ def _spark(work: Path):
         "spark.conf.spark.ui.enabled=false", "spark.conf.spark.ui.showConsoleProgress=false",
         "spark.conf.spark.sql.shuffle.partitions=16",
         f"spark.conf.spark.local.dir={work / 'spark-local'}"])
-    return cfg, get_spark(cfg, "clipcrawl-bench-dedup")
+    return cfg, get_spark(cfg, "bench-dedup")
 
 
 def generate(spark, path: Path, rows: int, key_offset: int, dup_fraction: float = 0.2) -> None:

@@ -70,7 +70,7 @@ def run_demo(images: int, wat_files: int, out: Path, overrides: list[str], query
         log.info("sample: %d WAT files, %d image links (%s)", len(sample["wat_files"]), sample["links"],
                  ", ".join(f"{k}={v}" for k, v in sorted(sample["kinds"].items())))
         cfg = demo_config(root, sample["wat_files"], overrides)
-        spark = get_spark(cfg, "clipcrawl-demo")
+        spark = get_spark(cfg, "demo")
         result = pipeline.run(spark, cfg, argparse.Namespace(
             input=None, paths_file=None, root=None, from_stage=pipeline.STAGE_NAMES[0],
             to_stage=pipeline.STAGE_NAMES[-1], force=[]))

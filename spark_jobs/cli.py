@@ -85,7 +85,7 @@ def execute(module: ModuleType, args: argparse.Namespace) -> int:
         spark = None
         if getattr(module, "NEEDS_SPARK", True):
             from spark_jobs.session import get_spark
-            spark = get_spark(cfg, f"clipcrawl-{module.NAME}")
+            spark = get_spark(cfg, module.NAME)
         result = module.run(spark, cfg, args)
     except (ConfigError, InputError) as exc:
         print(f"clipcrawl {module.NAME}: error: {exc}", file=sys.stderr)

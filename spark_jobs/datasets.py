@@ -114,7 +114,7 @@ def read_dataset(spark: SparkSession, path: str, spec: DatasetSpec) -> DataFrame
         df = spark.read.parquet(*files) if is_glob else _read_parquet(spark, path)
     except Exception as exc:  # noqa: BLE001 - Spark raises AnalysisException subclasses
         message = str(exc)
-        if "UNABLE_TO_INFER_SCHEMA" in message or "Unable to infer schema" in message:
+        if _no_data(exc):
             log.warning("input %s has no parquet data: treating it as empty", path)
             return spark.createDataFrame([], spec.schema)
         raise InputError(f"cannot read input dataset '{spec.name}' at {path}: "
@@ -132,17 +132,35 @@ def write_dataset(df: DataFrame, path: str, spec: DatasetSpec, mode: str = "over
     writer.parquet(path)
 
 
-def count_by(spark: SparkSession, path: str, column: str = "status") -> dict[str, int]:
-    """Counts by `column`, read back from written data. A missing dataset counts as empty."""
+def _no_data(exc: Exception) -> bool:
+    """Spark's way of saying a folder holds no parquet files (an output with no rows)."""
+    message = str(exc)
+    return "UNABLE_TO_INFER_SCHEMA" in message or "Unable to infer schema" in message
+
+
+def grouped_counts(spark: SparkSession, path: str, *columns: str) -> dict[tuple, int]:
+    """{(values of columns): rows} of a written dataset, in one Spark job.
+
+    A missing or row-less dataset counts as empty; any other read error is raised, because stats
+    that said 0 would mark a broken output complete."""
     if not fsio.exists(path):
         return {}
     try:
         df = _read_parquet(spark, path)
-    except Exception:  # noqa: BLE001 - an empty folder has no schema to infer
-        return {}
-    if column not in df.columns:
-        return {"_all": df.count()}
-    return {str(r[column]): int(r["n"]) for r in df.groupBy(column).agg(F.count("*").alias("n")).collect()}
+    except Exception as exc:  # noqa: BLE001 - Spark raises AnalysisException subclasses
+        if _no_data(exc):
+            return {}
+        raise
+    present = [c for c in columns if c in df.columns]
+    if len(present) < len(columns):
+        return {("_all",): df.count()}
+    return {tuple(r[c] for c in columns): int(r["n"])
+            for r in df.groupBy(*columns).agg(F.count("*").alias("n")).collect()}
+
+
+def count_by(spark: SparkSession, path: str, column: str = "status") -> dict[str, int]:
+    """Counts by one column, read back from written data (see grouped_counts)."""
+    return {str(key[0]): n for key, n in grouped_counts(spark, path, column).items()}
 
 
 def write_stats(output: str, stage: str, stats: dict[str, Any], name: str = STATS_FILE,

@@ -33,6 +33,7 @@ from spark_jobs import cli, datasets, faults  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import DOWNLOAD_INPUT, IMAGES_METADATA  # noqa: E402
 from udfs import fsio  # noqa: E402
+from udfs.download_worker import key_digits  # noqa: E402
 
 NAME = "download"
 HELP = "fetch, check and resize images into webdataset shards (img2dataset-compatible)"
@@ -195,7 +196,7 @@ def run(spark, cfg, args) -> dict:
     storage_options = cfg.get("storage.storage_options") or None
     output = args.output
     size = section["shard_size"]
-    digits = max(4, len(str(size - 1)))
+    digits = key_digits(size)
     with timer.phase("plan"):
         if args.retry_failed:
             keyed, num_shards, total = _plan_retry(spark, args, section, storage_options)

@@ -4,7 +4,7 @@ Reads the clip_score output (`<scored>`, contract 3) and writes under `<dataset>
   laion2B-en/, laion2B-multi/, laion1B-nolang/   parquet subsets with LAION's columns (SAMPLE_ID,
       URL, TEXT, HEIGHT, WIDTH, similarity, LANGUAGE, punsafe, pwatermark, hash, key, tar_path),
       flat parquet sorted by LANGUAGE within each file (names from filter.subsets)
-  embeddings/<subset>/{img_emb,text_emb,metadata}/   clip-retrieval layout, row-aligned, for knn-index
+  embeddings/<subset>/{img_emb,text_emb,metadata}/   clip-retrieval layout, row-aligned, for build-index
   _stats/stats.json   counts per subset, language counts, rejected by reason, similarity histograms
 and every row not kept in `<dataset>_rejected` (status below_threshold / not_scored / the earlier
 status), so kept + rejected == input rows.
@@ -312,7 +312,7 @@ def run(spark, cfg, args) -> dict:
         _check_head_dims(df, settings)
     log.info("filter: %d input rows; thresholds %s; language detector %s (min confidence %s)",
              input_rows, settings["thresholds"], settings["detector"], settings["min_language_confidence"])
-    # The embeddings root exists even when every subset is empty, so knn-index sees "no subsets"
+    # The embeddings root exists even when every subset is empty, so build-index sees "no subsets"
     # rather than "not a filter output" (a no-op on object stores, which have no folders).
     fs, emb_root = fsio.filesystem(fsio.join(output, EMBEDDINGS_DIR), settings["storage_options"])
     fs.makedirs(emb_root, exist_ok=True)

@@ -55,7 +55,7 @@ def run(spark, cfg, args) -> dict:
     if params.distributed and spark is None:
         from spark_jobs.session import get_spark
 
-        spark = get_spark(cfg, "clipcrawl-build-index")  # autofaiss finds the active session
+        spark = get_spark(cfg, NAME)  # autofaiss finds the active session
     try:
         subsets = knn.find_subsets(args.input, storage_options)
     except knn.EmbeddingLayoutError as exc:

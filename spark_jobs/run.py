@@ -117,8 +117,9 @@ def run_stage(spark, cfg: Config, stage_name: str, root: str, inputs: list[str] 
     """
     stage = PIPELINE[STAGE_NAMES.index(stage_name)]
     output = dataset_path(cfg, root, stage.name)
-    if is_complete(output) and not force:
-        stats = read_stats(output)
+    storage_options = cfg.get("storage.storage_options") or None
+    if is_complete(output, storage_options) and not force:
+        stats = read_stats(output, storage_options=storage_options)
         log.info("%s: output complete at %s, skipped (%s)", stage.name, output, _row_summary(stats))
         return {"status": "skipped", "output": output, "seconds": stats.get("seconds"), "stats": stats}
     module = importlib.import_module(stage.module)
@@ -148,7 +149,7 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
         summary["stages"][stage.name] = result
         upstream_ran = upstream_ran or result["status"] == "ran"
     summary["seconds"] = round(time.time() - t_run, 2)
-    fsio.write_json(fsio.join(root, "_run", "run.json"), summary)
+    fsio.write_json(fsio.join(root, "_run", "run.json"), summary, cfg.get("storage.storage_options") or None)
     return {"root": root, "seconds": summary["seconds"],
             "stages": {k: {"status": v["status"], "seconds": v["seconds"], "output": v["output"]}
                        for k, v in summary["stages"].items()}}

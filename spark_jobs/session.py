@@ -17,13 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def get_spark(cfg: Config, app_name: str | None = None):
+    """The active session, else a new one named `<spark.app_name>-<app_name>`."""
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
 
-    builder = SparkSession.builder.appName(app_name or cfg.get("spark.app_name", "clipcrawl"))
+    prefix = cfg.get("spark.app_name") or "clipcrawl"
+    builder = SparkSession.builder.appName(f"{prefix}-{app_name}" if app_name else prefix)
     master = cfg.get("spark.master")
     if master:
         builder = builder.master(master)

@@ -200,26 +200,10 @@ def run(spark, cfg, args) -> dict:
     return stats
 
 
-def _grouped_counts(spark, path: str, *columns: str) -> dict[tuple, int]:
-    """{(values of columns): rows} of a written dataset, in one Spark job; {} when it is empty."""
-    from pyspark.sql import functions as F
-
-    from udfs import fsio
-
-    if not fsio.exists(path):
-        return {}
-    try:
-        df = spark.read.parquet(path)
-    except Exception:  # noqa: BLE001 - an output with no rows has no parquet files to read
-        return {}
-    return {tuple(r[c] for c in columns): int(r["n"])
-            for r in df.groupBy(*columns).agg(F.count("*").alias("n")).collect()}
-
-
 def _stats_from_data(spark, output: str, rejected_out: str, outcomes_path: str) -> dict:
     """Totals from the written datasets (never from accumulators), in three small Spark jobs."""
-    kept = _grouped_counts(spark, output, "crawl", "alt_truncated")
-    rejected = _grouped_counts(spark, rejected_out, "status", "level")
+    kept = datasets.grouped_counts(spark, output, "crawl", "alt_truncated")
+    rejected = datasets.grouped_counts(spark, rejected_out, "status", "level")
     # One row per input file: small enough to aggregate on the driver even for a whole crawl.
     outcomes = [r.asDict() for r in spark.read.parquet(outcomes_path).collect()]
 

@@ -33,7 +33,7 @@ def spark(cfg):
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from spark_jobs.session import get_spark
 
-    session = get_spark(cfg, "clipcrawl-tests")
+    session = get_spark(cfg, "tests")
     yield session
     session.stop()
 
