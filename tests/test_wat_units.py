@@ -393,3 +393,40 @@ def test_https_style_urls_on_a_loopback_server(bad_files):
         assert missing[-1].status == "failed" and missing[-1].error_message.startswith("file_not_found")
     finally:
         server.shutdown()
+
+
+class _DropsConnection(io.BytesIO):
+    """A seekable stream that serves `limit` bytes of a real file, then fails like a reset connection."""
+
+    def __init__(self, data: bytes, limit: int, error: BaseException):
+        super().__init__(data)
+        self._limit, self._error = limit, error
+
+    def read(self, n=-1):
+        left = self._limit - self.tell()
+        if left <= 0:
+            raise self._error
+        return super().read(left if n is None or n < 0 else min(n, left))
+
+    read1 = read
+
+    def readinto(self, b):
+        chunk = self.read(len(b))
+        b[:len(chunk)] = chunk
+        return len(chunk)
+
+
+@pytest.mark.parametrize("reader", wat.READERS)
+def test_network_errors_fail_the_task_for_a_retry_but_bad_bytes_are_counted(tmp_path, reader):
+    """A reset connection is not bad input: it is raised so Spark retries the task (the file is read
+    again), instead of the file ending `partial` for good. Truncated bytes stay a counted outcome."""
+    summary = ww.write_wat(tmp_path / "f.warc.wat.gz", ww.random_pages(30, seed=5))
+    data = (tmp_path / "f.warc.wat.gz").read_bytes()
+    opts = wat.ExtractOptions(reader=reader, chunk_size=4096)
+    stream = _DropsConnection(data, len(data) // 2, ConnectionResetError("reset by peer"))
+    with pytest.raises(ConnectionResetError):
+        list(wat.extract_stream(stream, "f.warc.wat.gz", opts))
+    assert wat.is_transient(TimeoutError()) and not wat.is_transient(ValueError("bad gzip"))
+    truncated = io.BytesIO(data[: len(data) // 2])
+    outcome = list(wat.extract_stream(truncated, "f.warc.wat.gz", opts))[-1]
+    assert outcome.status == "partial" and summary.pairs

@@ -571,12 +571,32 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
         _fail(out, exc.reason, str(exc))
     except BaseException as exc:  # noqa: BLE001 - a reader error on bad bytes must not kill the task
         # (FastWARC's Rust panics arrive as PanicException, a BaseException)
-        if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
+        if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)) or is_transient(exc):
             raise
         _fail(out, "unreadable", f"{type(exc).__name__}: {str(exc)[:300]}")
     out.compressed_bytes = state.compressed_bytes
     out.seconds = round(time.perf_counter() - t0, 4)
     yield out
+
+
+# Network and resource failures are not bad input: raising them fails the task, and Spark's
+# retry (spark.task.maxFailures) reads the file again, instead of a file marked partial for good.
+_TRANSIENT_NAMES = frozenset({
+    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+    "ResponseStreamingError", "ClientConnectionError", "ClientOSError", "ServerDisconnectedError",
+    "ClientPayloadError", "ServerTimeoutError",
+})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors a retry of the same file may not see again (connection resets, timeouts,
+    throttling, out of memory)."""
+    if isinstance(exc, (MemoryError, ConnectionError, TimeoutError)):
+        return True
+    if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(exc).__mro__):
+        return True
+    status = getattr(exc, "status", None)   # aiohttp.ClientResponseError (https via fsspec)
+    return isinstance(status, int) and (status == 429 or status >= 500)
 
 
 def _fail(out: FileOutcome, reason: str, message: str) -> None:
@@ -597,7 +617,9 @@ def extract_file(uri: str, opts: ExtractOptions, storage_options: dict | None = 
     except FileNotFoundError:
         yield _failed(uri, "file_not_found", f"file_not_found: {uri}", t0)
         return
-    except Exception as exc:  # noqa: BLE001 - permissions, bad bucket, network...
+    except Exception as exc:  # noqa: BLE001 - permissions, bad bucket...
+        if is_transient(exc):
+            raise
         yield _failed(uri, "open_failed", f"open_failed: {type(exc).__name__}: {str(exc)[:300]}", t0)
         return
     try:
