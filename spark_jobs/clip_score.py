@@ -32,7 +32,7 @@ import time  # noqa: E402
 from spark_jobs import cli, datasets  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import IMAGES_METADATA, SCORED  # noqa: E402
-from udfs import fsio  # noqa: E402
+from udfs import embeddings, fsio  # noqa: E402
 
 NAME = "clip-score"
 HELP = "CLIP similarity and embeddings for the downloaded pairs (open_clip, GPU when present)"
@@ -172,30 +172,6 @@ def _sum_part_stats(output: str, storage_options: dict | None) -> dict:
             "devices": devices, "per_part": per_part[:2000]}
 
 
-def check_retrieval_layout(output: str, storage_options: dict | None = None) -> dict:
-    """Row counts of the clip-retrieval files, checked part by part (npy headers vs parquet footers)."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from udfs import embeddings
-
-    parts = embeddings.list_retrieval_parts(output, storage_options)
-    rows = 0
-    for i in parts:
-        paths = embeddings.retrieval_paths(output, i)
-        counts = []
-        for kind in ("img_emb", "text_emb"):
-            with fsio.open_uri(paths[kind], "rb", storage_options) as fh:
-                version = np.lib.format.read_magic(fh)
-                counts.append(np.lib.format._read_array_header(fh, version)[0][0])
-        with fsio.open_uri(paths["metadata"], "rb", storage_options) as fh:
-            counts.append(pq.ParquetFile(fh).metadata.num_rows)
-        if len(set(counts)) != 1:
-            raise RuntimeError(f"clip-retrieval part {i} is not row-aligned: img/text/metadata rows {counts}")
-        rows += counts[0]
-    return {"parts": len(parts), "rows": rows}
-
-
 def run(spark, cfg, args) -> dict:
     from pyspark.sql import functions as F
 
@@ -239,7 +215,7 @@ def run(spark, cfg, args) -> dict:
                .agg(F.count("*").alias("n"), F.mean("similarity").alias("mean"),
                     F.min("similarity").alias("min"), F.max("similarity").alias("max"),
                     F.count("similarity_multilingual").alias("n_multi")).collect()[0])
-        layout = check_retrieval_layout(output, storage_options)
+        layout = embeddings.check_retrieval_layout(output, storage_options)
         tasks = _sum_part_stats(output, storage_options)
     if layout["rows"] != int(sim["n"]):
         raise RuntimeError(f"clip-retrieval layout has {layout['rows']} rows, parquet has {sim['n']} scored rows")

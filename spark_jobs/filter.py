@@ -31,7 +31,7 @@ import sys  # noqa: E402
 from spark_jobs import cli, datasets  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import FILTER_INPUT, FILTER_REJECTED, SUBSET  # noqa: E402
-from udfs import fsio  # noqa: E402
+from udfs import embeddings, fsio  # noqa: E402
 
 NAME = "filter"
 HELP = "CLIP-similarity threshold and language split into laion2B-en / laion2B-multi / laion1B-nolang"
@@ -200,32 +200,6 @@ def write_embeddings(subset_df, root: str, rows: int, settings: dict) -> None:
      .mapInPandas(write_part, "part int, rows long").collect())
 
 
-def embeddings_rows(root: str, storage_options: dict | None) -> dict:
-    """Rows per part read back from the written files: npy headers and parquet footers must agree."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    parts, meta_rows = 0, 0
-    for uri in fsio.expand([fsio.join(root, "metadata", "metadata_*.parquet")], storage_options):
-        part = uri.rsplit("_", 1)[-1][: -len(".parquet")]
-        with fsio.open_uri(uri, "rb", storage_options) as fh:
-            m = pq.ParquetFile(fh).metadata.num_rows
-        shapes = []
-        for sub in ("img_emb", "text_emb"):
-            with fsio.open_uri(fsio.join(root, sub, f"{sub}_{part}.npy"), "rb", storage_options) as fh:
-                major, _ = np.lib.format.read_magic(fh)
-                read_header = (np.lib.format.read_array_header_1_0 if major == 1
-                               else np.lib.format.read_array_header_2_0)
-                shape = read_header(fh)[0]
-            shapes.append(shape[0])
-        if shapes != [m, m]:
-            raise RuntimeError(f"embeddings part {part} under {root} is not row-aligned: "
-                               f"img {shapes[0]}, text {shapes[1]}, metadata {m}")
-        parts += 1
-        meta_rows += m
-    return {"parts": parts, "rows": meta_rows}
-
-
 def similarity_histogram(df, column: str, hist: dict) -> list[int]:
     """Counts per bin [min + k*width, min + (k+1)*width) (values outside are clamped to the end
     bins). The bin position is rounded to 1e-9 first, so a value on an edge such as 0.26 lands in
@@ -253,7 +227,7 @@ def summarize(spark, output: str, rejected: str, settings: dict, input_rows: int
         path = fsio.join(output, name)
         counts = datasets.count_by(spark, path, "LANGUAGE")
         rows = sum(counts.values())
-        emb = embeddings_rows(fsio.join(output, EMBEDDINGS_DIR, name), settings["storage_options"])
+        emb = embeddings.check_retrieval_layout(fsio.join(output, EMBEDDINGS_DIR, name), settings["storage_options"])
         if emb["rows"] != rows:
             raise RuntimeError(f"subset {name} has {rows} rows but its embeddings layout {emb['rows']}")
         subsets[name] = {"bucket": bucket, "rows": rows, "threshold": settings["thresholds"][bucket],

@@ -117,6 +117,37 @@ def list_retrieval_parts(root: str, storage_options: dict | None = None) -> list
     return sorted(out)
 
 
+def npy_shape(uri: str, storage_options: dict | None = None) -> tuple[int, ...]:
+    """The shape of a .npy file from its header alone (public numpy format API, no data read)."""
+    with fsio.open_uri(uri, "rb", storage_options) as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return tuple(int(d) for d in read_header(fh)[0])
+
+
+def parquet_rows(uri: str, storage_options: dict | None = None) -> int:
+    import pyarrow.parquet as pq
+
+    with fsio.open_uri(uri, "rb", storage_options) as fh:
+        return pq.ParquetFile(fh).metadata.num_rows
+
+
+def check_retrieval_layout(root: str, storage_options: dict | None = None) -> dict:
+    """{"parts", "rows"} of the layout under `root`, read back from the files: each part's npy
+    headers and parquet footer must agree, else RuntimeError names the part."""
+    parts = list_retrieval_parts(root, storage_options)
+    rows = 0
+    for i in parts:
+        paths = retrieval_paths(root, i)
+        counts = [npy_shape(paths[k], storage_options)[0] for k in ("img_emb", "text_emb")]
+        counts.append(parquet_rows(paths["metadata"], storage_options))
+        if len(set(counts)) != 1:
+            raise RuntimeError(f"clip-retrieval part {i} under {root} is not row-aligned: "
+                               f"img/text/metadata rows {counts}")
+        rows += counts[0]
+    return {"parts": len(parts), "rows": rows}
+
+
 def read_retrieval(root: str, storage_options: dict | None = None,
                    parts: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, "object"]:
     """All parts concatenated: (img_emb, text_emb, metadata pandas DataFrame). For tests and

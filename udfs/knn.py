@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from udfs import fsio
+from udfs import embeddings, fsio
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +72,10 @@ def find_subsets(dataset: str, storage_options: dict | None = None) -> list[str]
 
 
 def _npy_rows_dim(uri: str, storage_options: dict | None) -> tuple[int, int]:
-    with fsio.open_uri(uri, "rb", storage_options) as fh:
-        version = np.lib.format.read_magic(fh)
-        shape, _, _ = np.lib.format._read_array_header(fh, version)
+    shape = embeddings.npy_shape(uri, storage_options)
     if len(shape) != 2:
         raise EmbeddingLayoutError(f"{uri}: expected a 2-d array, got shape {shape}")
-    return int(shape[0]), int(shape[1])
-
-
-def _parquet_rows(uri: str, storage_options: dict | None) -> int:
-    import pyarrow.parquet as pq
-
-    with fsio.open_uri(uri, "rb", storage_options) as fh:
-        return pq.ParquetFile(fh).metadata.num_rows
+    return shape[0], shape[1]
 
 
 def _number_of(name: str, prefix: str, suffix: str) -> str | None:
@@ -119,7 +110,7 @@ def list_parts(subset_root: str, storage_options: dict | None = None) -> list[Em
                 raise EmbeddingLayoutError(f"{needed} is missing (it pairs with {image_npy})")
         rows, _ = _npy_rows_dim(image_npy, storage_options)
         text_rows, _ = _npy_rows_dim(text_npy, storage_options)
-        meta_rows = _parquet_rows(meta, storage_options)
+        meta_rows = embeddings.parquet_rows(meta, storage_options)
         if not rows == text_rows == meta_rows:
             raise EmbeddingLayoutError(
                 f"part {number} of {subset_root} is not row-aligned: img_emb {rows} rows, "
