@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import tarfile
 from pathlib import Path
 
@@ -93,18 +94,10 @@ def test_missing_input_is_a_clear_error(stage, tmp_path, capsys):
     assert not (tmp_path / "out" / "_stats").exists()
 
 
+@pytest.mark.parametrize("make_input", [_wrong_schema, _corrupt], ids=["schema_mismatch", "corrupt_parquet"])
 @pytest.mark.parametrize("stage", PARQUET_STAGES)
-def test_schema_mismatch_is_a_clear_error(stage, tmp_path, capsys):
-    _wrong_schema(tmp_path / "in")
-    code, err = _cli(stage, tmp_path / "in", tmp_path / "out", capsys)
-    assert code == cli.EXIT_USER_ERROR, err
-    assert "error" in err
-    assert not (tmp_path / "out" / "_stats").exists()
-
-
-@pytest.mark.parametrize("stage", PARQUET_STAGES)
-def test_corrupt_parquet_is_a_clear_error(stage, tmp_path, capsys):
-    _corrupt(tmp_path / "in")
+def test_unusable_input_is_a_clear_error(stage, make_input, tmp_path, capsys):
+    make_input(tmp_path / "in")
     code, err = _cli(stage, tmp_path / "in", tmp_path / "out", capsys)
     assert code == cli.EXIT_USER_ERROR, err
     assert "error" in err
@@ -117,8 +110,6 @@ def test_empty_input_is_counted_or_refused(stage, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     code, err = _cli(stage, tmp_path / "in", tmp_path / "out", capsys)
     if code == 0:
-        import json
-
         stats = json.loads((tmp_path / "out" / "_stats" / "stats.json").read_text())
         counted = [v for k, v in stats.items() if k in ("input_rows", "rows_in", "output_rows", "vectors")]
         assert counted and all(v == 0 for v in counted), stats
