@@ -68,6 +68,11 @@ def _cut(code: str | None, confidence: float, min_confidence: float) -> tuple[st
     return code, confidence
 
 
+def _each_text(texts: Sequence[str | None], detect_one) -> list[tuple[str | None, float]]:
+    """Blank or missing captions have no language; the others go to the detector one by one."""
+    return [(None, 0.0) if not text or not text.strip() else detect_one(text) for text in texts]
+
+
 class LinguaDetector:
     """lingua-language-detector. Its confidences are relative over the candidate languages, so
     they are lower with all 75 languages than with a short list: tune `min_confidence` with it."""
@@ -95,18 +100,14 @@ class LinguaDetector:
         self._detector = builder.build()
 
     def detect_batch(self, texts: Sequence[str | None]) -> list[tuple[str | None, float]]:
-        out = []
-        for text in texts:
-            if not text or not text.strip():
-                out.append((None, 0.0))
-                continue
-            values = self._detector.compute_language_confidence_values(text)
-            if not values or values[0].value <= 0.0:
-                out.append((None, 0.0))
-                continue
-            best = values[0]
-            out.append(_cut(best.language.iso_code_639_1.name.lower(), best.value, self.min_confidence))
-        return out
+        return _each_text(texts, self._detect_one)
+
+    def _detect_one(self, text: str) -> tuple[str | None, float]:
+        values = self._detector.compute_language_confidence_values(text)
+        if not values or values[0].value <= 0.0:
+            return None, 0.0
+        best = values[0]
+        return _cut(best.language.iso_code_639_1.name.lower(), best.value, self.min_confidence)
 
 
 class Cld3Detector:
@@ -125,15 +126,12 @@ class Cld3Detector:
         self._detector = gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=max_num_bytes)
 
     def detect_batch(self, texts: Sequence[str | None]) -> list[tuple[str | None, float]]:
-        out = []
-        for text in texts:
-            if not text or not text.strip():
-                out.append((None, 0.0))
-                continue
-            result = self._detector.FindLanguage(text=text)
-            code = result.language if result.language and result.language != "und" else None
-            out.append(_cut(code, result.probability, self.min_confidence))
-        return out
+        return _each_text(texts, self._detect_one)
+
+    def _detect_one(self, text: str) -> tuple[str | None, float]:
+        result = self._detector.FindLanguage(text=text)
+        code = result.language if result.language and result.language != "und" else None
+        return _cut(code, result.probability, self.min_confidence)
 
 
 def build_detector(name: str, min_confidence: float,
