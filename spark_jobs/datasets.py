@@ -98,6 +98,19 @@ def _read_parquet(spark: SparkSession, path: str) -> DataFrame:
     return spark.read.option("basePath", path).parquet(*parts)
 
 
+def spark_paths(pattern: str, storage_options: dict | None = None) -> list[str]:
+    """What to hand Spark for a glob of parquet files; [] when nothing matches.
+
+    A plain local glob is expanded to its files (given a glob, Spark logs a stack trace while it
+    looks for a streaming metadata folder). A URI (s3://, s3a://, gs://, dbfs:/) is passed in the
+    user's own spelling: fsio's fsspec spelling (s3a -> s3, dbfs:/ -> /dbfs/) may mean another
+    filesystem, or another path, to the cluster's Spark."""
+    matches = fsio.expand([pattern], storage_options)
+    if fsio.normalize_uri(pattern) != pattern or fsio.is_remote(pattern):
+        return [pattern] if matches else []
+    return matches
+
+
 def read_dataset(spark: SparkSession, path: str, spec: DatasetSpec) -> DataFrame:
     """Read a parquet dataset and check it against `spec`.
 
@@ -107,7 +120,7 @@ def read_dataset(spark: SparkSession, path: str, spec: DatasetSpec) -> DataFrame
     then writes empty outputs and stats saying 0 rows) rather than Spark's "unable to infer schema".
     """
     is_glob = any(ch in path for ch in "*?[")
-    files = fsio.expand([path]) if is_glob else []   # Spark given a glob logs a spurious stack trace
+    files = spark_paths(path) if is_glob else []
     if not (files if is_glob else fsio.exists(path)):
         raise InputError(f"input dataset '{spec.name}' not found at {path}")
     try:

@@ -407,10 +407,11 @@ def add_failed(spark, conf: dict, storage_options: dict, images: str, failed_uri
     from pyspark.sql import types as T
 
     pattern = fsio.join(images, "*.parquet")
-    if not fsio.expand([pattern], storage_options):
+    files = datasets.spark_paths(pattern, storage_options)
+    if not files:
         raise datasets.InputError(f"no download metadata found at {pattern}")
     try:
-        meta = spark.read.parquet(pattern)
+        meta = spark.read.parquet(*files)
     except Exception as exc:  # noqa: BLE001 - AnalysisException
         raise datasets.InputError(f"cannot read download metadata {pattern}: "
                                   f"{str(exc).splitlines()[0]}") from exc

@@ -69,12 +69,8 @@ def metadata_glob(output: str) -> str:
 
 
 def metadata_paths(output: str, storage_options: dict | None) -> list[str]:
-    """What Spark should read: the listed shard files for a local output (a glob makes Spark log a
-    stack trace while it looks for a streaming metadata folder), the glob for object stores (so
-    that the user's s3a:// / s3:// spelling reaches Spark unchanged)."""
-    if fsio.is_remote(output):
-        return [metadata_glob(output)] if fsio.expand([metadata_glob(output)], storage_options) else []
-    return fsio.expand([metadata_glob(output)], storage_options)
+    """The shard metadata files of a download output, spelled for Spark (see datasets.spark_paths)."""
+    return datasets.spark_paths(metadata_glob(output), storage_options)
 
 
 def completed_shards(output: str, storage_options: dict | None) -> set[int]:
