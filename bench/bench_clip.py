@@ -88,7 +88,8 @@ def _ours(model, folder: Path, frame, batch_size: int, prefetch: int):
     return len(img) / elapsed, timings
 
 
-def _compare(name: str, model, folder: Path, batch_size: int, repeats: int, note: str) -> list[dict]:
+def _compare(name: str, model, folder: Path, batch_size: int, repeats: int, note: str,
+             goal: str = ">= 0.9") -> list[dict]:
     frame = _frame(folder)
     images, tokens, decode_seconds = _preprocessed(model, folder, frame)
     _raw(model, images[:batch_size], tokens[:batch_size], batch_size)   # warm-up
@@ -102,7 +103,7 @@ def _compare(name: str, model, folder: Path, batch_size: int, repeats: int, note
     return [
         {"name": f"{name} score_frame images/s (batch {batch_size}, {len(frame)} images)", "value": round(our, 1),
          "unit": "images/s", "peer": "raw open_clip forward, same model/batch/run", "peer_value": round(raw, 1),
-         "ratio": round(our / raw, 3), "goal": ">= 0.9",
+         "ratio": round(our / raw, 3), "goal": goal,
          "note": f"{note} phases of the last run (s): " + ", ".join(f"{k} {v}" for k, v in phases.items()
                                                                      if k in ("read", "preprocess", "inference", "wait"))},
         {"name": f"{name} decode+preprocess, 1 thread", "value": round(len(frame) / decode_seconds, 1),
@@ -153,12 +154,15 @@ def _run(work: Path, quick: bool) -> list[dict]:
     threads = torch.get_num_threads()
     figures: list[dict] = []
     tiny_n, vit_n, repeats = (256, 64, 1) if quick else (2048, 256, 2)
-    stage_n = 512   # the Spark figure: more images, so fixed costs (job setup, model load) weigh less
+    # the Spark figure: enough images that the fixed costs (session-side planning, the worker's torch
+    # import and model build, stats) weigh as they would on real shards, not dominate
+    stage_n = 1024
     tiny = clip_model.load_clip("local-dir:tests/fixtures/tiny_clip", None, device="cpu")
     figures += _compare("tiny_clip", tiny, _images(work, tiny_n), 256, repeats,
                         f"tiny 2-layer width-64 ViT at 32 px; torch threads {threads}. Its forward pass costs less "
                         "than decoding a 256 px JPEG, so the producer (decode) bounds this figure, not the overlap: "
-                        "the raw limit excludes decoding by definition.")
+                        "the raw limit excludes decoding by definition.",
+                        goal="info (decode-bound; the goal applies to ViT-B-32 below)")
     vit = clip_model.load_clip("ViT-B-32", None, device="cpu")   # random init: no weights downloadable here
     vit_folder = _images(work, vit_n)
     figures += _compare("ViT-B-32 (random init)", vit, vit_folder, 64, repeats,
@@ -176,7 +180,8 @@ def _run(work: Path, quick: bool) -> list[dict]:
         del images, tokens
         res = _spark_stage(work, stage_folder, ["clip.model=ViT-B-32", "clip.pretrained=null"], 64)
         scored = res["stats"]["scored"]
-        stage_seconds = res["stats"]["phase_seconds"].get("score and write", res["seconds"])
+        stage_seconds = res["seconds"]   # the whole clip_score.run call: every Spark job of the stage
+        phases = res["stats"]["phase_seconds"]
         t = res["stats"]["tasks"]["task_seconds"]
         limit = (raw_vit + raw_before) / 2
         steady = scored / max(1e-9, stage_seconds - t["model_load"])
@@ -187,12 +192,14 @@ def _run(work: Path, quick: bool) -> list[dict]:
             "peer": "raw open_clip forward, same model/batch/run (mean of two measurements)",
             "peer_value": round(limit, 1),
             "ratio": round(scored / stage_seconds / limit, 3), "goal": ">= 0.9",
-            "note": (f"whole Spark job (metadata read, 2 tasks, parquet + npy writes), including the model load in "
-                     f"the Python worker ({t['model_load']:.1f}s; a fixed cost per worker that 10,000-image shards "
-                     f"amortise: without it {steady:.1f} images/s, ratio {steady / limit:.2f}); forward passes "
-                     f"inside the task ran at {in_task:.1f} images/s; summed task seconds: "
-                     f"read {t['read']:.2f}, preprocess {t['preprocess']:.2f}, inference {t['inference']:.2f}, "
-                     f"wait {t['wait']:.2f}, write {t['write']:.2f}")})
+            "note": (f"whole clip_score.run on a running session ({stage_seconds:.1f}s: "
+                     + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+                     + f"), 2 shards = 2 tasks, parquet + npy writes, including the model build in the Python "
+                     f"worker ({t['model_load']:.1f}s incl. importing torch; once per worker: without it "
+                     f"{steady:.1f} images/s, ratio {steady / limit:.2f}); forward passes inside the task ran at "
+                     f"{in_task:.1f} images/s; summed task seconds: read {t['read']:.2f}, preprocess "
+                     f"{t['preprocess']:.2f}, inference {t['inference']:.2f}, wait {t['wait']:.2f}, "
+                     f"write {t['write']:.2f}")})
     figures.append({
         "name": "GPU: decode threads needed to feed ViT-B/32 at clip-retrieval's A100 rate",
         "value": round(A100_VIT_B32 / decode_rate, 1), "unit": "threads",
