@@ -65,6 +65,18 @@ def _model_specs(clip_cfg: dict) -> tuple[dict, dict | None]:
     return main, multi
 
 
+def _count_parts(metadata_files: list[str], per_file: int) -> int | None:
+    """Embedding parts from the download output's file names ({shard:05d}.parquet holds shard's
+    rows, every row has its shard), without a Spark job; None when a name does not say its shard."""
+    parts = set()
+    for uri in metadata_files:
+        stem = uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+        if not stem.isdigit():
+            return None
+        parts.add(int(stem) // per_file)
+    return max(1, len(parts))
+
+
 def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images: str, output: str,
                           storage_options: dict | None):
     """The mapInPandas function. It closes over plain dicts and strings only: the model is built
@@ -191,7 +203,9 @@ def run(spark, cfg, args) -> dict:
             raise datasets.InputError(f"no shard metadata ({pattern}) in {images}: is it a download output?")
         df = datasets.conform(datasets.read_dataset(spark, pattern, IMAGES_METADATA), IMAGES_METADATA)
         part_col = F.floor(F.coalesce(F.col("shard"), F.lit(-per_file)) / F.lit(per_file))
-        n_parts = max(1, df.select(part_col.alias("p")).distinct().count())
+        n_parts = _count_parts(found, per_file)
+        if n_parts is None:   # metadata files not named {shard:05d}.parquet: ask Spark
+            n_parts = max(1, df.select(part_col.alias("p")).distinct().count())
 
     scorer = make_partition_scorer(clip_cfg, main, multi, images, output, storage_options)
     scored = (df.repartitionByRange(n_parts, part_col)

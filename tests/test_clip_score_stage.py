@@ -117,3 +117,10 @@ def test_corrupt_checkpoint_found_in_the_worker_is_a_config_error(spark, cfg, tm
     with pytest.raises(ConfigError, match="corrupt checkpoint"):
         _run(spark, cfg, tmp_path / "images", tmp_path / "scored", [f"clip.model=local-dir:{folder}"])
     assert not datasets.is_complete(str(tmp_path / "scored"))
+
+
+def test_embedding_parts_are_counted_from_shard_file_names():
+    files = [f"s3://b/images/{i:05d}.parquet" for i in (0, 1, 2, 5)]
+    assert clip_score._count_parts(files, 1) == 4
+    assert clip_score._count_parts(files, 2) == 3          # parts 0, 1, 2
+    assert clip_score._count_parts(["/x/part-0001.parquet"], 1) is None   # not a shard name: Spark counts
