@@ -322,15 +322,16 @@ def measure_recall(index, parts: list[EmbeddingPart], kind: str, sample: int, k:
             if wider is None:
                 break
             apply_index_param(index, wider)
-            t3 = time.time()
-            _, wider_approx = index.search(queries, k)
-            t4 = time.time()
+            # the cap first (50 single queries), so that a too-slow setting never runs the batch
             ms = single_query_ms(index, queries[:50], k)  # as served: one query at a time
             if max_query_ms is not None and ms > max_query_ms:
                 apply_index_param(index, param)  # keep the last parameters within the cap
                 out["recall_tuning_stopped"] = (f"{wider} would take {ms:.1f} ms per query "
                                                 f"(cap index.recall_tuning_max_query_ms={max_query_ms})")
                 break
+            t3 = time.time()
+            _, wider_approx = index.search(queries, k)
+            t4 = time.time()
             param, recall, t1, t2 = wider, recall_at_k(wider_approx, exact, k), t3, t4
             log.info("search parameters %s: recall@%d %.4f, %.2f ms per query", param, k, recall, ms)
             if recall >= min_recall:
