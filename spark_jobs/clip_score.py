@@ -51,15 +51,16 @@ def tar_uri(images: str, shard: int) -> str:
     return fsio.join(images, f"{int(shard):05d}.tar")
 
 
-def _model_specs(clip_cfg: dict) -> tuple[dict, dict | None]:
+def _model_specs(clip_cfg: dict, storage_options: dict | None) -> tuple[dict, dict | None]:
     """Validate the configured model(s) on the driver, before any task starts."""
     from udfs.clip_model import ModelLoadError, check_model_spec
 
     try:
-        main = check_model_spec(clip_cfg.get("model"), clip_cfg.get("pretrained"))
+        main = check_model_spec(clip_cfg.get("model"), clip_cfg.get("pretrained"), storage_options)
         multi = None
         if clip_cfg.get("multilingual_model"):
-            multi = check_model_spec(clip_cfg["multilingual_model"], clip_cfg.get("multilingual_pretrained"))
+            multi = check_model_spec(clip_cfg["multilingual_model"], clip_cfg.get("multilingual_pretrained"),
+                                     storage_options)
     except ModelLoadError as exc:
         raise ConfigError(f"clip: {exc}") from exc
     return main, multi
@@ -190,7 +191,7 @@ def run(spark, cfg, args) -> dict:
     timer = datasets.StageTimer()
     clip_cfg = cfg.section("clip")
     storage_options = cfg.get("storage.storage_options") or None
-    main, multi = _model_specs(clip_cfg)
+    main, multi = _model_specs(clip_cfg, storage_options)
     images, output = args.input, args.output
     per_file = max(1, int(clip_cfg.get("shards_per_embedding_file") or 1))
 

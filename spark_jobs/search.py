@@ -53,7 +53,7 @@ def query_vector(cfg, args) -> np.ndarray:
     if args.embedding:
         with fsio.open_uri(args.embedding, "rb", storage_options) as fh:
             return np.load(fh).astype(np.float32).reshape(-1)
-    encoder = knn.QueryEncoder(cfg.section("clip"))
+    encoder = knn.QueryEncoder(cfg.section("clip"), storage_options)
     if args.text is not None:
         if not args.text.strip():
             raise InputError("--text is empty")

@@ -55,7 +55,7 @@ def build_service(cfg, index: str, with_model: bool = True):
         raise InputError(str(exc)) from exc
     encoder = None
     if with_model:
-        encoder = knn.QueryEncoder(cfg.section("clip"))
+        encoder = knn.QueryEncoder(cfg.section("clip"), storage_options)
         try:
             dim = encoder.model.dim  # load now: a wrong model config fails at start, not per query
         except ValueError as exc:  # ModelLoadError

@@ -109,7 +109,8 @@ def _is_tag(model: str, pretrained: str) -> bool:
     return bool(open_clip.get_pretrained_cfg(model.replace("/", "-"), pretrained))
 
 
-def check_model_spec(model: str, pretrained: str | None) -> dict[str, Any]:
+def check_model_spec(model: str, pretrained: str | None,
+                     storage_options: dict | None = None) -> dict[str, Any]:
     """Validate a model spec without building the model (cheap; run on the driver to fail fast).
 
     Returns a normalised spec {model, pretrained, kind} with local-dir paths made absolute, so that
@@ -148,7 +149,7 @@ def check_model_spec(model: str, pretrained: str | None) -> dict[str, Any]:
     if _is_tag(name, pretrained):
         return {"model": name, "pretrained": pretrained, "kind": "tag"}
     if fsio.is_remote(pretrained):
-        if not fsio.exists(pretrained):
+        if not fsio.exists(pretrained, storage_options):
             raise ModelLoadError(f"checkpoint not found: {pretrained}")
         return {"model": name, "pretrained": pretrained, "kind": "remote-checkpoint"}
     path = Path(pretrained).expanduser()
@@ -266,7 +267,7 @@ def load_clip(model: str, pretrained: str | None, device: str = "auto", precisio
     the name is unknown or the checkpoint is missing, corrupt or for another architecture."""
     import open_clip
 
-    spec = check_model_spec(model, pretrained)
+    spec = check_model_spec(model, pretrained, storage_options)
     dev = select_device(device, gpu_addresses)
     prec = resolve_precision(precision, dev)
     name, weights = spec["model"], spec["pretrained"]

@@ -567,8 +567,9 @@ class QueryEncoder:
     """Embeds text and image queries with the same CLIP config as clip-score (`clip:` section),
     loading the model on first use so a server answering embedding queries never needs it."""
 
-    def __init__(self, clip_section: dict):
+    def __init__(self, clip_section: dict, storage_options: dict | None = None):
         self.clip = dict(clip_section)
+        self.storage_options = storage_options   # for s3:// checkpoints and local-dir models
         self._model = None
 
     @property
@@ -578,7 +579,8 @@ class QueryEncoder:
 
             self._model = load_clip(self.clip.get("model"), self.clip.get("pretrained"),
                                     device=self.clip.get("device", "auto"),
-                                    precision=self.clip.get("precision", "auto"))
+                                    precision=self.clip.get("precision", "auto"),
+                                    storage_options=self.storage_options)
         return self._model
 
     def encode_text(self, text: str) -> np.ndarray:
