@@ -33,6 +33,9 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "clipcrawl-serve/0.1"
     service: KnnService  # set on the subclass made by make_server
     protocol_version = "HTTP/1.1"
+    # headers and body go out in two writes: without TCP_NODELAY, Nagle + delayed ACK hold the body
+    # ~40 ms on keep-alive connections (measured: 1M-vector p50 100 ms vs a 37 ms search)
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):  # route the access log through logging, not stderr
         log.debug("%s %s", self.address_string(), fmt % args)
