@@ -69,13 +69,12 @@ def _model_specs(clip_cfg: dict, storage_options: dict | None) -> tuple[dict, di
 def _count_parts(metadata_files: list[str], per_file: int) -> int | None:
     """Embedding parts from the download output's file names ({shard:05d}.parquet holds shard's
     rows, every row has its shard), without a Spark job; None when a name does not say its shard."""
-    parts = set()
-    for uri in metadata_files:
-        stem = uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
-        if not stem.isdigit():
-            return None
-        parts.add(int(stem) // per_file)
-    return max(1, len(parts))
+    from udfs.download_worker import shard_of
+
+    shards = [shard_of(uri, ".parquet") for uri in metadata_files]
+    if None in shards:
+        return None
+    return max(1, len({s // per_file for s in shards}))
 
 
 def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images: str, output: str,

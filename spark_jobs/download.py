@@ -74,14 +74,11 @@ def metadata_paths(output: str, storage_options: dict | None) -> list[str]:
 
 
 def completed_shards(output: str, storage_options: dict | None) -> set[int]:
-    from udfs.download_worker import MARKER_SUFFIX
+    from udfs.download_worker import MARKER_SUFFIX, shard_of
 
-    done = set()
-    for uri in fsio.expand([fsio.join(output, "*" + MARKER_SUFFIX)], storage_options):
-        name = uri.rsplit("/", 1)[-1][:-len(MARKER_SUFFIX)]
-        if name.isdigit():
-            done.add(int(name))
-    return done
+    shards = (shard_of(uri, MARKER_SUFFIX)
+              for uri in fsio.expand([fsio.join(output, "*" + MARKER_SUFFIX)], storage_options))
+    return {s for s in shards if s is not None}
 
 
 def check_plan(output: str, plan: dict, storage_options: dict | None) -> None:

@@ -45,6 +45,13 @@ def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 
 
+def shard_of(uri: str, suffix: str) -> int | None:
+    """The shard number of a file named shard_name(shard) + suffix, else None."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    stem = name[:-len(suffix)] if name.endswith(suffix) else ""
+    return int(stem) if stem.isdigit() else None
+
+
 def key_digits(shard_size: int) -> int:
     """img2dataset's 4 index digits, more when a shard holds more than 10,000 rows."""
     return max(4, len(str(max(0, shard_size - 1))))
