@@ -200,6 +200,39 @@ def test_low_recall_search_parameters_are_widened_to_the_goal(tmp_path, cfg):
     assert capped["recall@10"] == off["recall@10"]
 
 
+@pytest.mark.slow
+def test_recall_fallback_reranks_when_autofaiss_index_misses_the_goal(tmp_path, cfg):
+    """Structureless vectors and an IVF index at nprobe=1 with one widening step: recall stays far
+    below the goal, so build-index swaps in the exhaustive fast-scan PQ index with exact
+    re-ranking; serving loads it with its tuned k_factor_rf and agrees with exact search."""
+    n, dim = 4000, 32
+    _, image, _ = write_random_subset(tmp_path / "dataset", n=n, dim=dim, parts=2, clusters=n)
+    base = ["index.index_key=IVF64,Flat", "index.index_param=nprobe=1", "index.recall_tuning_steps=1"]
+    _build(cfg, tmp_path / "dataset", tmp_path / "on", *base)
+    on = json.loads((tmp_path / "on" / "laion2B-en" / "index_infos.json").read_text())["indices"]["image"]
+    assert on["index_key"] == "PQ16x4fs,RFlat" and on["index_param"].startswith("k_factor_rf=")
+    assert on["recall@10"] >= 0.95 and on["nb vectors"] == n
+    assert on["autofaiss"]["index_key"] == "IVF64,Flat" and on["autofaiss"]["recall@10"] < 0.8
+    assert "recall fallback" in on["chosen_by"]
+    assert on["single_query_ms"] <= 50
+
+    index = knn.open_indices(str(tmp_path / "on"))["laion2B-en"]
+    queries = image[::97]
+    exact = np.argsort(-(queries @ image.T), axis=1)[:, :10]
+    got = np.array([[int(r["URL"].rsplit("/", 1)[1].split(".")[0]) for r in index.search(q, "image", 10)]
+                    for q in queries])
+    assert knn.recall_at_k(got, exact, 10) >= 0.95
+    assert all(got[:, 0] == np.arange(0, n, 97))
+
+    # Switched off, or over the memory budget: autofaiss's index stays and the infos say why.
+    _build(cfg, tmp_path / "dataset", tmp_path / "off", *base, "index.recall_fallback=false")
+    _build(cfg, tmp_path / "dataset", tmp_path / "small", *base, "index.max_index_memory_usage=100K")
+    for name, reason in (("off", "index.recall_fallback=false"), ("small", "max_index_memory_usage")):
+        kept = json.loads((tmp_path / name / "laion2B-en" / "index_infos.json").read_text())["indices"]["image"]
+        assert kept["index_key"] == "IVF64,Flat" and kept["recall@10"] == on["autofaiss"]["recall@10"]
+        assert kept["recall_fallback"]["status"] == "skipped" and reason in kept["recall_fallback"]["reason"]
+
+
 def test_build_index_command_line(tmp_path, capsys):
     """`spark-submit spark_jobs/knn_index.py ...` / `clipcrawl build-index` argument handling."""
     write_random_subset(tmp_path / "dataset", n=120, dim=8, parts=2)

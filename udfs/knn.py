@@ -177,6 +177,8 @@ class BuildParams:
     min_recall: float | None = 0.95
     recall_tuning_steps: int = 6
     recall_tuning_max_query_ms: float | None = 50.0
+    recall_fallback: bool = True
+    refine_k_factor: int = 16
     seed: int = 0
 
     @classmethod
@@ -289,34 +291,43 @@ def sample_queries(parts: list[EmbeddingPart], kind: str, sample: int, seed: int
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def measure_recall(index, parts: list[EmbeddingPart], kind: str, sample: int, k: int, seed: int,
-                   metric: str = "ip", storage_options: dict | None = None,
-                   min_recall: float | None = None, tuning_steps: int = 0,
-                   index_param: str | None = None, max_query_ms: float | None = None) -> dict:
-    """Recall@k of `index` against exact flat search, with `sample` of the subset's own vectors as
-    queries (the queries a user sends are CLIP vectors from the same distribution).
+def recall_ground_truth(parts: list[EmbeddingPart], kind: str, sample: int, k: int, seed: int,
+                        metric: str = "ip", storage_options: dict | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """`sample` of the subset's own vectors as queries (the queries a user sends are CLIP vectors
+    from the same distribution), their exact top-k ids, and the seconds the exact search took."""
+    queries = sample_queries(parts, kind, sample, seed, storage_options)
+    if len(queries) == 0:
+        return queries, np.zeros((0, k), np.int64), 0.0
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    t0 = time.time()
+    _, exact = exact_search((load_part(p, kind, storage_options) for p in parts), queries, k, metric)
+    return queries, exact, time.time() - t0
+
+
+def tune_recall(index, queries: np.ndarray, exact: np.ndarray, k: int,
+                min_recall: float | None = None, tuning_steps: int = 0,
+                index_param: str | None = None, max_query_ms: float | None = None,
+                label: str = "autofaiss") -> dict:
+    """Recall@k of `index` against the exact ids, widening its search parameters to `min_recall`.
 
     autofaiss tunes nprobe/efSearch for a query-time budget only, and on a busy machine its timing
     runs pick low values and recall drops (we measured 0.91 on random vectors). With `min_recall`
     set, the search parameters are doubled (up to `tuning_steps` times) until recall reaches it,
     unless a doubling would cost more than `max_query_ms` for one query (median of 50); the
-    parameters used are returned as `index_param` (autofaiss's own as `autofaiss_index_param`).
+    parameters used are returned as `index_param` (the starting ones as `{label}_index_param`).
     """
-    queries = sample_queries(parts, kind, sample, seed, storage_options)
     if len(queries) == 0:
         return {f"recall@{k}": None, "recall_queries": 0}
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    t0 = time.time()
-    _, exact = exact_search((load_part(p, kind, storage_options) for p in parts), queries, k, metric)
     t1 = time.time()
     _, approx = index.search(queries, k)
     t2 = time.time()
     recall = recall_at_k(approx, exact, k)
-    out: dict[str, Any] = {"recall_queries": len(queries), "recall_exact_seconds": round(t1 - t0, 3)}
+    out: dict[str, Any] = {"recall_queries": len(queries)}
     param = index_param
     if min_recall is not None and recall < min_recall and index_param:
-        out["autofaiss_index_param"] = index_param
-        out[f"autofaiss_recall@{k}"] = round(recall, 4)
+        out[f"{label}_index_param"] = index_param
+        out[f"{label}_recall@{k}"] = round(recall, 4)
         for _ in range(int(tuning_steps)):
             wider = scale_search_param(index, param, 2)
             if wider is None:
@@ -343,6 +354,18 @@ def measure_recall(index, parts: list[EmbeddingPart], kind: str, sample: int, k:
     return out
 
 
+def measure_recall(index, parts: list[EmbeddingPart], kind: str, sample: int, k: int, seed: int,
+                   metric: str = "ip", storage_options: dict | None = None,
+                   min_recall: float | None = None, tuning_steps: int = 0,
+                   index_param: str | None = None, max_query_ms: float | None = None) -> dict:
+    """recall_ground_truth + tune_recall, for an index that is already built."""
+    queries, exact, seconds = recall_ground_truth(parts, kind, sample, k, seed, metric, storage_options)
+    out = tune_recall(index, queries, exact, k, min_recall, tuning_steps, index_param, max_query_ms)
+    if len(queries):
+        out["recall_exact_seconds"] = round(seconds, 3)
+    return out
+
+
 def single_query_ms(index, queries: np.ndarray, k: int) -> float:
     """Median latency of one-at-a-time searches (a batch spreads over cores and hides it)."""
     times = []
@@ -354,14 +377,14 @@ def single_query_ms(index, queries: np.ndarray, k: int) -> float:
 
 
 def scale_search_param(index, index_param: str, factor: int) -> str | None:
-    """`efSearch=78` -> `efSearch=156`; nprobe is capped at the number of lists. None when
-    nothing can grow."""
+    """`efSearch=78` -> `efSearch=156` (also nprobe, and k_factor_rf of a re-ranking index); nprobe
+    is capped at the number of lists. None when nothing can grow."""
     import faiss
 
     items, changed = [], False
     for item in index_param.split(","):
         name, _, value = item.partition("=")
-        if name in ("efSearch", "nprobe") and value.isdigit():
+        if name in ("efSearch", "nprobe", "k_factor_rf") and value.isdigit():
             cap = 1 << 15
             if name == "nprobe":
                 try:
@@ -376,6 +399,129 @@ def scale_search_param(index, index_param: str, factor: int) -> str | None:
     return ",".join(items) if changed else None
 
 
+def build_tuned_kind_index(emb_folder: str, parts: list[EmbeddingPart], kind: str,
+                           local_index: str, local_infos: str, params: BuildParams,
+                           storage_options: dict | None = None) -> dict:
+    """One kind's index at `local_index`: autofaiss's build, its recall measured and its search
+    parameters widened to `min_recall`, and the re-ranking fallback when that is not enough."""
+    import faiss
+
+    total = sum(p.rows for p in parts)
+    kind_infos = build_kind_index(emb_folder, local_index, local_infos, params)
+    index = faiss.read_index(local_index)
+    if index.ntotal != total:
+        raise RuntimeError(f"{kind} index holds {index.ntotal} vectors, expected {total}")
+    dim = int(index.d)
+    apply_index_param(index, kind_infos.get("index_param"))
+    queries, exact, seconds = recall_ground_truth(parts, kind, params.recall_sample, params.recall_k,
+                                                  params.seed, params.metric_type, storage_options)
+    kind_infos.update(tune_recall(index, queries, exact, params.recall_k, params.min_recall,
+                                  params.recall_tuning_steps, kind_infos.get("index_param"),
+                                  params.recall_tuning_max_query_ms))
+    kind_infos["recall_exact_seconds"] = round(seconds, 3)
+    del index  # before the fallback holds its own copy of the vectors
+    kind_infos.pop("index_path", None)  # the scratch path, meaningless after the copy
+    recall = kind_infos.get(f"recall@{params.recall_k}")
+    if params.min_recall is not None and recall is not None and recall < params.min_recall:
+        kind_infos = recall_fallback(parts, kind, dim, queries, exact, local_index, kind_infos,
+                                     params, storage_options)
+    kind_infos["dim"] = dim
+    return kind_infos
+
+
+# --- recall fallback: exhaustive fast-scan PQ with exact re-ranking ------------------------------
+
+def refine_index_key(dim: int) -> str:
+    """4-bit PQ with two dimensions per sub-quantizer, scanned with faiss's SIMD fast-scan over
+    all vectors, whose top k x k_factor_rf candidates are re-ranked with the exact vectors."""
+    m = dim // 2 if dim % 2 == 0 else dim
+    return f"PQ{m}x4fs,RFlat"
+
+
+def refine_index_bytes(nb_vectors: int, dim: int) -> int:
+    m = dim // 2 if dim % 2 == 0 else dim
+    return nb_vectors * (4 * dim + (m + 1) // 2)
+
+
+def build_refine_index(parts: list[EmbeddingPart], kind: str, dim: int, metric: str = "ip",
+                       train_size: int = 65536, seed: int = 0,
+                       storage_options: dict | None = None):
+    """The re-ranking index over all parts (one part in memory at a time besides the index)."""
+    import faiss
+
+    metric_type = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    index = faiss.index_factory(dim, refine_index_key(dim), metric_type)
+    index.train(sample_queries(parts, kind, train_size, seed, storage_options))
+    for part in parts:
+        index.add(np.ascontiguousarray(load_part(part, kind, storage_options), dtype=np.float32))
+    return index
+
+
+def _fallback_refusal(params: BuildParams, nb_vectors: int, dim: int) -> str | None:
+    from autofaiss.utils.cast import cast_memory_to_bytes
+
+    if not params.recall_fallback:
+        return "off (index.recall_fallback=false)"
+    if params.memory_mapped or params.distributed:
+        return "not with index.memory_mapped or index.distributed (the index holds every vector in RAM)"
+    size, budget = refine_index_bytes(nb_vectors, dim), cast_memory_to_bytes(str(params.max_index_memory_usage))
+    if size > budget:
+        return (f"{refine_index_key(dim)} needs {size / 2**30:.2f} GiB, over "
+                f"index.max_index_memory_usage={params.max_index_memory_usage}")
+    return None
+
+
+def recall_fallback(parts: list[EmbeddingPart], kind: str, dim: int, queries: np.ndarray,
+                    exact: np.ndarray, local_index: str, kind_infos: dict, params: BuildParams,
+                    storage_options: dict | None = None) -> dict:
+    """autofaiss's index missed `min_recall` within the query-time cap (HNSW and IVF lose recall
+    on data without cluster structure). Build an exhaustive fast-scan PQ index with exact
+    re-ranking: its recall depends on k_factor_rf, not on the data's structure, it builds in
+    seconds, and its memory is the raw vectors plus dim/4 bytes each, less than HNSW32's. It
+    replaces autofaiss's index at `local_index` when its recall is higher within the cap; either
+    way the other's figures stay in the infos."""
+    import faiss
+
+    k = params.recall_k
+    total = sum(p.rows for p in parts)
+    refusal = _fallback_refusal(params, total, dim)
+    if refusal:
+        return {**kind_infos, "recall_fallback": {"status": "skipped", "reason": refusal}}
+    key = refine_index_key(dim)
+    log.info("%s index: recall@%d %.4f below index.min_recall=%s; building %s", kind, k,
+             kind_infos[f"recall@{k}"], params.min_recall, key)
+    t0 = time.time()
+    try:
+        index = build_refine_index(parts, kind, dim, params.metric_type, seed=params.seed,
+                                   storage_options=storage_options)
+    except RuntimeError as exc:  # faiss refuses, e.g. too few vectors to train 16 centroids
+        return {**kind_infos, "recall_fallback": {"status": "failed", "reason": str(exc)[:300]}}
+    build_seconds = time.time() - t0
+    start = f"k_factor_rf={int(params.refine_k_factor)}"
+    apply_index_param(index, start)
+    tuned = tune_recall(index, queries, exact, k, params.min_recall, params.recall_tuning_steps,
+                        start, params.recall_tuning_max_query_ms, label="refine")
+    ms = single_query_ms(index, queries[:50], k)
+    fallback = {"index_key": key, **tuned, "single_query_ms": round(ms, 3),
+                "size in bytes": refine_index_bytes(total, dim),
+                "build_seconds": round(build_seconds, 3)}
+    cap = params.recall_tuning_max_query_ms
+    within_cap = cap is None or ms <= cap
+    if not (within_cap and tuned[f"recall@{k}"] > kind_infos[f"recall@{k}"]):
+        why = (f"kept autofaiss's index: {key} reached recall@{k} {tuned[f'recall@{k}']} at "
+               f"{ms:.1f} ms per query")
+        return {**kind_infos, "recall_fallback": {"status": "not better", "reason": why, **fallback}}
+    faiss.write_index(index, local_index)
+    autofaiss_infos = dict(kind_infos)
+    return {**fallback, "nb vectors": total,
+            "build_seconds": round(kind_infos.get("build_seconds", 0) + build_seconds, 3),
+            "recall_exact_seconds": kind_infos.get("recall_exact_seconds"),
+            "chosen_by": (f"recall fallback: autofaiss's {autofaiss_infos.get('index_key')} reached "
+                          f"recall@{k} {autofaiss_infos[f'recall@{k}']} < index.min_recall="
+                          f"{params.min_recall}"),
+            "autofaiss": autofaiss_infos}
+
+
 def build_subset(subset_root: str, output: str, params: BuildParams,
                  storage_options: dict | None = None) -> dict:
     """Build the image and text indices, the ids parquet and index_infos.json of one subset.
@@ -384,8 +530,6 @@ def build_subset(subset_root: str, output: str, params: BuildParams,
     to `output` (local or s3://) afterwards; index_infos.json is written last and marks the subset
     complete.
     """
-    import faiss
-
     parts = list_parts(subset_root, storage_options)
     total = sum(p.rows for p in parts)
     infos: dict[str, Any] = {"subset_root": subset_root, "nb_vectors": total, "parts": len(parts),
@@ -402,20 +546,9 @@ def build_subset(subset_root: str, output: str, params: BuildParams,
             local_index = os.path.join(scratch, INDEX_FILES[kind])
             local_infos = os.path.join(scratch, f"{kind}_autofaiss_infos.json")
             log.info("building the %s index of %s (%d vectors)", kind, subset_root, total)
-            kind_infos = build_kind_index(fsio.join(subset_root, folder), local_index, local_infos,
-                                          params)
-            index = faiss.read_index(local_index)
-            if index.ntotal != total:
-                raise RuntimeError(f"{kind} index holds {index.ntotal} vectors, expected {total}")
-            apply_index_param(index, kind_infos.get("index_param"))
-            kind_infos.update(measure_recall(
-                index, parts, kind, params.recall_sample, params.recall_k, params.seed,
-                params.metric_type, storage_options, params.min_recall, params.recall_tuning_steps,
-                kind_infos.get("index_param"), params.recall_tuning_max_query_ms))
-            kind_infos.pop("index_path", None)  # the scratch path, meaningless after the copy
+            kind_infos = build_tuned_kind_index(fsio.join(subset_root, folder), parts, kind,
+                                                local_index, local_infos, params, storage_options)
             kind_infos["index_file"] = INDEX_FILES[kind]
-            kind_infos["dim"] = int(index.d)
-            del index
             _upload(local_index, fsio.join(output, INDEX_FILES[kind]), storage_options)
             infos["indices"][kind] = kind_infos
     finally:

@@ -59,8 +59,10 @@ def write_parts(root: Path, image: np.ndarray, text: np.ndarray, parts: int,
 
 
 def write_random_subset(dataset: Path, subset: str = "laion2B-en", n: int = 2000, dim: int = 32,
-                        parts: int = 3, seed: int = 0) -> tuple[Path, np.ndarray, np.ndarray]:
-    image = clustered_vectors(n, dim, seed=seed)
+                        parts: int = 3, seed: int = 0, clusters: int = 16
+                        ) -> tuple[Path, np.ndarray, np.ndarray]:
+    """clusters=n gives structureless vectors, the worst case for IVF and HNSW."""
+    image = clustered_vectors(n, dim, clusters=clusters, seed=seed)
     rng = np.random.default_rng(seed + 1)
     text = image + 0.2 * rng.standard_normal(image.shape).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
