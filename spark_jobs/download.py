@@ -135,7 +135,9 @@ def _plan_fresh(spark, args, section, storage_options):
     df = datasets.read_dataset(spark, args.input, DOWNLOAD_INPUT)
     for col in ("uid", "page_url"):
         if col not in df.columns:
-            df = df.withColumn(col, F.lit(None).cast("string"))
+            # SQL rather than F.lit: in PySpark 4, lit (also inside lpad etc.) imports pandas and
+            # pyarrow into the driver, ~85 MB (see session.lighten_numpy_converters)
+            df = df.withColumn(col, F.expr("CAST(NULL AS STRING)"))
     df = df.select(*[F.col(c).cast("string") for c in ("uid", "url", "text", "page_url")])
     size = section["shard_size"]
     # A total order, so that rank -> shard is the same in every run. The uid (a hash) comes first,
@@ -144,7 +146,7 @@ def _plan_fresh(spark, args, section, storage_options):
     # Python UDF before the sort (missing uids are computed by the shard task). Ranks are
     # zipWithIndex's, done by hand so that the per-partition counts also give the total (one job
     # fewer than count() + zipWithIndex()).
-    order = F.coalesce(F.col("uid"), F.lpad(F.hex(F.xxhash64("url", "text")), 16, "0"))
+    order = F.expr("coalesce(uid, lpad(hex(xxhash64(url, text)), 16, '0'))")  # SQL: no F.lit
     ordered = df.orderBy(order, "url", "text", "page_url").rdd
     sizes = ordered.mapPartitions(lambda it: [sum(1 for _ in it)]).collect()
     starts = [sum(sizes[:i]) for i in range(len(sizes))]

@@ -245,6 +245,40 @@ def test_tar_writer_roundtrip(tmp_path):
     assert not list(tmp_path.glob("00004*")) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_shard_metadata_parquet_round_trips_without_pandas():
+    """The per-shard metadata keeps every column's type and value (quotes, newlines, unicode,
+    int64, exact floats, nulls), and building it does not pull pandas into the worker."""
+    import subprocess
+    import sys
+
+    # The child only writes (a pq.read_table through a Python file object in a process without
+    # pandas aborts at exit: apache/arrow#34314); the files are read back here.
+    code = """if True:
+        import json, sys
+        from udfs.download_worker import _parquet_bytes
+        rows = [{"key": "000000000", "text": 'a "b"\\n\u00e9 \u4e2d', "shard": 0, "bytes": 2**40,
+                 "download_seconds": 0.1234567890123, "retryable": False, "status": "success"},
+                {"key": "000000001", "status": "failed_to_download", "error_message": "x"}]
+        print(json.dumps({"rows": _parquet_bytes(rows).hex(), "empty": _parquet_bytes([]).hex(),
+                          "pandas": "pandas" in sys.modules}))"""
+    child = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True).stdout)
+    table = pq.read_table(io.BytesIO(bytes.fromhex(child["rows"])))
+    empty = pq.read_table(io.BytesIO(bytes.fromhex(child["empty"])))
+    out = {"rows": table.to_pylist(), "names": table.schema.names, "pandas": child["pandas"],
+           "types": [str(t) for t in table.schema.types], "empty": [empty.num_rows, empty.schema.names]}
+    from udfs.download_worker import METADATA_COLUMNS
+
+    names = [n for n, _ in METADATA_COLUMNS]
+    assert out["names"] == names and out["empty"] == [0, names]
+    assert out["types"][names.index("bytes")] == "int64" and out["types"][names.index("shard")] == "int32"
+    first, second = out["rows"]
+    assert first["text"] == 'a "b"\n\u00e9 \u4e2d' and first["bytes"] == 2**40
+    assert first["download_seconds"] == 0.1234567890123 and first["retryable"] is False
+    assert second["error_message"] == "x" and second["bytes"] is None and second["http_status"] is None
+    assert out["pandas"] is False
+
+
 # --- one shard, every status -------------------------------------------------------------------
 
 def test_shard_every_status(server, cfg, tmp_path):

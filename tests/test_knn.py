@@ -109,6 +109,19 @@ def test_recall_at_k_counts_overlap():
     assert knn.recall_at_k(np.array([[-1, -1, -1, -1]]), exact[:1], 4) == 0.0
 
 
+def test_ids_table_is_made_contiguous_for_fast_lookups():
+    """Served ids: one chunk per column and 64-bit string offsets, same rows as read."""
+    import pyarrow as pa
+
+    chunked = pa.concat_tables([pa.table({"index_id": pa.array([i], pa.int64()), "URL": [f"u{i}"]})
+                                for i in range(5)])
+    table = knn.contiguous(chunked)
+    assert all(table.column(name).num_chunks == 1 for name in table.column_names)
+    assert table.schema.field("URL").type == pa.large_string()
+    assert table.take(pa.array([3, 0])).to_pylist() == [{"index_id": 3, "URL": "u3"},
+                                                        {"index_id": 0, "URL": "u0"}]
+
+
 def test_misaligned_parts_are_an_input_error(tmp_path, cfg):
     root, *_ = write_random_subset(tmp_path / "dataset", n=60, dim=8, parts=2)
     np.save(root / "text_emb" / "text_emb_1.npy", np.zeros((3, 8), np.float16))

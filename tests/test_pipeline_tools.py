@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import ast
 import importlib.util
 import zipfile
@@ -82,3 +83,38 @@ def test_package_builds_pyfiles_zip_with_conf(tmp_path):
     assert "spark_jobs/conf/base.yaml" in names and "spark_jobs/cli.py" in names and "udfs/ids.py" in names
     assert all(Path(p).exists() for p in result["entry_scripts"])
     assert "pyspark" in (tmp_path / "requirements-cluster.txt").read_text()
+
+
+def test_numpy_arguments_still_reach_the_jvm(spark):
+    """The session's lighter numpy converters convert numpy scalars and 1-d arrays as before."""
+    import numpy as np
+    from pyspark.sql import types
+
+    assert "have_numpy" not in types.NumpyArrayConverter.can_convert.__code__.co_names
+    jvm = spark.sparkContext._jvm
+    assert jvm.java.lang.String.valueOf(np.float64(1.5)) == "1.5"
+    assert jvm.java.util.Arrays.toString(np.array([3, 4], dtype=np.int64)) == "[3, 4]"
+    assert not types.NumpyArrayConverter().can_convert(np.zeros((2, 2)))
+
+
+@pytest.mark.slow
+def test_fresh_driver_does_not_import_pandas_or_pyarrow(tmp_path):
+    """A driver that starts a session and runs an RDD job stays free of pandas and pyarrow
+    (PySpark's py4j converters would import both, ~85 MB)."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import json, sys
+        from spark_jobs.config import load_config
+        from spark_jobs.session import get_spark
+        spark = get_spark(load_config("local").with_overrides(["spark.master=local[1]"]), "probe")
+        total = spark.sparkContext.parallelize(range(10), 2).mapPartitions(lambda it: [sum(it)]).sum()
+        print(json.dumps({"total": total, "pandas": "pandas" in sys.modules,
+                          "pyarrow": "pyarrow" in sys.modules}))
+        spark.stop()"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"total": 45, "pandas": False, "pyarrow": False}
