@@ -151,7 +151,7 @@ def serve_latency(index_root: Path, requests: int, threads: int, max_seconds: fl
 
 
 def run(work: Path, quick: bool, n: int | None = None) -> list[dict]:
-    """Full run: 1M vectors (~30 min on this quiet 2-core machine: two HNSW32 builds); --quick: 20k.
+    """Full run: 1M vectors (~16 min on this quiet 2-core machine: two HNSW32 builds); --quick: 20k.
     `python -m bench.bench_index --n 200000` runs another size."""
     from udfs import knn
 
