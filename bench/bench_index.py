@@ -2,8 +2,9 @@
 
 Both builds index the same N x 512 random unit vectors (float16 npy, 1M in the full run) from
 the same folder, each in a fresh child process so peak RSS (ru_maxrss) belongs to one build.
-"Ours" is `udfs.knn.build_kind_index` with the `index:` section of conf/base.yaml (4 GB index
-budget, 8 GB build memory, 10 ms query budget); the peer is `autofaiss.build_index` with nothing
+"Ours" is `udfs.knn.build_tuned_kind_index` (build-index's per-kind path: autofaiss, recall widening,
+recall fallback) with the `index:` section of conf/base.yaml (4 GB index budget, 8 GB build memory,
+10 ms query budget); the peer is `autofaiss.build_index` with nothing
 but the paths (16 GB / 32 GB defaults). Recall@10 of both is measured against exact flat search
 with the same 1000 queries drawn from the data. Random 512-d vectors are the hardest case for
 approximate search (no cluster structure), so recall here is a lower bound for CLIP embeddings.

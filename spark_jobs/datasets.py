@@ -66,7 +66,8 @@ def conform(df: DataFrame, spec: DatasetSpec) -> DataFrame:
         if f.name in present:
             cols.append(F.col(f.name).cast(f.dataType).alias(f.name))
         else:
-            cols.append(F.lit(None).cast(f.dataType).alias(f.name))
+            # not F.lit(None): in PySpark 4 lit imports pandas and pyarrow into the driver
+            cols.append(F.expr("NULL").cast(f.dataType).alias(f.name))
     return df.select(*cols)
 
 

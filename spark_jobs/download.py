@@ -137,7 +137,7 @@ def _plan_fresh(spark, args, section, storage_options):
         if col not in df.columns:
             # SQL rather than F.lit: in PySpark 4, lit (also inside lpad etc.) imports pandas and
             # pyarrow into the driver, ~85 MB (see session.lighten_numpy_converters)
-            df = df.withColumn(col, F.expr("CAST(NULL AS STRING)"))
+            df = df.withColumn(col, F.expr("NULL").cast("string"))
     df = df.select(*[F.col(c).cast("string") for c in ("uid", "url", "text", "page_url")])
     size = section["shard_size"]
     # A total order, so that rank -> shard is the same in every run. The uid (a hash) comes first,

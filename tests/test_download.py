@@ -247,7 +247,8 @@ def test_tar_writer_roundtrip(tmp_path):
 
 def test_shard_metadata_parquet_round_trips_without_pandas():
     """The per-shard metadata keeps every column's type and value (quotes, newlines, unicode,
-    int64, exact floats, nulls), and building it does not pull pandas into the worker."""
+    int64, exact floats, nulls, a row over 1 MiB), and building it does not pull pandas into the
+    worker."""
     import subprocess
     import sys
 
@@ -258,7 +259,8 @@ def test_shard_metadata_parquet_round_trips_without_pandas():
         from udfs.download_worker import _parquet_bytes
         rows = [{"key": "000000000", "text": 'a "b"\\n\u00e9 \u4e2d', "shard": 0, "bytes": 2**40,
                  "download_seconds": 0.1234567890123, "retryable": False, "status": "success"},
-                {"key": "000000001", "status": "failed_to_download", "error_message": "x"}]
+                {"key": "000000001", "status": "failed_to_download", "error_message": "x"},
+                {"key": "000000002", "status": "invalid_url", "url": "data:," + "\u4e2d" * 600000}]
         print(json.dumps({"rows": _parquet_bytes(rows).hex(), "empty": _parquet_bytes([]).hex(),
                           "pandas": "pandas" in sys.modules}))"""
     child = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -272,7 +274,8 @@ def test_shard_metadata_parquet_round_trips_without_pandas():
     names = [n for n, _ in METADATA_COLUMNS]
     assert out["names"] == names and out["empty"] == [0, names]
     assert out["types"][names.index("bytes")] == "int64" and out["types"][names.index("shard")] == "int32"
-    first, second = out["rows"]
+    first, second, huge = out["rows"]
+    assert len(huge["url"]) == 600006   # a row over pyarrow's 1 MiB JSON block (1.8 MB of UTF-8)
     assert first["text"] == 'a "b"\n\u00e9 \u4e2d' and first["bytes"] == 2**40
     assert first["download_seconds"] == 0.1234567890123 and first["retryable"] is False
     assert second["error_message"] == "x" and second["bytes"] is None and second["http_status"] is None

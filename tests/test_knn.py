@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -214,7 +215,7 @@ def test_low_recall_search_parameters_are_widened_to_the_goal(tmp_path, cfg):
 
 
 @pytest.mark.slow
-def test_recall_fallback_reranks_when_autofaiss_index_misses_the_goal(tmp_path, cfg):
+def test_recall_fallback_reranks_when_autofaiss_index_misses_the_goal(tmp_path, cfg, caplog):
     """Structureless vectors and an IVF index at nprobe=1 with one widening step: recall stays far
     below the goal, so build-index swaps in the exhaustive fast-scan PQ index with exact
     re-ranking; serving loads it with its tuned k_factor_rf and agrees with exact search."""
@@ -227,7 +228,8 @@ def test_recall_fallback_reranks_when_autofaiss_index_misses_the_goal(tmp_path, 
     assert on["recall@10"] >= 0.95 and on["nb vectors"] == n
     assert on["autofaiss"]["index_key"] == "IVF64,Flat" and on["autofaiss"]["recall@10"] < 0.8
     assert "recall fallback" in on["chosen_by"]
-    assert on["single_query_ms"] <= 50
+    assert on["single_query_ms"] <= 50 and on["avg_search_speed_ms"] == on["single_query_ms"]
+    assert on["size in bytes"] == (tmp_path / "on" / "laion2B-en" / "image.index").stat().st_size
 
     index = knn.open_indices(str(tmp_path / "on"))["laion2B-en"]
     queries = image[::97]
@@ -236,6 +238,10 @@ def test_recall_fallback_reranks_when_autofaiss_index_misses_the_goal(tmp_path, 
                     for q in queries])
     assert knn.recall_at_k(got, exact, 10) >= 0.95
     assert all(got[:, 0] == np.arange(0, n, 97))
+    assert index.indices["image"].k_factor == int(on["index_param"].split("=")[1])
+    with caplog.at_level(logging.WARNING, logger="udfs.knn"):
+        knn.open_indices(str(tmp_path / "on"), memory_mapped=True)
+    assert "not an IVF index" in caplog.text   # serve.memory_mapped cannot map it, and says so
 
     # Switched off, or over the memory budget: autofaiss's index stays and the infos say why.
     _build(cfg, tmp_path / "dataset", tmp_path / "off", *base, "index.recall_fallback=false")

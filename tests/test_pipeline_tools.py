@@ -92,7 +92,7 @@ def test_numpy_arguments_still_reach_the_jvm(spark):
 
     assert "have_numpy" not in types.NumpyArrayConverter.can_convert.__code__.co_names
     jvm = spark.sparkContext._jvm
-    assert jvm.java.lang.String.valueOf(np.float64(1.5)) == "1.5"
+    assert jvm.java.lang.String.valueOf(np.int32(3)) == "3"   # not an int subclass: converted
     assert jvm.java.util.Arrays.toString(np.array([3, 4], dtype=np.int64)) == "[3, 4]"
     assert not types.NumpyArrayConverter().can_convert(np.zeros((2, 2)))
 

@@ -78,10 +78,14 @@ def metadata_table(records: list[dict]):
     schema = pa.schema([(name, getattr(pa, typ)()) for name, typ in METADATA_COLUMNS])
     if not records:
         return pa.Table.from_batches([], schema)
-    lines = "\n".join(json.dumps({name: r.get(name) for name, _ in METADATA_COLUMNS},
-                                 allow_nan=False) for r in records)
-    return pa_json.read_json(io.BytesIO(lines.encode()), parse_options=pa_json.ParseOptions(
-        explicit_schema=schema, unexpected_field_behavior="error"))
+    data = "\n".join(json.dumps({name: r.get(name) for name, _ in METADATA_COLUMNS},
+                                allow_nan=False, ensure_ascii=False) for r in records).encode()
+    # One block holding everything: a row may not straddle blocks (the 1 MiB default would fail
+    # a shard with one huge caption or data: URL), and one thread starts no Arrow thread pool.
+    return pa_json.read_json(
+        io.BytesIO(data),
+        read_options=pa_json.ReadOptions(block_size=len(data) + 1, use_threads=False),
+        parse_options=pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error"))
 
 
 def _parquet_bytes(records: list[dict]) -> bytes:

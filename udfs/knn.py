@@ -512,8 +512,9 @@ def recall_fallback(parts: list[EmbeddingPart], kind: str, dim: int, queries: np
                f"{ms:.1f} ms per query")
         return {**kind_infos, "recall_fallback": {"status": "not better", "reason": why, **fallback}}
     faiss.write_index(index, local_index)
+    fallback["size in bytes"] = os.path.getsize(local_index)
     autofaiss_infos = dict(kind_infos)
-    return {**fallback, "nb vectors": total,
+    return {**fallback, "nb vectors": total, "avg_search_speed_ms": round(ms, 3),
             "build_seconds": round(kind_infos.get("build_seconds", 0) + build_seconds, 3),
             "recall_exact_seconds": kind_infos.get("recall_exact_seconds"),
             "chosen_by": (f"recall fallback: autofaiss's {autofaiss_infos.get('index_key')} reached "
@@ -601,7 +602,11 @@ def read_faiss_index(path: str, memory_mapped: bool = False):
 
     if memory_mapped:
         try:
-            return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            if faiss.try_extract_index_ivf(index) is None:  # faiss reads the rest into RAM
+                log.warning("%s is not an IVF index, so it is read into memory, not memory-mapped "
+                            "(build with index.memory_mapped=true for a mappable index)", path)
+            return index
         except RuntimeError as exc:
             log.warning("%s cannot be memory-mapped (%s); reading it into memory",
                         path, str(exc).splitlines()[0][:200])
