@@ -431,16 +431,19 @@ def build_tuned_kind_index(emb_folder: str, parts: list[EmbeddingPart], kind: st
 
 # --- recall fallback: exhaustive fast-scan PQ with exact re-ranking ------------------------------
 
+def _refine_subquantizers(dim: int) -> int:
+    return dim // 2 if dim % 2 == 0 else dim
+
+
 def refine_index_key(dim: int) -> str:
     """4-bit PQ with two dimensions per sub-quantizer, scanned with faiss's SIMD fast-scan over
     all vectors, whose top k x k_factor_rf candidates are re-ranked with the exact vectors."""
-    m = dim // 2 if dim % 2 == 0 else dim
-    return f"PQ{m}x4fs,RFlat"
+    return f"PQ{_refine_subquantizers(dim)}x4fs,RFlat"
 
 
 def refine_index_bytes(nb_vectors: int, dim: int) -> int:
-    m = dim // 2 if dim % 2 == 0 else dim
-    return nb_vectors * (4 * dim + (m + 1) // 2)
+    """The exact vectors (float32) plus 4 bits per sub-quantizer."""
+    return nb_vectors * (4 * dim + (_refine_subquantizers(dim) + 1) // 2)
 
 
 def build_refine_index(parts: list[EmbeddingPart], kind: str, dim: int, metric: str = "ip",
@@ -513,14 +516,13 @@ def recall_fallback(parts: list[EmbeddingPart], kind: str, dim: int, queries: np
         return {**kind_infos, "recall_fallback": {"status": "not better", "reason": why, **fallback}}
     faiss.write_index(index, local_index)
     fallback["size in bytes"] = os.path.getsize(local_index)
-    autofaiss_infos = dict(kind_infos)
     return {**fallback, "nb vectors": total, "avg_search_speed_ms": round(ms, 3),
             "build_seconds": round(kind_infos.get("build_seconds", 0) + build_seconds, 3),
             "recall_exact_seconds": kind_infos.get("recall_exact_seconds"),
-            "chosen_by": (f"recall fallback: autofaiss's {autofaiss_infos.get('index_key')} reached "
-                          f"recall@{k} {autofaiss_infos[f'recall@{k}']} < index.min_recall="
+            "chosen_by": (f"recall fallback: autofaiss's {kind_infos.get('index_key')} reached "
+                          f"recall@{k} {kind_infos[f'recall@{k}']} < index.min_recall="
                           f"{params.min_recall}"),
-            "autofaiss": autofaiss_infos}
+            "autofaiss": kind_infos}
 
 
 def build_subset(subset_root: str, output: str, params: BuildParams,
