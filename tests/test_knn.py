@@ -274,3 +274,53 @@ def test_ids_parquet_matches_its_declared_schema(tmp_path, spark):
     df = datasets.read_dataset(spark, str(tmp_path / "indices" / "ids.parquet"), schemas.INDEX_IDS)
     assert [f.name for f in df.schema.fields] == schemas.INDEX_IDS.schema.fieldNames()
     assert df.count() == 50
+
+
+def test_recall_first_keeps_the_reranking_index_without_running_autofaiss(tmp_path, cfg, monkeypatch):
+    """Default strategy: the fast-scan re-ranking index is built first and, reaching the goal
+    within the cap, kept; autofaiss is never called. autofaiss_first still runs autofaiss."""
+    _, image, _ = write_random_subset(tmp_path / "dataset", "laion2B-en", n=3000, dim=16, parts=3)
+    calls = []
+    real = knn.build_kind_index
+    monkeypatch.setattr(knn, "build_kind_index", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stats = _build(cfg, tmp_path / "dataset", tmp_path / "first")
+    infos = json.loads((tmp_path / "first" / "laion2B-en" / "index_infos.json").read_text())["indices"]
+    assert calls == []
+    for kind in ("image", "text"):
+        assert infos[kind]["index_key"] == "PQ8x4fs,RFlat" and "recall first" in infos[kind]["chosen_by"]
+        assert infos[kind]["recall@10"] >= 0.95 and infos[kind]["nb vectors"] == 3000
+    assert stats["subsets"]["laion2B-en"]["image"]["recall@10"] >= 0.95
+    # the served index agrees with exact search on a row's own vector
+    index = knn.open_indices(str(tmp_path / "first"))["laion2B-en"]
+    assert index.size == 3000
+    for i in (0, 1234, 2999):
+        assert index.search(image[i], "image", 1)[0]["URL"] == f"http://127.0.0.1/img/{i}.jpg"
+    _build(cfg, tmp_path / "dataset", tmp_path / "af", "index.strategy=autofaiss_first")
+    assert len(calls) == 2   # image and text
+    af = json.loads((tmp_path / "af" / "laion2B-en" / "index_infos.json").read_text())["indices"]
+    assert "recall first" not in af["image"].get("chosen_by", "") and "recall_first" not in af["image"]
+
+
+def test_recall_first_yields_to_autofaiss_when_it_misses_the_cap(tmp_path, cfg):
+    """A cap no index can meet: the attempt is recorded, autofaiss builds, and the fallback is not
+    built a second time for the same verdict."""
+    write_random_subset(tmp_path / "dataset", "laion2B-en", n=2000, dim=16, parts=2)
+    _build(cfg, tmp_path / "dataset", tmp_path / "out", "index.recall_tuning_max_query_ms=0.000001")
+    infos = json.loads((tmp_path / "out" / "laion2B-en" / "index_infos.json").read_text())["indices"]["image"]
+    assert infos["recall_first"]["status"] == "not kept" and infos["recall_first"]["within_cap"] is False
+    assert "recall first" not in infos.get("chosen_by", "")
+    assert infos["index_key"] != "PQ8x4fs,RFlat"
+
+
+def test_refine_index_is_built_in_one_pass_over_the_parts(tmp_path, monkeypatch):
+    _, image, _ = write_random_subset(tmp_path / "dataset", "s", n=1200, dim=8, parts=4)
+    parts = knn.list_parts(str(tmp_path / "dataset" / "embeddings" / "s"))
+    loads = []
+    real = knn.load_part
+    monkeypatch.setattr(knn, "load_part", lambda p, *a, **k: loads.append(p.number) or real(p, *a, **k))
+    index = knn.build_refine_index(parts, "image", 8, train_size=500)
+    assert sorted(loads) == sorted(p.number for p in parts)   # each part read once
+    assert index.ntotal == 1200
+    knn.apply_index_param(index, "k_factor_rf=64")
+    _, ids = index.search(np.ascontiguousarray(image[:5], dtype=np.float32), 1)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
