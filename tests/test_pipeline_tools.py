@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import ast
 import importlib.util
+import json
 import zipfile
 from pathlib import Path
 
