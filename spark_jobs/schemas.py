@@ -247,6 +247,8 @@ INDEX_IDS = DatasetSpec(
         T.StructField("pwatermark", T.DoubleType(), True),
         _s("key"),              # sample key in its shard
         _s("tar_path"),         # URI of the shard tar (thumbnails are read from it)
+        T.StructField("WIDTH", T.IntegerType(), True),    # original image size (serve's size filter)
+        T.StructField("HEIGHT", T.IntegerType(), True),
     ]),
     required=("index_id", "URL", "TEXT"),
 )
