@@ -126,6 +126,22 @@ def test_report_renders_every_chart(baseline, tmp_path):
     assert "unaccounted" not in html
 
 
+def test_index_ids_carry_the_original_size_for_the_size_filter(baseline):
+    cfg = baseline["cfg"]
+    root = baseline["root"]
+    checked = 0
+    for name in cfg.get("filter.subsets").values():
+        ids = root / cfg.get("run.datasets.build-index") / name / "ids.parquet"
+        if not ids.exists():
+            continue
+        got = {r["SAMPLE_ID"]: (r["WIDTH"], r["HEIGHT"]) for r in pads.dataset(str(ids)).to_table(
+            columns=["SAMPLE_ID", "WIDTH", "HEIGHT"]).to_pylist()}
+        want = {sid: (w, h) for sid, (_, _, _, _, w, h) in subset_rows(root, cfg).items() if sid in got}
+        assert got == want and all(w and h for w, h in got.values())
+        checked += len(got)
+    assert checked > 0
+
+
 class _Grids:
     """The image grids of a report.html, read back with the stdlib HTML parser (not the
     report's own facts): grid id -> its cells (caption, facts line, image data URI)."""
