@@ -189,12 +189,14 @@ def _cell_html(cell: Cell, kind: str) -> str:
         facts.append(f"sim {cell.similarity:.3f}" + (f" (thr {cell.threshold:g})" if cell.threshold is not None else ""))
     facts.append(cell.language or "no lang")
     facts.append(cell.status)
-    detail = f"<div class='facts'>{html.escape(cell.detail[:90])}</div>" if cell.detail and kind == "dropped" else ""
+    # the error message, unless it only repeats the score and threshold shown above
+    detail = (f"<div class='facts'>{html.escape(cell.detail[:90])}</div>"
+              if cell.detail and kind == "dropped" and cell.status != "below_threshold" else "")
     if cell.detail and kind == "kept":
         facts.append(cell.detail)
     caption = html.escape(cell.caption[:140])
     return (f"<figure class='cell {kind}' style='margin:0'><img src='{cell.data_uri}' alt='{caption}' "
-            f"loading='lazy'><figcaption><div class='cap'>{caption}</div>"
+            f"><figcaption><div class='cap'>{caption}</div>"
             f"<div class='facts'>{html.escape(' · '.join(facts))}</div>{detail}</figcaption></figure>")
 
 

@@ -6,7 +6,7 @@
    from disk (file://) as a user would;
 2. search_page.png: `clipcrawl serve` on DEMO's indices with the tiny CLIP model, a shared link.
 Headless Debian Chromium through Playwright (`make install-browser`); the PNGs are quantised to
-256 colours so each stays under 200 KB.
+64 colours so each stays under 200 KB.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
 
 def shrink(path: Path) -> None:
     img = Image.open(path).convert("RGB")
-    img.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    img.quantize(64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
     print(f"{path}: {img.size[0]}x{img.size[1]}, {path.stat().st_size / 1024:.0f} KB")
 
 
@@ -54,8 +54,8 @@ def main(demo: Path) -> None:
                 const grid = document.querySelector('#threshold-grid');
                 return [y(document.querySelector('#threshold')), y(grid) + grid.offsetHeight]; }""")
             page.screenshot(path=str(HERE / "report_threshold_grid.png"), full_page=True,
-                            clip={"x": 0, "y": top - 8, "width": 1100, "height": min(bottom - top + 16, 1400)})
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
+                            clip={"x": 0, "y": top - 8, "width": 1100, "height": min(bottom - top + 16, 580)})  # two rows each side
+            page = browser.new_page(viewport={"width": 1280, "height": 640})
             page.goto(f"http://127.0.0.1:{port}/?q=a+red+circle&k=12")
             page.wait_for_function("document.querySelector('#status').textContent.includes('results')")
             page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)")
