@@ -17,6 +17,8 @@ from typing import Any
 
 import pyarrow.dataset as pads
 
+from udfs import fsio
+
 STAGE_ORDER = ("wat-extract", "dedup", "download", "clip-score", "filter", "build-index")
 
 
@@ -32,11 +34,14 @@ class StageFunnel:
         return self.rows_in == self.kept + sum(self.dropped.values())
 
 
-def _dataset(path: str, files_glob: str | None = None):
+def _dataset(path: str, files_glob: str | None = None, storage_options: dict | None = None):
     """A pyarrow dataset of the parquet files of one dataset folder.
 
     Without a glob only hive-partitioned data files count (every folder below `path` is
-    `key=value`), so side folders such as clip-score's `metadata/` or `_stats/` are left out."""
+    `key=value`), so side folders such as clip-score's `metadata/` or `_stats/` are left out.
+    A remote root (s3://...) is listed and read through fsspec, with the same rules."""
+    if fsio.is_remote(path):
+        return _remote_dataset(path, files_glob, storage_options)
     if files_glob:
         files = sorted(glob.glob(os.path.join(path, files_glob)))
         return pads.dataset(files, format="parquet") if files else None
@@ -50,24 +55,40 @@ def _dataset(path: str, files_glob: str | None = None):
     return pads.dataset(files, format="parquet", partitioning="hive", partition_base_dir=path)
 
 
-def _table(path: str, columns: list[str], files_glob: str | None = None):
-    ds = _dataset(path, files_glob)
+def _remote_dataset(path: str, files_glob: str | None, storage_options: dict | None):
+    fs, base = fsio.filesystem(path, storage_options)
+    base = base.rstrip("/")
+    if files_glob:
+        files = sorted(fs.glob(f"{base}/{files_glob}"))
+        return pads.dataset(files, format="parquet", filesystem=fs) if files else None
+    if not fs.isdir(base):
+        return None
+    files = sorted(f for f in fs.find(base) if f.endswith(".parquet")
+                   and all("=" in part for part in f[len(base) + 1:].split("/")[:-1])
+                   and not f.rsplit("/", 1)[-1].startswith(("_", ".")))
+    if not files:
+        return None
+    return pads.dataset(files, format="parquet", filesystem=fs, partitioning="hive", partition_base_dir=base)
+
+
+def _table(path: str, columns: list[str], files_glob: str | None = None, storage_options: dict | None = None):
+    ds = _dataset(path, files_glob, storage_options)
     if ds is None:
         return None
     present = [c for c in columns if c in ds.schema.names]
     return ds.to_table(columns=present)
 
 
-def _count(path: str, files_glob: str | None = None) -> int:
-    ds = _dataset(path, files_glob)
+def _count(path: str, files_glob: str | None = None, storage_options: dict | None = None) -> int:
+    ds = _dataset(path, files_glob, storage_options)
     return 0 if ds is None else ds.count_rows()
 
 
 def _by_status(path: str, files_glob: str | None = None, column: str = "status",
-               where: tuple[str, str] | None = None) -> dict[str, int]:
+               where: tuple[str, str] | None = None, storage_options: dict | None = None) -> dict[str, int]:
     """Row counts by `column`, optionally only of rows whose `where[0]` equals `where[1]`."""
     columns = [column] + ([where[0]] if where else [])
-    table = _table(path, columns, files_glob)
+    table = _table(path, columns, files_glob, storage_options)
     if table is None or column not in table.column_names:
         return {}
     keep = (table.column(where[0]).to_pylist() if where and where[0] in table.column_names
@@ -87,37 +108,39 @@ def _downstream(stage: str, upstream: dict[str, int], here: dict[str, int]) -> S
     return StageFunnel(stage, upstream.get("success", 0), here.get("success", 0), dropped)
 
 
-def collect(root: str, datasets: dict[str, str], subsets: dict[str, str]) -> dict[str, Any]:
-    """Everything the report shows, read from the datasets under `root`."""
+def collect(root: str, datasets: dict[str, str], subsets: dict[str, str],
+            storage_options: dict | None = None) -> dict[str, Any]:
+    """Everything the report shows, read from the datasets under `root` (local or s3://)."""
+    so = storage_options
     p = {stage: os.path.join(root, name) for stage, name in datasets.items()}
     facts: dict[str, Any] = {"root": root, "funnel": []}
 
-    wat_kept = _count(p["wat-extract"])
+    wat_kept = _count(p["wat-extract"], storage_options=so)
     # Only link-level rejects: record-level ones (invalid JSON, missing fields) are not image links.
-    wat_rej = _by_status(p["wat-extract"] + "_rejected", where=("level", "link"))
+    wat_rej = _by_status(p["wat-extract"] + "_rejected", where=("level", "link"), storage_options=so)
     facts["funnel"].append(StageFunnel("wat-extract", wat_kept + sum(wat_rej.values()), wat_kept, wat_rej))
 
-    dedup_kept = _count(p["dedup"])
-    dedup_rej = _by_status(p["dedup"] + "_rejected")
+    dedup_kept = _count(p["dedup"], storage_options=so)
+    dedup_rej = _by_status(p["dedup"] + "_rejected", storage_options=so)
     facts["funnel"].append(StageFunnel("dedup", wat_kept, dedup_kept, dedup_rej))
 
-    dl_status = _by_status(p["download"], "*.parquet")
+    dl_status = _by_status(p["download"], "*.parquet", storage_options=so)
     facts["download_status"] = dl_status
     facts["funnel"].append(StageFunnel("download", sum(dl_status.values()), dl_status.get("success", 0),
                                        {k: v for k, v in dl_status.items() if k != "success"}))
 
     # clip-score and filter pass earlier failures through; the funnel shows each stage's input
     # as the rows still alive when it starts, and only the rows it dropped itself.
-    scored_status = _by_status(p["clip-score"])
+    scored_status = _by_status(p["clip-score"], storage_options=so)
     facts["funnel"].append(_downstream("clip-score", dl_status, scored_status))
 
-    subset_counts = {name: _count(os.path.join(p["filter"], name)) for name in subsets.values()}
+    subset_counts = {name: _count(os.path.join(p["filter"], name), storage_options=so) for name in subsets.values()}
     facts["subsets"] = subset_counts
-    filter_status = dict(_by_status(p["filter"] + "_rejected"))
+    filter_status = dict(_by_status(p["filter"] + "_rejected", storage_options=so))
     filter_status["success"] = sum(subset_counts.values())
     facts["funnel"].append(_downstream("filter", scored_status, filter_status))
 
-    images = _table(p["download"], ["status", "original_width", "original_height", "bytes"], "*.parquet")
+    images = _table(p["download"], ["status", "original_width", "original_height", "bytes"], "*.parquet", so)
     facts["image_sizes"] = []
     if images is not None and "original_width" in images.column_names:
         for status, w, h in zip(images.column("status").to_pylist(),
@@ -126,13 +149,13 @@ def collect(root: str, datasets: dict[str, str], subsets: dict[str, str]) -> dic
             if status == "success" and w and h:
                 facts["image_sizes"].append((int(w), int(h)))
 
-    scored = _table(p["clip-score"], ["similarity"])
+    scored = _table(p["clip-score"], ["similarity"], storage_options=so)
     facts["similarities"] = ([] if scored is None else
                              [s for s in scored.column("similarity").to_pylist() if s is not None])
 
     languages: dict[str, int] = {}
     for name in subsets.values():
-        table = _table(os.path.join(p["filter"], name), ["LANGUAGE"])
+        table = _table(os.path.join(p["filter"], name), ["LANGUAGE"], storage_options=so)
         if table is not None and "LANGUAGE" in table.column_names:
             for lang in table.column("LANGUAGE").to_pylist():
                 key = lang or "(none)"
@@ -141,9 +164,8 @@ def collect(root: str, datasets: dict[str, str], subsets: dict[str, str]) -> dic
 
     run_json = os.path.join(root, "_run", "run.json")
     facts["stage_seconds"] = {}
-    if os.path.exists(run_json):
-        with open(run_json, encoding="utf-8") as fh:
-            run = json.load(fh)
+    if fsio.exists(run_json, so):
+        run = fsio.read_json(run_json, so)
         for stage, entry in run.get("stages", {}).items():
             if entry.get("seconds") is not None:
                 facts["stage_seconds"][stage] = float(entry["seconds"])
@@ -243,17 +265,25 @@ def _funnel_table(funnel: list[StageFunnel]) -> str:
 
 
 def build_report(root: str, datasets: dict[str, str], subsets: dict[str, str],
-                 out_dir: str | None = None) -> str:
-    out = Path(out_dir or os.path.join(root, "report"))
+                 out_dir: str | None = None, report_section: dict | None = None,
+                 storage_options: dict | None = None) -> str:
+    """Write report.html (+ charts) for the run under `root` (local or s3://) into `out_dir`, a
+    local folder (default `<root>/report`; for a remote root, `./report`)."""
+    from reporting import grids
+
+    so = storage_options
+    out = Path(out_dir or ("report" if fsio.is_remote(root) else os.path.join(root, "report")))
     out.mkdir(parents=True, exist_ok=True)
-    facts = collect(root, datasets, subsets)
+    facts = collect(root, datasets, subsets, so)
     # The thresholds the filter really applied (presets resolved), from its stats.
     filter_stats = os.path.join(root, datasets["filter"], "_stats", "stats.json")
     thresholds: dict[str, float] = {}
-    if os.path.exists(filter_stats):
-        with open(filter_stats, encoding="utf-8") as fh:
-            thresholds = json.load(fh).get("thresholds") or {}
+    if fsio.exists(filter_stats, so):
+        thresholds = fsio.read_json(filter_stats, so).get("thresholds") or {}
     charts = _charts(facts, thresholds, out)
+    grid_html, facts["image_grids"] = grids.report_section(
+        root, datasets, subsets, thresholds, report_section,
+        lambda path, columns, files_glob=None: _table(path, columns, files_glob, so), so)
     subset_list = "".join(f"<li><code>{html.escape(k)}</code>: {v} pairs</li>" for k, v in facts["subsets"].items())
     captions = {
         "funnel": "Each bar is one stage's input. Green is what the stage kept; the coloured parts are rows it "
@@ -275,13 +305,14 @@ def build_report(root: str, datasets: dict[str, str], subsets: dict[str, str],
 <html lang="en"><head><meta charset="utf-8"><title>clipcrawl run report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#212529}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ced4da;padding:4px 8px;text-align:left}}
-img{{max-width:100%;border:1px solid #e9ecef}}section{{margin-bottom:2em}}</style></head>
+img{{max-width:100%;border:1px solid #e9ecef}}section{{margin-bottom:2em}}{grids.GRID_CSS}</style></head>
 <body><h1>clipcrawl run report</h1>
 <p>Run root: <code>{html.escape(root)}</code>. Common Crawl pages were parsed for image/alt-text pairs,
 deduplicated, downloaded, scored with CLIP and split by caption language. The final subsets:</p>
 <ul>{subset_list}</ul>
 {_funnel_table(facts["funnel"])}
 {sections}
+{grid_html}
 </body></html>
 """
     path = out / "report.html"

@@ -1,12 +1,14 @@
 """HTTP front of the kNN service: stdlib ThreadingHTTPServer, JSON in and out, one web page.
 
 Routes (clip-retrieval's names where they exist):
-    GET  /                 the search page (serving/static/index.html)
+    GET  /                 the search page (serving/static/index.html); its state is in the
+                           query string (/?q=a+red+circle&subset=laion2B-en&k=40), so a search is a link
     GET  /indices-list     ["laion2B-en", ...]
     GET  /info             sizes, index types, recall and limits of the served subsets
     POST /knn-service      a query (see serving.service) -> [{id, url, caption, similarity, ...}]
     POST /metadata         {ids, indice_name} -> [{id, metadata}]
     GET  /thumbnail?indice_name=..&id=..   the image bytes, read from its tar shard
+    GET  /embedding?indice_name=..&id=..   a row's stored CLIP vector (the page's "search similar")
     GET  /health           {"ok": true}
 Errors are JSON `{"error": message}` with a 4xx (client) or 503 (model unavailable) status; an
 unexpected exception is logged and answered with a 500, and the server keeps serving.
@@ -120,6 +122,11 @@ class Handler(BaseHTTPRequestHandler):
             data, ctype = self.service.thumbnail((q.get("indice_name") or [None])[0],
                                                  (q.get("id") or [None])[0])
             self._send(200, data, ctype, {"Cache-Control": "max-age=3600"})
+        elif url.path == "/embedding":
+            q = parse_qs(url.query)
+            self._json(200, self.service.embedding((q.get("indice_name") or [None])[0],
+                                                   (q.get("id") or [None])[0],
+                                                   (q.get("modality") or ["image"])[0]))
         else:
             raise ApiError(404, f"no route GET {url.path}")
 

@@ -19,15 +19,18 @@ import logging
 import math
 import threading
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
 from serving.thumbnails import ThumbnailReader
+from serving.vectors import RowVectors
 from udfs import knn
 
 log = logging.getLogger(__name__)
 
 QUERY_FIELDS = ("text", "image", "image_url", "embedding_input")
+ALL_SUBSETS = "all"   # indice_name that searches every subset (also: none given)
 IGNORED_FIELDS = ("use_violence_detector", "violence_detector", "aesthetic_score", "aesthetic_weight",
                   "use_mclip")
 
@@ -104,6 +107,7 @@ class KnnService:
         self.encoder = encoder
         self._model_lock = threading.Lock()
         self.thumbnails = ThumbnailReader(int(serve_cfg.get("thumbnail_cache") or 64), storage_options)
+        self.vectors = RowVectors(storage_options)
 
     # -- listing ----------------------------------------------------------------------------
     def indices_list(self) -> list[str]:
@@ -117,7 +121,19 @@ class KnnService:
                                                  idx.infos.get("indices", {}).items()}}
                             for name, idx in self.indices.items()},
                 "max_k": int(self.cfg["max_k"]), "default_k": int(self.cfg["default_k"]),
+                "punsafe_threshold": float(self.cfg["punsafe_threshold"]),
+                "languages": self.languages(),
                 "text_and_image_queries": self.encoder is not None}
+
+    def languages(self) -> list[str]:
+        """Caption languages present in the served subsets ("none": no detected language)."""
+        import pyarrow.compute as pc
+
+        found = set()
+        for idx in self.indices.values():
+            if idx.ids is not None and "LANGUAGE" in idx.ids.column_names:
+                found.update(v if v else "none" for v in pc.unique(idx.ids.column("LANGUAGE")).to_pylist())
+        return sorted(found, key=lambda v: (v == "none", v))
 
     def subset(self, name: Any) -> knn.SubsetIndex:
         if name is None or name == "":
@@ -183,8 +199,21 @@ class KnnService:
         return np.asarray(total, dtype=np.float32)
 
     # -- the query ---------------------------------------------------------------------------
+    def subsets_for(self, name: Any) -> list[knn.SubsetIndex]:
+        """The subsets one query runs on: all of them for a missing/empty name or "all"."""
+        if name is None or name in ("", ALL_SUBSETS):
+            return list(self.indices.values())
+        return [self.subset(name)]
+
     def knn(self, body: Any) -> list[dict]:
-        """clip-retrieval's `/knn-service`: a list of results, best first."""
+        """clip-retrieval's `/knn-service`: a list of results, best first.
+
+        Without `indice_name` (or with "all") every subset is searched and the hits are merged
+        by score, each labelled with its `subset`. Filters (the search page's controls):
+        `language`, `min_similarity` (of the hit to the query), `hide_unsafe` (= clip-retrieval's
+        `use_safety_model`: punsafe above serve.punsafe_threshold is dropped, rows without a
+        punsafe are kept and marked `safety_scored: false`), `min_width` / `min_height` (original
+        size; rows of an index without sizes are kept and marked `size_known: false`)."""
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         max_k = int(self.cfg["max_k"])
@@ -193,23 +222,53 @@ class KnnService:
         if modality not in knn.INDEX_FILES:
             raise ApiError(400, f"modality must be 'image' or 'text', got {modality!r}")
         deduplicate = _bool_field(body, "deduplicate", True)
-        safety = _bool_field(body, "use_safety_model", False)
-        filtering = deduplicate or safety
-        default_ids = min(int(self.cfg["max_result_ids"]), k * 3 if filtering else k)
+        safety = _bool_field(body, "use_safety_model", False) or _bool_field(body, "hide_unsafe", False)
+        filters = _filters(body)
+        filtering = deduplicate or safety or bool(filters)
+        # filters can drop most hits: look further down the list when they are on
+        widen = 10 if filters else 3
+        default_ids = min(int(self.cfg["max_result_ids"]), k * widen if filtering else k)
         num_ids = _int_field(body, ("num_result_ids",), default_ids, 1, int(self.cfg["max_result_ids"]))
         num_ids = max(num_ids, k)
-        subset = self.subset(body.get("indice_name"))
-        vector = self.query_vector(body, subset.dim)
-        try:
-            rows = subset.search(vector, modality, num_ids)
-        except knn.QueryError as exc:
-            raise ApiError(400, str(exc)) from None
+        subsets = self.subsets_for(body.get("indice_name"))
+        dims = {s.dim for s in subsets if s.dim is not None}
+        if len(dims) > 1:
+            raise ApiError(400, "the subsets have different embedding sizes; choose one indice_name")
+        vector = self.query_vector(body, next(iter(dims), None))
+        rows = []
+        for subset in subsets:
+            try:
+                hits = subset.search(vector, modality, num_ids)
+            except knn.QueryError as exc:
+                raise ApiError(400, str(exc)) from None
+            rows.extend(dict(r, subset=subset.name) for r in hits)
+        rows.sort(key=lambda r: -r["score"])
         if safety:
             cut = float(self.cfg["punsafe_threshold"])
             rows = [r for r in rows if r.get("punsafe") is None or r["punsafe"] <= cut]
+        rows = [r for r in rows if _passes(r, filters)]
         if deduplicate:
             rows = _deduplicate(rows)
-        return [self._result(subset.name, r) for r in rows[:k]]
+        return [self._result(r["subset"], r, with_page=True) for r in rows[:k]]
+
+    def embedding(self, indice_name: Any, raw_id: Any, modality: Any = "image") -> dict:
+        """The stored embedding of one row (for "search similar": send it as embedding_input)."""
+        subset = self.subset(indice_name)
+        try:
+            index_id = int(raw_id)
+        except (TypeError, ValueError):
+            raise ApiError(400, "id must be an integer") from None
+        if not 0 <= index_id < subset.size:
+            raise ApiError(404, f"id {index_id} out of range for {subset.name!r}")
+        modality = modality or "image"
+        if modality not in knn.INDEX_FILES:
+            raise ApiError(400, f"modality must be 'image' or 'text', got {modality!r}")
+        try:
+            vec, source = self.vectors.vector(subset, index_id, modality)
+        except RuntimeError as exc:
+            raise ApiError(404, f"no stored vector for id {index_id}: {exc}") from None
+        return {"indice_name": subset.name, "id": index_id, "modality": modality, "source": source,
+                "embedding": [round(float(v), 6) for v in vec]}
 
     def metadata(self, body: Any) -> list[dict]:
         """clip-retrieval's `/metadata`: {ids: [...], indice_name} -> [{id, metadata}]."""
@@ -226,14 +285,23 @@ class KnnService:
         rows = subset.lookup(np.asarray(ids, dtype=np.int64))
         return [{"id": int(r["index_id"]), "metadata": self._result(subset.name, r)} for r in rows]
 
-    def _result(self, subset: str, row: dict) -> dict:
+    def _result(self, subset: str, row: dict, with_page: bool = False) -> dict:
         out = {"id": int(row["index_id"]), "url": row.get("URL"), "caption": row.get("TEXT"),
                "similarity": row.get("score"), "SAMPLE_ID": row.get("SAMPLE_ID"),
                "clip_similarity": row.get("similarity"), "LANGUAGE": row.get("LANGUAGE"),
                "punsafe": row.get("punsafe"), "pwatermark": row.get("pwatermark"),
-               "key": row.get("key")}
+               "key": row.get("key"), "subset": subset, "width": row.get("WIDTH"),
+               "height": row.get("HEIGHT"), "safety_scored": row.get("punsafe") is not None,
+               "size_known": row.get("WIDTH") is not None and row.get("HEIGHT") is not None}
         if row.get("tar_path") and row.get("key"):
-            out["thumbnail"] = f"/thumbnail?indice_name={subset}&id={int(row['index_id'])}"
+            out["thumbnail"] = f"/thumbnail?indice_name={quote(subset)}&id={int(row['index_id'])}"
+            if with_page:
+                # The page the image was found on is in the sample's json in the shard (the LAION
+                # columns do not carry it); the browser reads the same shard for the thumbnail.
+                sample = self.thumbnails.read_json(row["tar_path"], row["key"]) or {}
+                page = sample.get("page_url")
+                if isinstance(page, str) and page.startswith(("http://", "https://")):
+                    out["page_url"] = page
         return {k: v for k, v in out.items() if v is not None or k in ("similarity",)}
 
     # -- thumbnails --------------------------------------------------------------------------
@@ -252,6 +320,53 @@ class KnnService:
         if found is None:
             raise ApiError(404, f"image {row['key']} not found in {row['tar_path']}")
         return found
+
+
+def _float_field(body: dict, name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ApiError(400, f"{name} must be a number")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a number, got {value!r}") from None
+    if not (math.isfinite(number) and low <= number <= high):
+        raise ApiError(400, f"{name} must be between {low} and {high}, got {value!r}")
+    return number
+
+
+def _filters(body: dict) -> dict:
+    """The result filters a request asks for (absent ones are left out)."""
+    out: dict[str, Any] = {}
+    lang = body.get("language")
+    if lang not in (None, ""):
+        if not isinstance(lang, str) or len(lang) > 16:
+            raise ApiError(400, "language must be a language code such as 'en' (or 'none')")
+        out["language"] = lang.strip().lower()
+    sim = _float_field(body, "min_similarity", -1.0, 1.0)
+    if sim is not None:
+        out["min_similarity"] = sim
+    for name in ("min_width", "min_height"):
+        if body.get(name) not in (None, ""):
+            size = _int_field(body, (name,), 0, 0, 1 << 20)
+            if size:
+                out[name] = size
+    return out
+
+
+def _passes(row: dict, filters: dict) -> bool:
+    if "language" in filters:
+        lang = (row.get("LANGUAGE") or "none").lower()
+        if lang != filters["language"]:
+            return False
+    if "min_similarity" in filters and row["score"] < filters["min_similarity"]:
+        return False
+    for name, column in (("min_width", "WIDTH"), ("min_height", "HEIGHT")):
+        if name in filters and row.get(column) is not None and row[column] < filters[name]:
+            return False   # rows without a size are kept (and marked size_known: false)
+    return True
 
 
 def _deduplicate(rows: list[dict]) -> list[dict]:

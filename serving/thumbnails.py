@@ -43,16 +43,32 @@ class ThumbnailReader:
     def read(self, tar_path: str, key: str) -> tuple[bytes, str] | None:
         """(image bytes, content type) of `key` in the shard, or None when the shard or the
         member is missing."""
-        try:
-            table = self._table(tar_path)
-        except (FileNotFoundError, tarfile.TarError, OSError):
-            return None
         for ext, content_type in IMAGE_TYPES.items():
-            entry = table.get(f"{key}.{ext}")
+            data = self.read_member(tar_path, f"{key}.{ext}")
+            if data is not None:
+                return data, content_type
+        return None
+
+    def read_json(self, tar_path: str, key: str) -> dict | None:
+        """The sample's `KEY.json` (the download metadata: page_url, sizes...), None if absent."""
+        import json
+
+        data = self.read_member(tar_path, f"{key}.json")
+        try:
+            obj = json.loads(data) if data else None
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def read_member(self, tar_path: str, name: str) -> bytes | None:
+        """One member's bytes by a ranged read, or None when the shard or the member is missing."""
+        try:
+            entry = self._table(tar_path).get(name)
             if entry is None:
-                continue
+                return None
             offset, size = entry
             with fsio.open_uri(tar_path, "rb", self.storage_options) as fh:
                 fh.seek(offset)
-                return fh.read(size), content_type
-        return None
+                return fh.read(size)
+        except (FileNotFoundError, tarfile.TarError, OSError):
+            return None

@@ -7,7 +7,7 @@ dataset fails with a message naming the missing or mistyped columns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pyspark.sql import types as T
 
@@ -139,8 +139,12 @@ IMAGES_METADATA = DatasetSpec(
         T.StructField("download_seconds", T.DoubleType(), True),
         T.StructField("retryable", T.BooleanType(), True),   # a later --retry-failed run re-attempts it
         _i("attempts"),         # HTTP attempts made (retries included)
+        _i("exif_orientation"),  # EXIF orientation tag of the original (1-8; null: none); stored upright
     ]),
 )
+# Columns added after the first release are optional on read: older shards lack them (conform fills nulls).
+IMAGES_METADATA = replace(IMAGES_METADATA, required=tuple(
+    n for n in IMAGES_METADATA.schema.fieldNames() if n not in ("exif_orientation",)))
 
 
 # --- stage 5: filter ------------------------------------------------------------------------------
@@ -243,6 +247,8 @@ INDEX_IDS = DatasetSpec(
         T.StructField("pwatermark", T.DoubleType(), True),
         _s("key"),              # sample key in its shard
         _s("tar_path"),         # URI of the shard tar (thumbnails are read from it)
+        T.StructField("WIDTH", T.IntegerType(), True),    # original image size (serve's size filter)
+        T.StructField("HEIGHT", T.IntegerType(), True),
     ]),
     required=("index_id", "URL", "TEXT"),
 )

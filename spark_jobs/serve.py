@@ -5,7 +5,9 @@ or one subset's folder. The API mirrors clip-retrieval's back end (`POST /knn-se
 `GET /indices-list`, `POST /metadata`), so its front end and `ClipClient` can point at this server.
 Text and image queries are embedded with the `clip:` config (the same model as clip-score); the
 model is loaded at start unless `--no-model` (then only embedding queries are answered).
-Thumbnails on the page are read from the tar shards named in the ids parquet.
+Thumbnails on the page are read from the tar shards named in the ids parquet. The page's state is
+its URL (`/?q=a+red+circle&subset=laion2B-en&k=40`), so a search can be shared as a link; it
+searches all subsets unless one is chosen (serving/static/index.html).
 
 Example:
     clipcrawl serve --index data/indices --port 1234

@@ -126,6 +126,200 @@ def test_report_renders_every_chart(baseline, tmp_path):
     assert "unaccounted" not in html
 
 
+def test_index_ids_carry_the_original_size_for_the_size_filter(baseline):
+    cfg = baseline["cfg"]
+    root = baseline["root"]
+    checked = 0
+    for name in cfg.get("filter.subsets").values():
+        ids = root / cfg.get("run.datasets.build-index") / name / "ids.parquet"
+        if not ids.exists():
+            continue
+        got = {r["SAMPLE_ID"]: (r["WIDTH"], r["HEIGHT"]) for r in pads.dataset(str(ids)).to_table(
+            columns=["SAMPLE_ID", "WIDTH", "HEIGHT"]).to_pylist()}
+        want = {sid: (w, h) for sid, (_, _, _, _, w, h) in subset_rows(root, cfg).items() if sid in got}
+        assert got == want and all(w and h for w, h in got.values())
+        checked += len(got)
+    assert checked > 0
+
+
+class _Grids:
+    """The image grids of a report.html, read back with the stdlib HTML parser (not the
+    report's own facts): grid id -> its cells (caption, facts line, image data URI)."""
+
+    def __init__(self, page: str):
+        from html.parser import HTMLParser
+
+        grids: dict[str, list[dict]] = {}
+        empty: set[str] = set()
+
+        class Parser(HTMLParser):
+            grid = None
+            cell = None
+            field = None
+
+            def handle_starttag(self, tag, attrs):
+                a = dict(attrs)
+                cls = (a.get("class") or "").split()
+                if tag == "div" and "grid" in cls:
+                    self.grid = a["id"]
+                    grids[self.grid] = []
+                elif tag == "p" and "empty" in cls:
+                    empty.add(a.get("id"))
+                elif tag == "figure" and self.grid:
+                    self.cell = {"kind": cls[1], "caption": "", "facts": []}
+                    grids[self.grid].append(self.cell)
+                elif tag == "img" and self.cell is not None:
+                    self.cell["src"], self.cell["alt"] = a["src"], a.get("alt")
+                elif tag == "div" and self.cell is not None and cls:
+                    self.field = cls[0]
+
+            def handle_data(self, data):
+                if self.cell is not None and self.field == "cap":
+                    self.cell["caption"] += data
+                elif self.cell is not None and self.field == "facts":
+                    self.cell["facts"].append(data)
+
+            def handle_endtag(self, tag):
+                if tag == "figure":
+                    self.cell = None
+                elif tag == "div" and self.field:
+                    self.field = None
+
+        Parser().feed(page)
+        self.grids, self.empty = grids, empty
+
+
+def _similarity(cell: dict) -> tuple[float, float | None]:
+    import re
+
+    found = re.search(r"sim (-?[0-9.]+)(?: \(thr ([0-9.]+)\))?", " ".join(cell["facts"]))
+    return float(found.group(1)), (float(found.group(2)) if found.group(2) else None)
+
+
+def test_report_shows_image_grids_within_the_size_budget(baseline, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from reporting.report import build_report
+
+    cfg = baseline["cfg"]
+    root = baseline["root"]
+    subsets = cfg.get("filter.subsets")
+    page = Path(build_report(str(root), cfg.get("run.datasets"), subsets, str(tmp_path / "a"),
+                             cfg.section("report")))
+    grids = _Grids(page.read_text()).grids
+    max_images = cfg.get("report.max_images_per_grid")
+    thresholds = json.loads((root / cfg.get("run.datasets.filter") / "_stats" / "stats.json").read_text())["thresholds"]
+
+    # Kept, per subset: every subset with rows has a grid with images, all of them its own pairs.
+    for name in subsets.values():
+        folder = root / cfg.get("run.datasets.filter") / name
+        rows = pads.dataset(str(folder), format="parquet").to_table(columns=["TEXT", "similarity"]).to_pylist() \
+            if folder.exists() else []
+        grid = grids.get(f"grid-kept-{name.lower()}")
+        if not rows:
+            assert not grid
+            continue
+        assert grid and 1 <= len(grid) <= max_images, name
+        assert len(grid) == min(max_images, len(rows))
+        assert {c["caption"] for c in grid} <= {r["TEXT"] for r in rows}
+        assert all(c["alt"] == c["caption"] for c in grid)
+
+    # Around the threshold: kept side above its threshold and the lowest such pairs; dropped side
+    # below it and the highest; both sides have images (the sample plants mismatched captions).
+    kept_side, dropped_side = grids["grid-threshold-kept"], grids["grid-threshold-dropped"]
+    assert 1 <= len(kept_side) <= max_images // 2 and 1 <= len(dropped_side) <= max_images // 2
+    margins_kept = [s - t for s, t in map(_similarity, kept_side)]
+    margins_dropped = [s - t for s, t in map(_similarity, dropped_side)]
+    assert all(m >= -1e-9 for m in margins_kept) and all(m < 0 for m in margins_dropped)
+    all_kept = []
+    for bucket, name in subsets.items():
+        folder = root / cfg.get("run.datasets.filter") / name
+        if folder.exists():
+            sims = pads.dataset(str(folder), format="parquet").to_table(columns=["similarity"]).column(0).to_pylist()
+            all_kept += [s - thresholds[bucket] for s in sims]
+    close = lambda got, want: len(got) == len(want) and all(abs(a - b) < 1e-3 for a, b in zip(got, want))  # noqa: E731
+    assert close(sorted(margins_kept), sorted(all_kept)[:len(kept_side)])
+    rejected = pads.dataset(str(root / (cfg.get("run.datasets.filter") + "_rejected")), format="parquet",
+                            partitioning="hive").to_table(columns=["status", "score", "threshold"]).to_pylist()
+    below = sorted((r["score"] - r["threshold"] for r in rejected if r["status"] == "below_threshold"), reverse=True)
+    assert close(sorted(margins_dropped, reverse=True), below[:len(dropped_side)])
+
+    # Dropped, by reason: below_threshold has images; reasons without an image are only named.
+    assert 1 <= len(grids["grid-dropped-below-threshold"]) <= max_images
+    assert all(c["kind"] == "dropped" for c in grids["grid-dropped-below-threshold"])
+    assert "grid-dropped-opted-out" not in grids and "opted_out (" in page.read_text()
+
+    # Every grid that has data shows at least one image; thumbnails are JPEG data URIs <= 128 px.
+    for grid_id, cells in grids.items():
+        assert cells, grid_id
+        for cell in cells[:3]:
+            assert cell["src"].startswith("data:image/jpeg;base64,")
+            img = Image.open(io.BytesIO(base64.b64decode(cell["src"].split(",", 1)[1])))
+            assert max(img.size) <= 128, (grid_id, img.size)
+
+    # Self-contained and small: the page references only files beside it, the folder is < 5 MB.
+    total = sum(f.stat().st_size for f in page.parent.iterdir())
+    print(f"report folder: {total / 1e6:.2f} MB, report.html {page.stat().st_size / 1e6:.2f} MB")
+    assert total < 5_000_000
+    assert "http://" not in page.read_text().split("<section id='grids'>", 1)[1]
+
+    # Seeded: a rerun shows the same images; a smaller max_images_per_grid is honoured.
+    again = Path(build_report(str(root), cfg.get("run.datasets"), subsets, str(tmp_path / "b"),
+                              cfg.section("report")))
+    grid_part = lambda p: p.read_text().split("<section id='grids'>", 1)[1]  # noqa: E731
+    assert grid_part(again) == grid_part(page)
+    small = Path(build_report(str(root), cfg.get("run.datasets"), subsets, str(tmp_path / "c"),
+                              {**cfg.section("report"), "max_images_per_grid": 4, "seed": 1}))
+    small_grids = _Grids(small.read_text()).grids
+    assert all(1 <= len(cells) <= 4 for cells in small_grids.values())
+    assert grid_part(small) != grid_part(page)
+
+
+def test_report_of_an_s3_root_reads_thumbnails_from_the_shards_on_s3(baseline, moto_s3, tmp_path):
+    """The baseline run copied to S3 (moto on loopback), its tar_path columns pointing at the S3
+    shards as in a real S3 run: the report reads parquet and tar shards through fsspec."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import s3fs
+
+    from reporting.report import build_report
+
+    cfg = baseline["cfg"]
+    local_root = str(baseline["root"])
+    moto_s3.bucket("runs")
+    s3_root = "s3://runs/cc-test"
+    fs = s3fs.S3FileSystem(**moto_s3.options)
+    for path in Path(local_root).rglob("*"):
+        if not path.is_file() or "_filters" in path.parts:
+            continue
+        target = f"runs/cc-test/{path.relative_to(local_root).as_posix()}"
+        if path.suffix == ".parquet" and "tar_path" in pq.read_schema(path).names:
+            table = pq.read_table(path, partitioning=None)
+            col = table.column("tar_path").to_pylist()
+            col = [v.replace(local_root, s3_root) if v else v for v in col]
+            table = table.set_column(table.schema.get_field_index("tar_path"), "tar_path",
+                                     pa.array(col, table.schema.field("tar_path").type))
+            with fs.open(target, "wb") as fh:
+                pq.write_table(table, fh)
+        else:
+            fs.put_file(str(path), target)
+    subsets = cfg.get("filter.subsets")
+    local = Path(build_report(local_root, cfg.get("run.datasets"), subsets, str(tmp_path / "local"),
+                              cfg.section("report")))
+    remote = Path(build_report(s3_root, cfg.get("run.datasets"), subsets, str(tmp_path / "s3"),
+                               cfg.section("report"), moto_s3.options))
+    facts = json.loads((remote.parent / "report_facts.json").read_text())
+    assert facts["image_grids"]["thumbnails_read"] > 0
+    assert [f["kept"] for f in facts["funnel"]] == [
+        f["kept"] for f in json.loads((local.parent / "report_facts.json").read_text())["funnel"]]
+    # the same images, captions and numbers as the local report (the root is the only difference)
+    grid_part = lambda p: p.read_text().split("<section id='grids'>", 1)[1]  # noqa: E731
+    assert grid_part(remote) == grid_part(local)
+
+
 def _cli_run(root: Path, sample: dict, log_path: Path) -> subprocess.Popen:
     argv = [sys.executable, "-m", "spark_jobs.cli", "run", "--config", str(PRESET),
             "--set", f"storage.root={root}", "--set", f"run.input={json.dumps(sample['wat_files'])}",

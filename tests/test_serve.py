@@ -210,3 +210,156 @@ def test_serve_command_starts_and_answers(server):
 
 def _served_indices_root() -> str:
     return SERVED["indices"]
+
+
+# --- several subsets, filters, "search similar", page links (the search page's API) -------------
+
+M = 40  # rows per subset below
+
+
+def _write_subset(tmp, name: str, image: np.ndarray, langs, sizes, punsafe, first_key: int) -> str:
+    """A subset's embeddings layout with sizes, languages and a shard whose json has page_url."""
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp / "dataset" / "embeddings" / name
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    tar_path = tmp / "images" / f"{name}.tar"
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    keys = [f"{first_key + i:09d}" for i in range(M)]
+    with tarfile.open(tar_path, "w") as tar:
+        for i, key in enumerate(keys):
+            buf = io.BytesIO()
+            Image.new("RGB", (24, 24), COLORS[i % 3]).save(buf, "JPEG")
+            js = json.dumps({"key": key, "page_url": f"https://pages.example/{name}/{i}.html"}).encode()
+            for member, data in ((f"{key}.jpg", buf.getvalue()), (f"{key}.json", js)):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    np.save(root / "img_emb" / "img_emb_0.npy", image.astype(np.float16))
+    np.save(root / "text_emb" / "text_emb_0.npy", image.astype(np.float16))
+    pq.write_table(pa.table({
+        "SAMPLE_ID": pa.array(np.arange(M) + first_key, pa.int64()),
+        "URL": [f"http://127.0.0.1/{name}/{i}.jpg" for i in range(M)],
+        "TEXT": [f"{name} caption {i}" for i in range(M)],
+        "similarity": pa.array(np.full(M, 0.3)), "LANGUAGE": langs,
+        "punsafe": pa.array(punsafe, pa.float64()), "pwatermark": pa.array([None] * M, pa.float64()),
+        "key": keys, "tar_path": [str(tar_path)] * M,
+        "WIDTH": pa.array([w for w, _ in sizes], pa.int32()), "HEIGHT": pa.array([h for _, h in sizes], pa.int32()),
+    }), root / "metadata" / "metadata_0.parquet")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory, cfg):
+    tmp = tmp_path_factory.mktemp("serve_multi")
+    vectors = clustered_vectors(2 * M, DIM, clusters=4, seed=11)
+    en, de = vectors[:M], vectors[M:]
+    sizes = [(64 + 16 * i, 48 + 8 * i) for i in range(M)]
+    # en: punsafe known for even rows (every 4th unsafe), unknown for odd rows; de: German/French
+    punsafe = [None if i % 2 else (0.9 if i % 4 == 0 else 0.1) for i in range(M)]
+    roots = {"laion2B-en": _write_subset(tmp, "laion2B-en", en, ["en"] * M, sizes, punsafe, 0),
+             "laion2B-multi": _write_subset(tmp, "laion2B-multi", de, ["de" if i % 2 else "fr" for i in range(M)],
+                                            sizes, [0.1] * M, 1000)}
+    for name, root in roots.items():
+        knn.build_subset(root, str(tmp / "indices" / name), knn.BuildParams(recall_sample=10, nb_cores=2))
+    service = KnnService(knn.open_indices(str(tmp / "indices")), cfg.section("serve"), encoder=None)
+    srv = make_server(service, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    f16 = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731 - what the index holds
+    yield {"base": f"http://127.0.0.1:{srv.server_address[1]}", "en": f16(en), "de": f16(de),
+           "sizes": sizes, "punsafe": punsafe, "tmp": tmp, "service": service, "cfg": cfg}
+    srv.shutdown()
+    srv.server_close()
+
+
+def _row(r) -> tuple[str, int]:
+    return r["subset"], int(r["url"].rsplit("/", 1)[1][:-4])
+
+
+def test_all_subsets_are_searched_and_merged_by_score(multi):
+    base, en, de = multi["base"], multi["en"], multi["de"]
+    query = (en[5] + de[7]) / 2  # halfway between a row of each subset
+    status, merged = call(base, "/knn-service", {"embedding_input": query.tolist(), "num_images": 10})
+    assert status == 200 and len(merged) == 10
+    assert {r["subset"] for r in merged} == {"laion2B-en", "laion2B-multi"}
+    scores = [r["similarity"] for r in merged]
+    assert scores == sorted(scores, reverse=True)
+    # the merged top 10 is the exact top 10 over both subsets together
+    q = query / np.linalg.norm(query)
+    everything = [("laion2B-en", i, float(en[i] @ q) / np.linalg.norm(en[i])) for i in range(M)] + \
+                 [("laion2B-multi", i, float(de[i] @ q) / np.linalg.norm(de[i])) for i in range(M)]
+    exact = sorted(everything, key=lambda t: -t[2])[:10]
+    assert {_row(r) for r in merged} == {(s, i) for s, i, _ in exact}
+    assert call(base, "/knn-service", {"embedding_input": query.tolist(), "indice_name": "all",
+                                       "num_images": 10})[1] == merged
+    _, one = call(base, "/knn-service", {"embedding_input": query.tolist(), "num_images": 10,
+                                         "indice_name": "laion2B-multi"})
+    assert {r["subset"] for r in one} == {"laion2B-multi"}
+
+
+def test_result_carries_size_language_subset_and_source_page(multi):
+    base, en = multi["base"], multi["en"]
+    _, results = call(base, "/knn-service", {"embedding_input": en[9].tolist(), "num_images": 1,
+                                             "indice_name": "laion2B-en"})
+    r = results[0]
+    assert _row(r) == ("laion2B-en", 9)
+    assert (r["width"], r["height"]) == multi["sizes"][9] and r["size_known"] is True
+    assert r["LANGUAGE"] == "en" and r["page_url"] == "https://pages.example/laion2B-en/9.html"
+    assert r["safety_scored"] is False and "punsafe" not in r   # row 9 has no punsafe
+    assert call(base, r["thumbnail"])[0] == 200
+    status, info = call(base, "/info")
+    assert info["languages"] == ["de", "en", "fr"] and info["punsafe_threshold"] == 0.5
+
+
+def test_filters_language_min_similarity_size_and_unsafe(multi):
+    base, en, de = multi["base"], multi["en"], multi["de"]
+    query = (en[2] + de[2]) / 2
+    body = {"embedding_input": query.tolist(), "num_images": 80, "deduplicate": False}
+    _, everything = call(base, "/knn-service", body)
+    assert len(everything) == 2 * M
+    _, german = call(base, "/knn-service", {**body, "language": "de"})
+    assert german and {r["LANGUAGE"] for r in german} == {"de"} and len(german) == M // 2
+    cut = sorted(r["similarity"] for r in everything)[len(everything) // 2]
+    _, close = call(base, "/knn-service", {**body, "min_similarity": cut})
+    assert close and all(r["similarity"] >= cut for r in close)
+    assert len(close) == sum(r["similarity"] >= cut for r in everything)
+    _, big = call(base, "/knn-service", {**body, "min_width": 400, "min_height": 200})
+    want = {i for i, (w, h) in enumerate(multi["sizes"]) if w >= 400 and h >= 200}
+    assert big and {_row(r)[1] for r in big} == want and all(r["width"] >= 400 for r in big)
+    _, safe = call(base, "/knn-service", {**body, "hide_unsafe": True, "indice_name": "laion2B-en"})
+    unsafe = {i for i, p in enumerate(multi["punsafe"]) if p is not None and p > 0.5}
+    assert {_row(r)[1] for r in safe} == set(range(M)) - unsafe
+    unscored = [r for r in safe if not r["safety_scored"]]
+    assert {_row(r)[1] for r in unscored} == {i for i, p in enumerate(multi["punsafe"]) if p is None}
+    for bad in ({"min_similarity": "high"}, {"min_width": -3}, {"language": 7}, {"hide_unsafe": "no"}):
+        status, err = call(base, "/knn-service", {**body, **bad})
+        assert status == 400 and err["error"], bad
+
+
+def test_embedding_of_a_row_searches_similar(multi, tmp_path):
+    base, de = multi["base"], multi["de"]
+    status, got = call(base, "/embedding?indice_name=laion2B-multi&id=0")
+    assert status == 200 and got["source"] == "embeddings"
+    # index id 0 is the first row of the only part: multi row 0
+    want = de[0] / np.linalg.norm(de[0])
+    assert np.allclose(got["embedding"], want, atol=1e-4)
+    _, results = call(base, "/knn-service", {"embedding_input": got["embedding"], "num_images": 3})
+    assert _row(results[0]) == ("laion2B-multi", 0) and results[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+    assert call(base, "/embedding?indice_name=laion2B-multi&id=999")[0] == 404
+    assert call(base, "/embedding?indice_name=nope&id=0")[0] == 404
+    assert call(base, "/embedding?indice_name=laion2B-multi&id=x")[0] == 400
+    # The embeddings folder gone: the vector is reconstructed from the index, same neighbour first.
+    from serving.service import KnnService
+
+    indices = knn.open_indices(str(multi["tmp"] / "indices"))
+    for idx in indices.values():
+        idx.infos["subset_root"] = str(tmp_path / "moved")
+    service = KnnService(indices, multi["cfg"].section("serve"), encoder=None)
+    rebuilt = service.embedding("laion2B-multi", 0)
+    assert rebuilt["source"] == "index"
+    top = service.knn({"embedding_input": rebuilt["embedding"], "num_images": 1})
+    assert _row(top[0]) == ("laion2B-multi", 0)

@@ -37,6 +37,7 @@ METADATA_COLUMNS = (
     ("content_type", "string"), ("original_width", "int32"), ("original_height", "int32"),
     ("width", "int32"), ("height", "int32"), ("bytes", "int64"), ("sha256", "string"),
     ("download_seconds", "float64"), ("retryable", "bool_"), ("attempts", "int32"),
+    ("exif_orientation", "int32"),
 )
 MARKER_SUFFIX = "_complete.json"
 
@@ -138,6 +139,7 @@ class ShardJob:
         timings.update(out.timings)
         rec.update(status="success", error_message=None, original_width=out.original_width,
                    original_height=out.original_height, width=out.width, height=out.height)
+        rec["exif_orientation"] = out.exif_orientation   # stored upright; this was the original's tag
         return rec, out.data, timings
 
     def run(self, shard: int, rows: list[dict], previous_tar: str | None = None) -> dict:

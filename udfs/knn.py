@@ -38,7 +38,7 @@ IDS_FILE = "ids.parquet"
 # Columns of the ids parquet, after `index_id`. punsafe/pwatermark ride along so the server can
 # apply the safety cut without a join.
 ID_COLUMNS = ("SAMPLE_ID", "URL", "TEXT", "similarity", "LANGUAGE", "punsafe", "pwatermark",
-              "key", "tar_path")
+              "key", "tar_path", "WIDTH", "HEIGHT")
 
 
 class EmbeddingLayoutError(ValueError):
@@ -134,7 +134,8 @@ def write_ids(parts: list[EmbeddingPart], target: str, storage_options: dict | N
                         ("TEXT", pa.string()), ("similarity", pa.float64()),
                         ("LANGUAGE", pa.string()), ("punsafe", pa.float64()),
                         ("pwatermark", pa.float64()), ("key", pa.string()),
-                        ("tar_path", pa.string())])
+                        ("tar_path", pa.string()),
+                        ("WIDTH", pa.int32()), ("HEIGHT", pa.int32())])  # original size: serve's size filter
     offset = 0
     with fsio.open_uri(target + ".tmp", "wb", storage_options) as fh:
         with pq.ParquetWriter(fh, schema, compression="zstd") as writer:

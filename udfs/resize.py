@@ -8,10 +8,15 @@ Modes (img2dataset's names):
 
 The decompression-bomb guard reads the dimensions from the header (`Image.open` is lazy) and
 refuses images over `max_image_pixels` BEFORE any pixel is decoded (PIL's own bomb error, at
-twice its default limit, is reported as `too_large` too). EXIF orientation is not applied (as in
-img2dataset). JPEGs are decoded with
+twice its default limit, is reported as `too_large` too). JPEGs are decoded with
 `draft()`, libjpeg's DCT scaling: a 2000 px photo headed for 256 px is decoded at 1/4 or 1/8 size,
 which is where most of the speed over a full decode + resize comes from.
+
+EXIF orientation (unlike img2dataset): phone photos are often stored sideways with an EXIF tag
+saying how to turn them. The tag is read from the header, the decoded pixels are transposed
+upright BEFORE resizing (so `image_size` applies to the upright sides), the re-encoded image
+carries no EXIF, and the tag's value is returned as `exif_orientation` (None without one).
+`original_width`/`original_height` are the upright sizes, i.e. the image as a viewer sees it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 MODES = ("no", "border", "keep_ratio", "center_crop")
+# EXIF tag 0x0112 -> the transpose that makes the pixels upright (the TIFF/EXIF 2.3 definitions)
+EXIF_ORIENTATION_TAG = 0x0112
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+           6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+SWAPS_SIDES = (5, 6, 7, 8)
 FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
@@ -64,6 +75,7 @@ class Processed:
     original_width: int
     original_height: int
     timings: dict = field(default_factory=dict)   # decode / resize / encode seconds
+    exif_orientation: int | None = None           # the EXIF tag of the original (1-8), None if absent
 
 
 def target_size(w: int, h: int, cfg: ResizeConfig) -> tuple[int, int]:
@@ -90,6 +102,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def exif_orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation (1-8) of an opened image, None when absent or malformed (never fatal)."""
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION_TAG)
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block only loses the tag, not the image
+        return None
+    return value if isinstance(value, int) and 1 <= value <= 8 else None
+
+
 def process_image(data: bytes, cfg: ResizeConfig) -> Processed:
     t0 = time.perf_counter()
     try:
@@ -104,14 +125,21 @@ def process_image(data: bytes, cfg: ResizeConfig) -> Processed:
     if ow * oh > cfg.max_image_pixels:
         raise ImageRejected("too_large", f"{ow}x{oh} = {ow * oh} pixels > max_image_pixels "
                             f"{cfg.max_image_pixels}", ow, oh)
+    orientation = exif_orientation(img)
+    swapped = orientation in SWAPS_SIDES
+    if swapped:
+        ow, oh = oh, ow                  # sizes of the upright image
     tw, th = target_size(ow, oh, cfg)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if img.format == "JPEG" and (tw, th) != (ow, oh):
-                img.draft("RGB", (tw, th))   # DCT-scaled decode, never below the target size
+                # DCT-scaled decode, never below the target size (asked in stored orientation)
+                img.draft("RGB", (th, tw) if swapped else (tw, th))
             img.load()
             img = _to_rgb(img)
+            if orientation in UPRIGHT:
+                img = img.transpose(UPRIGHT[orientation])
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt pixel data
         raise ImageRejected("failed_to_decode", f"{type(exc).__name__}: {exc}", ow, oh) from exc
     t1 = time.perf_counter()
@@ -136,4 +164,4 @@ def process_image(data: bytes, cfg: ResizeConfig) -> Processed:
         img.save(out, fmt, quality=int(cfg.encode_quality))
     t3 = time.perf_counter()
     return Processed(out.getvalue(), img.size[0], img.size[1], ow, oh,
-                     {"decode": t1 - t0, "resize": t2 - t1, "encode": t3 - t2})
+                     {"decode": t1 - t0, "resize": t2 - t1, "encode": t3 - t2}, orientation)

@@ -36,7 +36,8 @@ ANNOTATED_COLUMNS = ("uid", "key", "url", "text", "status", "error_message", "si
                      "image_embedding", "text_embedding", "tar_path")
 
 EMBEDDING_METADATA_COLUMNS = ("SAMPLE_ID", "URL", "TEXT", "similarity", "LANGUAGE", "punsafe",
-                              "pwatermark", "key", "tar_path")
+                              "pwatermark", "key", "tar_path",
+                              "WIDTH", "HEIGHT")  # original size, for serve's size filter (null if absent)
 
 
 def bucket_of(language: str | None) -> str:
@@ -144,11 +145,12 @@ def write_embedding_part(root: str, part: int, pdf: pd.DataFrame,
 
     if not len(pdf):
         return 0
-    meta = pdf[list(EMBEDDING_METADATA_COLUMNS)].reset_index(drop=True)
+    meta = pdf.reindex(columns=list(EMBEDDING_METADATA_COLUMNS)).reset_index(drop=True)
     table = pa.Table.from_pandas(meta, preserve_index=False, schema=pa.schema([
         ("SAMPLE_ID", pa.int64()), ("URL", pa.string()), ("TEXT", pa.string()),
         ("similarity", pa.float64()), ("LANGUAGE", pa.string()), ("punsafe", pa.float64()),
-        ("pwatermark", pa.float64()), ("key", pa.string()), ("tar_path", pa.string())]))
+        ("pwatermark", pa.float64()), ("key", pa.string()), ("tar_path", pa.string()),
+        ("WIDTH", pa.int32()), ("HEIGHT", pa.int32())]))
     embeddings.write_retrieval_part(root, part, embeddings.decode_rows(pdf["image_embedding"]),
                                     embeddings.decode_rows(pdf["text_embedding"]), table, storage_options)
     return len(pdf)
