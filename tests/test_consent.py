@@ -499,3 +499,19 @@ def test_wat_and_warc_meta_opt_outs_mark_pairs_that_download_then_skips(spark, c
     assert not {f"/meta/{n}.jpg" for n, r in expected.items() if r} & requested
     assert stats["opt_out_by_source"] == {"page_meta": 2} == stats2["opt_out_by_source"]
     assert stats["status_counts"] == {"success": 1, "opted_out": 2}
+
+
+def test_report_charts_opted_out_rows_per_source(tmp_path):
+    from reporting.report import _opt_out_section
+    from udfs.download_worker import _parquet_bytes
+
+    rows = ([{"key": f"{i:09d}", "status": "opted_out", "opt_out_source": "robots_txt"} for i in range(3)]
+            + [{"key": "000000010", "status": "opted_out", "opt_out_source": "page_meta"},
+               {"key": "000000011", "status": "success"}, {"key": "000000012", "status": "failed_to_download"}])
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "00000.parquet").write_bytes(_parquet_bytes(rows))
+    out = tmp_path / "report"
+    out.mkdir()
+    section = _opt_out_section(str(tmp_path), {"download": "images"}, out)
+    assert "page_meta: 1, opt_out_list: 0, robots_txt: 3, tdmrep: 0, x_robots_tag: 0" in section
+    assert (out / "opt_outs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
