@@ -515,3 +515,23 @@ def test_report_charts_opted_out_rows_per_source(tmp_path):
     section = _opt_out_section(str(tmp_path), {"download": "images"}, out)
     assert "page_meta: 1, opt_out_list: 0, robots_txt: 3, tdmrep: 0, x_robots_tag: 0" in section
     assert (out / "opt_outs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unresolvable_or_guarded_host_is_a_download_failure_not_an_opt_out(server, cfg, tmp_path):
+    """A dead host must not inflate the opt-out counts: its robots.txt decides nothing and the image
+    fails as it would without consent checks. No connection is made to either."""
+    def resolver(host, port):
+        if host == "dead.test":
+            from udfs.address_guard import ResolveError
+            raise ResolveError("cannot resolve dead.test")
+        return {"private.test": ["10.0.0.9"]}.get(host) or stub_resolver(host, port)
+
+    before = len(server.request_log())
+    rows = [{"key": "000000000", "url": "http://dead.test/a.jpg", "text": "t"},
+            {"key": "000000001", "url": "http://private.test/a.jpg", "text": "t"}]
+    stats = ShardJob(section_for(cfg), str(tmp_path), resolver=resolver).run(0, rows)
+    meta = pq.read_table(tmp_path / "00000.parquet").to_pylist()
+    assert [(r["status"], r["opt_out_source"]) for r in meta] == [("failed_to_download", None),
+                                                                  ("blocked_address", None)]
+    assert stats["consent"]["robots_txt_blocked"] == 2 and "opted_out" not in stats["status_dict"]
+    assert len(server.request_log()) == before

@@ -95,7 +95,9 @@ class DocumentResult:
     http_status: int | None = None
     body: bytes | None = None
     error: str | None = None
-    blocked: bool = False       # the document's own host is refused by the address guard
+    # the document's own host is refused by the address guard or does not resolve: no connection
+    # was made, and the image request on that host fails the same way (blocked_address / DNS)
+    blocked: bool = False
 
 
 class _Failure(Exception):
@@ -106,6 +108,10 @@ class _Failure(Exception):
         self.status, self.message, self.retryable = status, message, retryable
         self.http_status, self.content_type, self.retry_after = http_status, content_type, retry_after
         self.source = source
+
+
+class _ResolveFailure(_Failure):
+    """The host name does not resolve: nothing was connected to."""
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
@@ -271,8 +277,8 @@ class Fetcher:
             try:
                 got = self._request(current, deadline, handle, accept="text/plain,application/json,*/*;q=0.5")
             except _Failure as f:
-                # the document's own host refused by the guard: the image request will be too
-                blocked = f.status == "blocked_address" and hop == 0
+                # the document's own host refused by the guard or unresolvable: so is the image
+                blocked = hop == 0 and (f.status == "blocked_address" or isinstance(f, _ResolveFailure))
                 return DocumentResult(url, f.http_status, None, f"{f.status}: {f.message}", blocked)
             if isinstance(got, DocumentResult):
                 got.url = url
@@ -326,7 +332,7 @@ class Fetcher:
         except BlockedAddress as exc:
             raise _Failure("blocked_address", f"{host}: {exc}", False) from exc
         except ResolveError as exc:
-            raise _Failure("failed_to_download", str(exc), False) from exc
+            raise _ResolveFailure("failed_to_download", str(exc), False) from exc
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query

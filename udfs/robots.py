@@ -13,8 +13,9 @@ robots.txt
   pages came from Common Crawl; a site that turned CCBot away did not want to be in it);
 - status: 2xx parsed; 4xx (but 429) = no robots.txt, everything allowed; 429, 5xx, a network
   error or a timeout = "unreachable": complete disallow for this run, the rows `retryable` so that
-  a later `--retry-failed` asks again. A robots.txt host refused by the address guard decides
-  nothing: the image request is refused by the same guard (`blocked_address`).
+  a later `--retry-failed` asks again. A host refused by the address guard, or whose name does not
+  resolve, decides nothing: nothing was connected to, and the image request fails the same way
+  (`blocked_address`, `failed_to_download`), which keeps dead hosts out of the opt-out counts.
 
 tdmrep.json (W3C TDMRep)
 - fetched and cached like robots.txt; a JSON array of rules `{"location": pattern,
@@ -59,7 +60,7 @@ class Document:
     """One fetched robots.txt / tdmrep.json, as the fetcher saw it."""
     url: str
     kind: str                   # robots_txt | tdmrep
-    outcome: str                # ok | unavailable (4xx) | unreachable | blocked
+    outcome: str                # ok | unavailable (4xx) | unreachable | blocked (guard / DNS)
     http_status: int | None = None
     body: bytes | None = None
     error: str | None = None
@@ -321,7 +322,14 @@ class HostPolicies:
                 self.counts["hosts_from_worker_cache"] += 1
                 entry.__dict__.update(cached.__dict__)
             else:
-                self._fill(entry, scheme, host, port)
+                try:
+                    self._fill(entry, scheme, host, port)
+                except Exception as exc:  # noqa: BLE001 - a bad document must not fail the task
+                    url = document_url(scheme, host, port, ROBOTS_PATH)
+                    entry.robots = Document(url, "robots_txt", "unreachable", None, None,
+                                            f"{type(exc).__name__}: {str(exc)[:200]}")
+                    entry.robots_rules = None
+                    self.counts["robots_txt_errors"] += 1
                 self._cache.put((self._cache_key, *key), entry)
         finally:
             self._entries[key][0].set()
