@@ -17,6 +17,14 @@ engine (`udfs.download_worker`) in a plain 2-process pool (the like-for-like com
 img2dataset's multiprocessing distributor), and img2dataset in its own venv under the bench work
 dir (created on first use: `python3 -m venv; pip install img2dataset==1.47.0`, cached).
 
+Consent cost (`python -m bench.bench_download consent [--quick]`, also part of `run`): the shard
+engine on the same 2,000 URLs with robots.txt + tdmrep.json checks off and on, alternated round
+by round, every image host serving both documents (rules that match no bench URL, so both runs do
+the same image work). Measured on one host (the bench's own layout) and with the URLs spread over
+16 host names (stub resolver -> 127.0.0.1) with the per-worker cache off, i.e. one robots.txt and
+one tdmrep.json fetch per host per task, the worst case. Plus protego vs urllib.robotparser:
+wildcard cases right, and parse + check time.
+
 Settings needed for the loopback server: our stage needs `download.allowed_cidrs=127.0.0.0/8`
 (address guard) and `per_domain_concurrency` = thread_count because every bench URL has the same
 host; img2dataset needs nothing special (it has no address guard); proxies are cleared from the
@@ -350,11 +358,159 @@ def run(work: Path, quick: bool) -> list[dict]:
                  "time. Near 1: the network part is a tie, and threads also overlap PIL decode/resize (which "
                  "release the GIL) without a second pool, so the shard engine uses threads"},
     ]
+    return figures + consent_cost(work / "consent", quick, images)
+
+
+# --- consent cost: robots.txt + tdmrep.json off vs on --------------------------------------------
+
+BENCH_ROBOTS_TXT = b"""User-agent: *
+Disallow: /private/
+Disallow: /*.gif$
+Disallow: /gallery/*/original
+
+User-agent: clipcrawl
+Disallow: /private/
+Disallow: /*.gif$
+"""
+BENCH_TDMREP_JSON = b'[{"location": "/private/*", "tdm-reservation": 1}, {"location": "/", "tdm-reservation": 0}]'
+CONSENT_HOSTS = 16
+
+
+def _bench_resolver(host, port):
+    # the bench's host names all mean this machine; nothing else is resolved
+    if host == "127.0.0.1" or host.endswith(".bench.test"):
+        return ["127.0.0.1"]
+    raise OSError(f"bench resolver: unexpected host {host}")
+
+
+def _consent_shard(shard, rows, section, out):
+    from udfs.download_worker import download_shard
+
+    return download_shard(shard, rows, section, out, resolver=_bench_resolver)
+
+
+def _consent_run(urls: list[str], out: Path, shard_size: int, consent: bool, cache_hosts: int) -> dict:
+    from multiprocessing import Pool
+
+    from spark_jobs.config import load_config
+    from udfs.download_worker import make_key
+
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    sets = [*download_sets(shard_size), f"download.robots_txt={str(consent).lower()}",
+            f"download.tdmrep={str(consent).lower()}", f"download.robots_cache_hosts={cache_hosts}"]
+    section = load_config("local", overrides=sets).section("download")
+    shards: dict[int, list[dict]] = {}
+    for rank, url in enumerate(urls):   # urls come shuffled: every shard sees every host
+        shard = rank // shard_size
+        shards.setdefault(shard, []).append({"key": make_key(shard, rank % shard_size, 4), "url": url,
+                                             "text": f"photo {rank}", "uid": None, "page_url": None})
+    with Pool(PROCESSES) as pool:
+        t0 = time.perf_counter()
+        stats = pool.starmap(_consent_shard, [(s, r, section, str(out)) for s, r in sorted(shards.items())])
+        seconds = time.perf_counter() - t0
+    consent_counts: dict[str, int] = {}
+    for st in stats:
+        for k, v in st.get("consent", {}).items():
+            consent_counts[k] = consent_counts.get(k, 0) + v
+    return {"seconds": seconds, "ok": sum(st["successes"] for st in stats), "consent": consent_counts}
+
+
+def _robots_parsers(rounds: int = 5) -> dict:
+    """protego vs urllib.robotparser: wildcard cases right (tests/test_consent.py's table) and the
+    time to parse a robots.txt and check 2,000 URLs."""
+    import urllib.robotparser
+
+    from protego import Protego
+
+    from tests.test_consent import WILDCARD_CASES
+
+    right = {"protego": 0, "urllib": 0}
+    for rules, path, allowed in WILDCARD_CASES:
+        text = "User-agent: *\n" + rules + "\n"
+        right["protego"] += Protego.parse(text).can_fetch("http://h" + path, "clipcrawl") == allowed
+        rp = urllib.robotparser.RobotFileParser()
+        rp.parse(text.splitlines())
+        right["urllib"] += rp.can_fetch("clipcrawl", "http://h" + path) == allowed
+    text = BENCH_ROBOTS_TXT.decode()
+    urls = [f"http://h/img/{i:05d}.jpg" for i in range(2000)]
+    best = {"protego": float("inf"), "urllib": float("inf")}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        p = Protego.parse(text)
+        for u in urls:
+            p.can_fetch(u, "clipcrawl")
+        best["protego"] = min(best["protego"], time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        rp = urllib.robotparser.RobotFileParser()
+        rp.parse(text.splitlines())
+        for u in urls:
+            rp.can_fetch("clipcrawl", u)
+        best["urllib"] = min(best["urllib"], time.perf_counter() - t0)
+    return {"right": right, "cases": len(WILDCARD_CASES), "seconds": best}
+
+
+def consent_cost(work: Path, quick: bool, images: list[Path] | None = None) -> list[dict]:
+    import random
+    import statistics
+
+    from tests.gen.image_server import ImageServer
+
+    work.mkdir(parents=True, exist_ok=True)
+    n = 400 if quick else 2000
+    shard_size = n // 8
+    rounds = 1 if quick else 3
+    images = images or generate_images(work.parent / "source_images", n)
+    figures = []
+    with ImageServer(latency=(0.02, 0.05)) as server:
+        paths = [u.split(str(server.port), 1)[1] for u in register(server, images[:n])]
+        server.add("/robots.txt", BENCH_ROBOTS_TXT, "text/plain")
+        server.add("/.well-known/tdmrep.json", BENCH_TDMREP_JSON, "application/json")
+        rng = random.Random(7)
+        layouts = {
+            "one host": ([server.url(p) for p in paths], 1024),
+            f"{CONSENT_HOSTS} hosts, no worker cache": (
+                [f"http://h{i % CONSENT_HOSTS}.bench.test:{server.port}{p}" for i, p in enumerate(paths)], 0),
+        }
+        for label, (urls, cache_hosts) in layouts.items():
+            urls = urls[:]
+            rng.shuffle(urls)
+            times: dict[bool, list[float]] = {False: [], True: []}
+            last: dict[bool, dict] = {}
+            for rnd in range(rounds):
+                for consent in ((False, True) if rnd % 2 == 0 else (True, False)):   # alternate the order
+                    m = _consent_run(urls, work / f"out_{consent}", shard_size, consent, cache_hosts)
+                    times[consent].append(m["seconds"])
+                    last[consent] = m
+                    print(f"   consent {label} {'on' if consent else 'off'} round {rnd}: {m['ok']} ok in "
+                          f"{m['seconds']:.2f}s {m['consent']}", flush=True)
+            off, on = statistics.median(times[False]), statistics.median(times[True])
+            fetched = last[True]["consent"].get("robots_txt_fetched", 0) + last[True]["consent"].get("tdmrep_fetched", 0)
+            figures.append({
+                "name": f"robots.txt + tdmrep.json cost, {label}", "value": round(on, 2), "unit": "s",
+                "peer": "same run with download.robots_txt=false, tdmrep=false", "peer_value": round(off, 2),
+                "ratio": round(on / off, 3), "goal": "<= 1.05",
+                "note": f"{n} URLs, shard engine, {PROCESSES} processes x {THREADS} threads, 8 shards, median of "
+                        f"{rounds} alternated rounds each; every host serves robots.txt and tdmrep.json; "
+                        f"{fetched} document fetches in the last 'on' run; successes on {last[True]['ok']} / off "
+                        f"{last[False]['ok']}; each run {sorted(round(t, 2) for t in times[True])} vs "
+                        f"{sorted(round(t, 2) for t in times[False])} s; shared machine"})
+    parsers = _robots_parsers()
+    figures.append({
+        "name": "robots.txt parser: protego vs urllib.robotparser", "value": parsers["right"]["protego"],
+        "unit": f"of {parsers['cases']} wildcard cases right", "peer": "urllib.robotparser",
+        "peer_value": parsers["right"]["urllib"],
+        "ratio": round(parsers["seconds"]["protego"] / parsers["seconds"]["urllib"], 2), "goal": "",
+        "note": f"cases from RFC 9309 / the documented wildcard examples (tests/test_consent.py); ratio = time "
+                f"to parse the bench robots.txt and check 2,000 URLs, protego {parsers['seconds']['protego'] * 1e3:.1f} ms "
+                f"vs urllib {parsers['seconds']['urllib'] * 1e3:.1f} ms (best of 5)"})
     return figures
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "engine":
+    if len(sys.argv) >= 2 and sys.argv[1] == "consent":
+        quick = "--quick" in sys.argv
+        print(json.dumps(consent_cost(REPO / "bench" / "work" / "download" / "consent", quick), indent=2))
+    elif len(sys.argv) == 5 and sys.argv[1] == "engine":
         engine_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif len(sys.argv) == 6 and sys.argv[1] == "session":
         session_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])

@@ -253,6 +253,39 @@ def _charts(facts: dict[str, Any], thresholds: dict[str, float], out: Path) -> d
     return charts
 
 
+OPT_OUT_SOURCES = ("page_meta", "opt_out_list", "robots_txt", "tdmrep", "x_robots_tag")
+
+
+def _opt_out_section(root: str, datasets: dict[str, str], out: Path) -> str:
+    """A chart of the download's opted_out rows per opt_out_source (every source shown, zeros
+    included, so that an empty chart says "nothing opted out" rather than "not checked")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = _by_status(os.path.join(root, datasets["download"]), "*.parquet", column="opt_out_source",
+                        where=("status", "opted_out"))
+    sources = list(OPT_OUT_SOURCES) + sorted(set(counts) - set(OPT_OUT_SOURCES))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    values = [counts.get(src, 0) for src in sources]
+    ax.barh(sources[::-1], values[::-1], color="#c2255c")
+    for y, v in enumerate(values[::-1]):
+        ax.text(v, y, f" {v}", va="center", fontsize=8)
+    ax.set_xlabel("opted_out rows")
+    ax.set_title("Opt-outs honoured, by source")
+    fig.tight_layout()
+    fig.savefig(out / "opt_outs.png", dpi=110)
+    plt.close(fig)
+    return ("<section><h2>Consent: opt-outs by source</h2><p>Rows the download stage did not fetch (or whose "
+            "body it did not read) because the publisher opted out: the page's meta tags, an opt-out list, "
+            "robots.txt (an unreachable robots.txt counts here too), TDMRep (tdmrep.json or the "
+            "<code>tdm-reservation</code> header) or the image's X-Robots-Tag. The matching rule of each row is "
+            "in its <code>error_message</code>.</p><p>" + ", ".join(f"{html.escape(k)}: {v}" for k, v in
+                                                                 zip(sources, values)) +
+            "</p><img src='opt_outs.png' alt='opt-outs by source'></section>")
+
+
 def _funnel_table(funnel: list[StageFunnel]) -> str:
     rows = []
     for f in funnel:
@@ -301,6 +334,7 @@ def build_report(root: str, datasets: dict[str, str], subsets: dict[str, str],
                            ("languages", "3. Languages"), ("download_status", "4. Download outcomes"),
                            ("image_sizes", "5. Image sizes"), ("stage_seconds", "6. Time per stage"))
         if key in charts)
+    sections += _opt_out_section(root, datasets, out)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>clipcrawl run report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#212529}}

@@ -16,6 +16,10 @@ unchanged, and the retried rows get their new outcome, so <new>/*.parquet is the
 Safety: hosts are resolved and private/loopback/link-local/multicast/reserved addresses refused on
 every redirect hop (allow networks with --set download.allowed_cidrs=...); X-Robots-Tag opt-outs
 are honoured from the headers before any body byte is read.
+
+Consent (udfs/download_worker.py): page-level opt-outs (`page_opt_out`), opt-out lists,
+robots.txt and tdmrep.json are checked before an image URL is requested; every `opted_out` row
+names its `opt_out_source`, counted in the stats (`opt_out_by_source`).
 """
 
 if __package__ in (None, ""):  # run as `spark-submit spark_jobs/download.py`: make the repo importable
@@ -49,19 +53,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a previous download output: re-attempt its retryable failures into --output")
 
 
-def validate_section(section: dict) -> None:
+def validate_section(section: dict, storage_options: dict | None = None) -> None:
     """Turn bad download.* values into ConfigError before any task starts."""
     from udfs.address_guard import parse_cidrs
     from udfs.resize import ResizeConfig
+    from udfs.robots import ConsentConfig
 
     try:
         ResizeConfig.from_section(section)
         parse_cidrs(section.get("allowed_cidrs"))
+        ConsentConfig.from_section(section)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     for key in ("shard_size", "thread_count"):
         if not isinstance(section.get(key), int) or section[key] < 1:
             raise ConfigError(f"download.{key} must be a positive integer, got {section.get(key)!r}")
+    for key in ("opt_out_list", "blocked_sha256"):
+        if section.get(key) and not fsio.exists(section[key], storage_options):
+            raise ConfigError(f"download.{key}: {section[key]} not found")
 
 
 def metadata_glob(output: str) -> str:
@@ -133,12 +142,12 @@ def _plan_fresh(spark, args, section, storage_options):
     if not args.input:
         raise datasets.InputError("--input is required (or --retry-failed PREVIOUS)")
     df = datasets.read_dataset(spark, args.input, DOWNLOAD_INPUT)
-    for col in ("uid", "page_url"):
+    for col in ("uid", "page_url", "page_opt_out"):
         if col not in df.columns:
             # SQL rather than F.lit: in PySpark 4, lit (also inside lpad etc.) imports pandas and
             # pyarrow into the driver, ~85 MB (see session.lighten_numpy_converters)
             df = df.withColumn(col, F.expr("NULL").cast("string"))
-    df = df.select(*[F.col(c).cast("string") for c in ("uid", "url", "text", "page_url")])
+    df = df.select(*[F.col(c).cast("string") for c in ("uid", "url", "text", "page_url", "page_opt_out")])
     size = section["shard_size"]
     # A total order, so that rank -> shard is the same in every run. The uid (a hash) comes first,
     # or, for inputs without uids, Spark's xxhash64 of (url, text): either spreads each domain over
@@ -187,8 +196,8 @@ def _plan_retry(spark, args, section, storage_options):
 def run(spark, cfg, args) -> dict:
     timer = datasets.StageTimer()
     section = cfg.section("download")
-    validate_section(section)
     storage_options = cfg.get("storage.storage_options") or None
+    validate_section(section, storage_options)
     output = args.output
     size = section["shard_size"]
     digits = key_digits(size)
@@ -227,6 +236,7 @@ def summarize(spark, output: str, total: int, num_shards: int, storage_options: 
     from pyspark.sql import functions as F
 
     counts: dict[str, int] = {}
+    opt_out_by_source: dict[str, int] = {}
     retryable = 0
     paths = metadata_paths(output, storage_options) if num_shards else []
     if paths:
@@ -235,12 +245,19 @@ def summarize(spark, output: str, total: int, num_shards: int, storage_options: 
                                           F.sum(F.col("retryable").cast("long")).alias("r")).collect():
             counts[str(r["status"])] = int(r["n"])
             retryable += int(r["r"] or 0)
+        if counts.get("opted_out") and "opt_out_source" in df.columns:
+            for r in df.filter(F.col("status") == "opted_out").groupBy("opt_out_source").count().collect():
+                opt_out_by_source[str(r["opt_out_source"])] = int(r["count"])
     written = sum(counts.values())
     ok = counts.get("success", 0)
     seconds: dict[str, float] = {}
+    consent: dict[str, int] = {}
     for uri in fsio.expand([fsio.join(output, "*_stats.json")], storage_options):
-        for k, v in (fsio.read_json(uri, storage_options).get("seconds") or {}).items():
+        shard_stats = fsio.read_json(uri, storage_options)
+        for k, v in (shard_stats.get("seconds") or {}).items():
             seconds[k] = round(seconds.get(k, 0.0) + float(v), 3)
+        for k, v in (shard_stats.get("consent") or {}).items():   # robots.txt / tdmrep.json fetches
+            consent[k] = consent.get(k, 0) + int(v)
     rate = ok / written if written else 0.0
     failures = ", ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if k != "success")
     log.warning("download: %d of %d rows succeeded (success rate %.1f%%); %s; %d failures are retryable "
@@ -250,7 +267,7 @@ def summarize(spark, output: str, total: int, num_shards: int, storage_options: 
         log.warning("download: metadata holds %d rows but the input had %d", written, total)
     return {"input_rows": total, "output_rows": ok, "metadata_rows": written, "success_rate": round(rate, 4),
             "status_counts": counts, "retryable_failures": retryable, "shards": num_shards,
-            "worker_seconds": seconds}
+            "worker_seconds": seconds, "opt_out_by_source": opt_out_by_source, "consent": consent}
 
 
 def main(argv=None):

@@ -7,7 +7,7 @@ dataset fails with a message naming the missing or mistyped columns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from pyspark.sql import types as T
 
@@ -48,6 +48,7 @@ WAT_PAIRS = DatasetSpec(
         _s("record_id"),      # WARC-Record-ID of the metadata/response record
         _s("record_date"),    # WARC-Date of the record
         T.StructField("alt_truncated", T.BooleanType(), True),
+        _s("page_opt_out"),   # the page's opt-out meta (robots=noai, tdm-reservation=1, ...), else null
         _s("crawl"),          # partition: CC-MAIN-YYYY-WW parsed from the path, else "unknown"
     ]),
     partition_by=("crawl",),
@@ -115,8 +116,8 @@ def _i(name: str) -> T.StructField:
 
 DOWNLOAD_INPUT = DatasetSpec(
     name="download_input",
-    description="any parquet with url and text (uid and page_url are used when present)",
-    schema=T.StructType([_s("uid"), _s("url"), _s("text"), _s("page_url")]),
+    description="any parquet with url and text (uid, page_url and page_opt_out are used when present)",
+    schema=T.StructType([_s("uid"), _s("url"), _s("text"), _s("page_url"), _s("page_opt_out")]),
     required=("url", "text"),
 )
 
@@ -129,7 +130,8 @@ IMAGES_METADATA = DatasetSpec(
         _s("uid"), _s("url"), _s("text"), _s("page_url"),
         _i("shard"),
         _s("status"),           # success | failed_to_download | failed_to_decode | too_small | too_large |
-                                # opted_out | blocked_address | bad_content_type | invalid_url
+                                # opted_out | blocked_address | bad_content_type | invalid_url |
+                                # blocked_content (sha256 in download.blocked_sha256; no bytes kept)
         _s("error_message"),
         _i("http_status"),
         _s("content_type"),
@@ -140,11 +142,14 @@ IMAGES_METADATA = DatasetSpec(
         T.StructField("retryable", T.BooleanType(), True),   # a later --retry-failed run re-attempts it
         _i("attempts"),         # HTTP attempts made (retries included)
         _i("exif_orientation"),  # EXIF orientation tag of the original (1-8; null: none); stored upright
+        _s("opt_out_source"),   # opted_out rows: x_robots_tag | robots_txt | tdmrep | page_meta | opt_out_list
     ]),
+    # columns added after the first release (exif_orientation, opt_out_source) are optional on read:
+    # older shards lack them and conform fills nulls
+    required=("key", "uid", "url", "text", "page_url", "shard", "status", "error_message", "http_status",
+              "content_type", "original_width", "original_height", "width", "height", "bytes", "sha256",
+              "download_seconds", "retryable", "attempts"),
 )
-# Columns added after the first release are optional on read: older shards lack them (conform fills nulls).
-IMAGES_METADATA = replace(IMAGES_METADATA, required=tuple(
-    n for n in IMAGES_METADATA.schema.fieldNames() if n not in ("exif_orientation",)))
 
 
 # --- stage 5: filter ------------------------------------------------------------------------------

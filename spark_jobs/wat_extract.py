@@ -64,7 +64,7 @@ def _staging_schema():
     s = T.StringType()
     return T.StructType([
         T.StructField("kind", s, False),            # pair | reject | file
-        *schemas.WAT_PAIRS.schema.fields[:-1],      # uid .. alt_truncated
+        *schemas.WAT_PAIRS.schema.fields[:-1],      # uid .. page_opt_out
         T.StructField("crawl", s, True),
         T.StructField("status", s, True),
         T.StructField("error_message", s, True),
@@ -86,13 +86,13 @@ def _partition_extractor(opts, storage_options):
                     yield ("pair", *row, None, None, None, None)
                 elif isinstance(row, wat.Rejected):
                     yield ("reject", None, row.url, row.text, row.page_url, row.source_file,
-                           row.record_id, None, None, row.crawl, row.status, row.error_message,
+                           row.record_id, None, None, None, row.crawl, row.status, row.error_message,
                            row.level, None)
                 else:
                     task_log.info("%s: %s, %d records, %d pairs kept, %d rejected in %.1fs", uri,
                                   row.status, row.records_read, row.pairs_kept, row.pairs_rejected,
                                   row.seconds)
-                    yield ("file", None, None, None, None, row.source_file, None, None, None,
+                    yield ("file", None, None, None, None, row.source_file, None, None, None, None,
                            wat.crawl_of(uri), row.status, row.error_message, None,
                            json.dumps(wat.outcome_dict(row)))
 

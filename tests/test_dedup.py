@@ -31,7 +31,7 @@ def pair(i: int, url: str | None = None, text: str | None = None, date: str = "2
     url = url or f"https://img{i % 7}.example.com/p/{i}.jpg"
     text = text or f"caption number {i}"
     return (pair_uid(url, text), url, text, f"https://site.example/{i}", "f.wat.gz", f"<urn:{i}>",
-            date, False, crawl)
+            date, False, None, crawl)   # page_opt_out None
 
 
 def write_input(spark, path, rows) -> str:

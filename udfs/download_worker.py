@@ -12,6 +12,15 @@ grow with the shard size.
 Retry mode (`previous` rows given): rows marked `carry` keep their previous metadata; their images
 (successes) are copied from the previous shard's tar under the same key; rows marked `fetch` are
 downloaded again. The new shard therefore has the same keys as the previous one.
+
+Consent, in this order, before any byte of an image is requested: the page's own opt-out
+(`page_opt_out` from wat_extract, unless `download.respect_page_opt_out` is false), then, for
+every hop, the opt-out list, robots.txt and tdmrep.json (`udfs.robots`, `udfs.opt_out`); then the
+response headers (X-Robots-Tag, tdm-reservation) before the body is read. Each refusal is an
+`opted_out` row naming its `opt_out_source` and rule. Last, a body whose SHA-256 is in
+`download.blocked_sha256` is dropped in memory (`blocked_content`): it reaches no tar, file or
+temporary file. The robots.txt / tdmrep.json documents that decided rows are kept under
+`<output>/_stats/robots/` (one index per shard, bodies by SHA-256).
 """
 
 from __future__ import annotations
@@ -21,11 +30,14 @@ import io
 import json
 import logging
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from udfs import fsio
 from udfs.fetch import FetchConfig, Fetcher
+from udfs.opt_out import OptOutList, Sha256Blocklist
 from udfs.resize import ImageRejected, ResizeConfig, process_image
+from udfs.robots import ConsentConfig, Decision, HostPolicies
 from udfs.shard_writer import TarShardWriter, iter_samples, write_verified
 
 log = logging.getLogger(__name__)
@@ -38,7 +50,9 @@ METADATA_COLUMNS = (
     ("width", "int32"), ("height", "int32"), ("bytes", "int64"), ("sha256", "string"),
     ("download_seconds", "float64"), ("retryable", "bool_"), ("attempts", "int32"),
     ("exif_orientation", "int32"),
+    ("opt_out_source", "string"),
 )
+ROBOTS_AUDIT_DIR = ("_stats", "robots")
 MARKER_SUFFIX = "_complete.json"
 
 
@@ -109,6 +123,27 @@ class ShardJob:
         self.min_bytes = int(section.get("min_image_bytes") or 0)
         self.threads = max(1, int(section.get("thread_count") or 1))
         self.ext = self.resize_cfg.output_format
+        self.respect_page_opt_out = bool(section.get("respect_page_opt_out", True))
+        self.opt_out_list = (OptOutList.load(section["opt_out_list"], self.storage_options)
+                             if section.get("opt_out_list") else None)
+        self.blocked_sha256 = (Sha256Blocklist.load(section["blocked_sha256"], self.storage_options)
+                               if section.get("blocked_sha256") else None)
+        self.policies = HostPolicies(ConsentConfig.from_section(section), self._fetch_document,
+                                     cache_key=self.fetcher.config.user_agent)
+        self.fetcher.gate = self._gate
+
+    def _fetch_document(self, url: str, max_bytes: int) -> tuple:
+        got = self.fetcher.fetch_document(url, max_bytes)
+        return got.http_status, got.body, got.error, got.blocked
+
+    def _gate(self, url: str) -> Decision | None:
+        """Asked by the fetcher before each hop: the opt-out list (no network), then robots.txt
+        and tdmrep.json."""
+        if self.opt_out_list is not None:
+            rule = self.opt_out_list.match(url)
+            if rule:
+                return Decision("opt_out_list", f"{self.opt_out_list.source}: {rule}")
+        return self.policies.check(url)
 
     def _base(self, row: dict, shard: int) -> dict:
         return {"key": row["key"], "uid": row.get("uid"), "url": row.get("url"), "text": row.get("text"),
@@ -118,15 +153,25 @@ class ShardJob:
         """Fetch and process one row -> (metadata record, encoded image or None, timings)."""
         rec = self._base(row, shard)
         timings: dict = {}
+        if row.get("page_opt_out") and self.respect_page_opt_out:   # never requested
+            rec.update(status="opted_out", opt_out_source="page_meta", retryable=False, attempts=0,
+                       error_message=f"page {row.get('page_url') or '(unknown)'}: meta {row['page_opt_out']}")
+            return rec, None, timings
         res = self.fetcher.fetch(row["url"] or "")
         timings["network"] = res.seconds
         rec.update(http_status=res.http_status, content_type=res.content_type,
                    download_seconds=round(res.seconds, 4), attempts=res.attempts, retryable=False)
         if not res.ok:
-            rec.update(status=res.status, error_message=res.error_message, retryable=res.retryable)
+            rec.update(status=res.status, error_message=res.error_message, retryable=res.retryable,
+                       opt_out_source=res.opt_out_source)
             return rec, None, timings
-        body = res.body or b""
+        body, res.body = res.body or b"", None
         rec.update(bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
+        if self.blocked_sha256 is not None and rec["sha256"] in self.blocked_sha256:
+            # dropped here, in memory: these bytes reach no tar, file or temporary file
+            rec.update(status="blocked_content",
+                       error_message=f"sha256 listed in download.blocked_sha256 ({self.blocked_sha256.source})")
+            return rec, None, timings
         if len(body) < self.min_bytes:
             rec.update(status="too_small", error_message=f"{len(body)} bytes < min_image_bytes {self.min_bytes}")
             return rec, None, timings
@@ -165,6 +210,7 @@ class ShardJob:
         status_dict: dict[str, int] = {}
         for r in records:
             status_dict[r["status"]] = status_dict.get(r["status"], 0) + 1
+        audit_docs = self._write_consent_audit(shard)
         ended = time.time()
         stats = {
             "shard": shard, "count": len(records), "successes": status_dict.get("success", 0),
@@ -175,6 +221,9 @@ class ShardJob:
             "start_time": started, "end_time": ended, "duration": round(ended - started, 3),
             "seconds": {k: round(v, 3) for k, v in totals.items()},
             "tar_bytes": writer.bytes_written, "parquet_bytes": parquet_size,
+            "opt_out_sources": dict(Counter(r.get("opt_out_source") or "unknown"
+                                            for r in records if r["status"] == "opted_out")),
+            "consent": dict(self.policies.counts), "consent_documents_kept": audit_docs,
         }
         write_verified(fsio.join(self.output, name + "_stats.json"),
                        json.dumps(stats, indent=2, sort_keys=True).encode(), self.storage_options)
@@ -185,6 +234,27 @@ class ShardJob:
         log.info("shard %s: %d rows, %d ok (%.1f%%) in %.1fs", name, len(records), stats["successes"],
                  100.0 * stats["successes"] / max(1, len(records)), stats["duration"])
         return stats
+
+    def _write_consent_audit(self, shard: int) -> int:
+        """`<output>/_stats/robots/{shard}.json`: the robots.txt / tdmrep.json documents that
+        decided rows of this shard (URL, status, time, rows), their bodies beside it by SHA-256,
+        so that every robots_txt / tdmrep decision can be checked later. Returns the count."""
+        deciding = sorted(self.policies.deciding.values(), key=lambda d: d[0].url)
+        if not deciding:
+            return 0
+        folder = fsio.join(self.output, *ROBOTS_AUDIT_DIR)
+        index = []
+        for doc, rows in deciding:
+            entry = dict(doc.audit(), rows_decided=rows)
+            if doc.body is not None:
+                body_uri = fsio.join(folder, "bodies", f"{doc.sha256}.txt")
+                if not fsio.exists(body_uri, self.storage_options):
+                    write_verified(body_uri, doc.body, self.storage_options)
+                entry["body_file"] = f"bodies/{doc.sha256}.txt"
+            index.append(entry)
+        write_verified(fsio.join(folder, shard_name(shard) + ".json"),
+                       json.dumps(index, indent=2, sort_keys=True).encode(), self.storage_options)
+        return len(index)
 
     def _fetch_all(self, shard, rows, writer, records, totals) -> None:
         if not rows:

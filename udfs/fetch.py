@@ -1,9 +1,11 @@
 """HTTP fetching of one image URL, politely and safely.
 
 What img2dataset users fight with, handled here:
-- the opt-out header (`X-Robots-Tag: noai, noimageai, noindex, noimageindex`) and the content type
-  are checked on the response headers BEFORE the body is read; an opted-out body is never
-  downloaded (the connection is closed after the headers);
+- the opt-out headers (`X-Robots-Tag: noai, noimageai, noml, noindex, noimageindex`, TDMRep's
+  `tdm-reservation: 1`) and the content type are checked on the response headers BEFORE the body
+  is read; an opted-out body is never downloaded (the connection is closed after the headers);
+- a consent gate (`udfs.robots.HostPolicies.check` plus the opt-out list) is asked before EVERY
+  hop is requested: a URL that robots.txt, tdmrep.json or an opt-out list rules out is never sent;
 - the address guard (`udfs.address_guard`) runs on EVERY hop: redirects are followed here, by hand,
   and each Location is resolved and vetted before it is connected to; the connection goes to the
   vetted address (no second DNS lookup), and redirects are capped and loops detected;
@@ -52,6 +54,7 @@ class FetchConfig:
     per_domain_concurrency: int = 4
     user_agent: str = "clipcrawl"
     respect_opt_out: bool = True
+    tdmrep: bool = True         # also honour the `tdm-reservation: 1` response header
     opt_out_values: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     allowed_content_types: tuple[str, ...] = ("image/",)
     allowed_cidrs: str = ""
@@ -82,14 +85,33 @@ class FetchResult:
     attempts: int = 0
     final_url: str | None = None
     retry_after: float | None = field(default=None, repr=False)
+    opt_out_source: str | None = None    # x_robots_tag | tdmrep | robots_txt | opt_out_list
+
+
+@dataclass
+class DocumentResult:
+    """A small text document (robots.txt, tdmrep.json): `error` when no complete response came."""
+    url: str
+    http_status: int | None = None
+    body: bytes | None = None
+    error: str | None = None
+    # the document's own host is refused by the address guard or does not resolve: no connection
+    # was made, and the image request on that host fails the same way (blocked_address / DNS)
+    blocked: bool = False
 
 
 class _Failure(Exception):
     def __init__(self, status: str, message: str, retryable: bool, http_status: int | None = None,
-                 content_type: str | None = None, retry_after: float | None = None):
+                 content_type: str | None = None, retry_after: float | None = None,
+                 source: str | None = None):
         super().__init__(message)
         self.status, self.message, self.retryable = status, message, retryable
         self.http_status, self.content_type, self.retry_after = http_status, content_type, retry_after
+        self.source = source
+
+
+class _ResolveFailure(_Failure):
+    """The host name does not resolve: nothing was connected to."""
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
@@ -161,8 +183,11 @@ class Fetcher:
     """Fetch image URLs with retries, politeness and the address guard. Thread-safe: one instance
     serves all threads of a shard (so the per-domain cap is shared between them)."""
 
-    def __init__(self, config: FetchConfig, resolver=None, sleep=time.sleep, rng: random.Random | None = None):
+    def __init__(self, config: FetchConfig, resolver=None, sleep=time.sleep, rng: random.Random | None = None,
+                 gate=None):
         self.config = config
+        # url -> None, or an object with source / message / retryable (udfs.robots.Decision)
+        self.gate = gate
         self.guard = AddressGuard(config.allowed_cidrs, resolver)
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -198,7 +223,9 @@ class Fetcher:
         while True:
             result = self._fetch_once(url)
             result.attempts = attempt + 1
-            if not result.ok and result.retryable and attempt < self.config.retries:
+            # an opt-out (an unreachable robots.txt included) is not asked again in this run
+            if (not result.ok and result.retryable and result.status != "opted_out"
+                    and attempt < self.config.retries):
                 if result.retry_after is not None and result.retry_after > self.config.backoff_max:
                     result.error_message = (f"{result.error_message}; Retry-After {result.retry_after:.0f}s "
                                             f"exceeds backoff_max, not waiting")
@@ -216,7 +243,7 @@ class Fetcher:
         except _Failure as f:
             return FetchResult(url=url, status=f.status, error_message=f.message, retryable=f.retryable,
                                http_status=f.http_status, content_type=f.content_type,
-                               retry_after=f.retry_after)
+                               retry_after=f.retry_after, opt_out_source=f.source)
 
     def _follow(self, url: str) -> FetchResult:
         cfg = self.config
@@ -224,6 +251,9 @@ class Fetcher:
         current = url
         deadline = time.monotonic() + cfg.total_timeout
         for _hop in range(cfg.max_redirects + 1):
+            decision = self.gate(current) if self.gate is not None else None
+            if decision is not None:   # before any byte is sent to this URL
+                raise _Failure("opted_out", decision.message, decision.retryable, source=decision.source)
             location = self._request(current, deadline)
             if isinstance(location, FetchResult):
                 location.url, location.final_url = url, current
@@ -235,8 +265,57 @@ class Fetcher:
             current = nxt
         raise _Failure("failed_to_download", f"more than {cfg.max_redirects} redirects", False)
 
-    def _request(self, url: str, deadline: float):
-        """One HTTP exchange. Returns a FetchResult, or the Location string of a redirect."""
+    def fetch_document(self, url: str, max_bytes: int) -> DocumentResult:
+        """GET a small document (robots.txt, tdmrep.json) with the images' guard, timeouts and
+        User-Agent, following redirects; no retries, no gate, no opt-out headers, no type check.
+        At most `max_bytes` of the body are read (the rest is dropped, as RFC 9309 allows)."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.total_timeout
+        seen, current = {url}, url
+        handle = self._document_handler(max_bytes)
+        for hop in range(cfg.max_redirects + 1):
+            try:
+                got = self._request(current, deadline, handle, accept="text/plain,application/json,*/*;q=0.5")
+            except _Failure as f:
+                # the document's own host refused by the guard or unresolvable: so is the image
+                blocked = hop == 0 and (f.status == "blocked_address" or isinstance(f, _ResolveFailure))
+                return DocumentResult(url, f.http_status, None, f"{f.status}: {f.message}", blocked)
+            if isinstance(got, DocumentResult):
+                got.url = url
+                return got
+            nxt = urljoin(current, got)
+            if nxt in seen:
+                return DocumentResult(url, None, None, f"redirect loop at {nxt}")
+            seen.add(nxt)
+            current = nxt
+        return DocumentResult(url, None, None, f"more than {cfg.max_redirects} redirects")
+
+    def _document_handler(self, max_bytes: int):
+        def handle(resp: http.client.HTTPResponse, deadline: float):
+            code = resp.status
+            if code in REDIRECT_CODES:
+                location = resp.getheader("Location")
+                if location:
+                    return location
+                return DocumentResult("", code, None, None)
+            if not 200 <= code < 300:
+                return DocumentResult("", code, None, None)
+            chunks, total = [], 0
+            while total < max_bytes:
+                if time.monotonic() > deadline:
+                    raise _Failure("failed_to_download", f"total timeout {self.config.total_timeout}s exceeded",
+                                   True, code)
+                chunk = resp.read(min(_CHUNK, max_bytes - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+            return DocumentResult("", code, b"".join(chunks), None)
+        return handle
+
+    def _request(self, url: str, deadline: float, handle=None, accept: str = "image/*,*/*;q=0.5"):
+        """One HTTP exchange. Returns what `handle` (default: the image handler) returns: a
+        FetchResult, or the Location string of a redirect."""
         cfg = self.config
         try:
             parts = urlsplit(url)
@@ -253,7 +332,7 @@ class Fetcher:
         except BlockedAddress as exc:
             raise _Failure("blocked_address", f"{host}: {exc}", False) from exc
         except ResolveError as exc:
-            raise _Failure("failed_to_download", str(exc), False) from exc
+            raise _ResolveFailure("failed_to_download", str(exc), False) from exc
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
@@ -264,10 +343,10 @@ class Fetcher:
                 conn = _PinnedHTTPConnection(host, port, ip, cfg.connect_timeout, cfg.read_timeout)
             try:
                 conn.request("GET", path, headers={
-                    "User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5",
+                    "User-Agent": cfg.user_agent, "Accept": accept,
                     "Accept-Encoding": "identity", "Connection": "close"})
                 resp = conn.getresponse()
-                return self._handle(resp, deadline)
+                return (handle or self._handle)(resp, deadline)
             except _Failure:
                 raise
             except (socket.timeout, TimeoutError) as exc:
@@ -285,7 +364,11 @@ class Fetcher:
             directive = opt_out_directive(resp.headers.get_all("X-Robots-Tag") or [], cfg.opt_out_values,
                                           self.agent_token)
             if directive:
-                raise _Failure("opted_out", f"X-Robots-Tag: {directive}", False, code, ctype)
+                raise _Failure("opted_out", f"X-Robots-Tag: {directive}", False, code, ctype,
+                               source="x_robots_tag")
+        if cfg.tdmrep and (resp.getheader("tdm-reservation") or "").strip() == "1":
+            raise _Failure("opted_out", "tdm-reservation: 1 (response header)", False, code, ctype,
+                           source="tdmrep")
         if code in REDIRECT_CODES:
             location = resp.getheader("Location")
             if not location:

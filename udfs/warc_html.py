@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import re
 
+from udfs import page_opt_out
 from udfs.wat import HTML_TYPES, RecordLinks
 
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
@@ -58,7 +59,8 @@ def html_links(body: bytes, page_url: str | None, content_type: str | None = Non
     for node in tree.css("img"):
         attrs = node.attributes
         links.append((attrs.get("src"), attrs.get("alt") if "alt" in attrs else None))
+    opt_out = page_opt_out.from_html_tree(tree) if links else None
     if page_url is None and links:
         return RecordLinks("missing_fields", "response has images but no WARC-Target-URI",
-                           None, base, links, non_utf8)
-    return RecordLinks("links", "", page_url, base, links, non_utf8)
+                           None, base, links, non_utf8, opt_out)
+    return RecordLinks("links", "", page_url, base, links, non_utf8, opt_out)

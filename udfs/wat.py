@@ -32,7 +32,7 @@ import zlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, NamedTuple
 
-from udfs import alt_text, ids, urls
+from udfs import alt_text, ids, page_opt_out, urls
 
 try:  # orjson is a hard requirement in requirements.txt; the fallback keeps udfs importable anywhere
     import orjson
@@ -73,6 +73,7 @@ class Pair(NamedTuple):
     record_id: str | None
     record_date: str | None
     alt_truncated: bool
+    page_opt_out: str | None    # the page's opt-out meta tag (udfs.page_opt_out), else None
     crawl: str
 
 
@@ -415,6 +416,7 @@ class RecordLinks(NamedTuple):
     base_href: str | None
     links: list                 # [(raw_url, raw_alt)] of IMG@/src links (alt None when absent)
     non_utf8: bool
+    page_opt_out: str | None = None   # robots=noai, tdm-reservation=1, ... (udfs.page_opt_out)
 
 
 def parse_json_payload(payload: bytes) -> tuple[Any, bool]:
@@ -469,7 +471,8 @@ def wat_links(payload: bytes, target_uri: str | None = None) -> RecordLinks:
     if page_url is None and found:
         return RecordLinks("missing_fields", "record has image links but no WARC-Target-URI",
                            None, base, found, non_utf8)
-    return RecordLinks("links", "", page_url, base, found, non_utf8)
+    return RecordLinks("links", "", page_url, base, found, non_utf8,
+                       page_opt_out.from_wat_head(html.get("Head")) if found else None)
 
 
 # --- one file ---------------------------------------------------------------------------------------
@@ -554,7 +557,8 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
                         out.pairs_kept += 1
                         # tuple.__new__ skips NamedTuple's Python-level __new__
                         yield _new_tuple(Pair, (pair_uid(url, text), url, text, page_url,
-                                                source_file, record_id, date, False, crawl))
+                                                source_file, record_id, date, False,
+                                                found.page_opt_out, crawl))
                         continue
                 url, text, truncated, status, message = rules.judge(resolver, raw_url, raw_alt,
                                                                     unescape)
@@ -562,7 +566,8 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
                     out.pairs_kept += 1
                     out.alt_truncated += truncated
                     yield _new_tuple(Pair, (pair_uid(url, text), url, text, page_url,
-                                            source_file, record_id, date, truncated, crawl))
+                                            source_file, record_id, date, truncated,
+                                            found.page_opt_out, crawl))
                 else:
                     out.pairs_rejected += 1
                     yield Rejected(url, text, page_url, source_file, record_id,

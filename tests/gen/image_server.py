@@ -8,7 +8,13 @@ Generic API:
         srv.add_sequence("/flaky.jpg", [Response(500), Response(200, body=...)])  # last one repeats
         srv.url("/a.jpg")                                   # http://127.0.0.1:<port>/a.jpg
         srv.requests                                        # log of (path, headers) seen
+        srv.add("/robots.txt", b"...", "text/plain", host="a.test")   # only for Host: a.test
+        srv.request_log()                                   # [(host, path)] in arrival order
     srv.add_test_routes()  # the routes the download tests use (see TEST_ROUTES)
+    srv.add_consent_routes()  # robots.txt / TDMRep hosts (see CONSENT_ROUTES)
+
+Host-specific routes are looked up by the request's Host header (without the port) first, then
+by path alone; tests point several host names at this one server with a stub resolver.
 
 It binds 127.0.0.1 on an ephemeral port only. `failure_rate` turns a deterministic fraction of
 paths (by a hash of the path, so every client sees the same failures) into HTTP 500s.
@@ -100,6 +106,49 @@ TEST_ROUTES = {
 }
 
 
+# robots.txt of host robots.test: `*` may not fetch /members/, clipcrawl may; wildcard rules.
+CONSENT_ROBOTS_TXT = b"""# clipcrawl test robots.txt
+User-agent: *
+Disallow: /members/
+Disallow: /*.gif$
+Disallow: /gallery/*/original
+
+User-agent: clipcrawl
+Allow: /members/
+Disallow: /*.gif$
+Disallow: /gallery/*/original
+Disallow: /private/
+
+User-agent: CCBot
+Disallow: /ccbot-only/
+"""
+CONSENT_TDMREP_JSON = b"""[
+  {"location": "/open/*", "tdm-reservation": 0},
+  {"location": "/", "tdm-reservation": 1, "tdm-policy": "https://tdm.test/policy.json"}
+]"""
+# (host, path) -> (expected status, opt_out_source) with the default agents [clipcrawl, "*"]
+CONSENT_ROUTES = {
+    ("robots.test", "/members/a.jpg"): ("success", None),           # allowed for clipcrawl only
+    ("robots.test", "/img/cat.gif"): ("opted_out", "robots_txt"),   # Disallow: /*.gif$
+    ("robots.test", "/img/cat.gif?size=2"): ("success", None),      # $ anchors the end
+    ("robots.test", "/gallery/2024/original/b.jpg"): ("opted_out", "robots_txt"),   # /gallery/*/original
+    ("robots.test", "/gallery/2024/thumb/b.jpg"): ("success", None),
+    ("robots.test", "/private/c.jpg"): ("opted_out", "robots_txt"),
+    ("robots.test", "/ccbot-only/d.jpg"): ("success", None),        # opted out with robots_honour_ccbot
+    ("robots.test", "/hop/to-private"): ("opted_out", "robots_txt"),    # 302 -> /private/c.jpg
+    ("r404.test", "/private/c.jpg"): ("success", None),             # 404 robots.txt: all allowed
+    ("r500.test", "/ok.jpg"): ("opted_out", "robots_txt"),          # 500: complete disallow
+    ("rslow.test", "/ok.jpg"): ("opted_out", "robots_txt"),         # timed out: complete disallow
+    ("tdm.test", "/open/e.jpg"): ("success", None),                 # tdmrep.json rule 0
+    ("tdm.test", "/reserved/e.jpg"): ("opted_out", "tdmrep"),       # tdmrep.json rule 1
+    ("r404.test", "/tdm-header.jpg"): ("opted_out", "tdmrep"),      # tdm-reservation: 1 header
+    ("r404.test", "/robots-noml.jpg"): ("opted_out", "x_robots_tag"),   # X-Robots-Tag: noml
+}
+# image paths of CONSENT_ROUTES that robots.txt / tdmrep.json rule out: never to be requested
+CONSENT_NEVER_REQUESTED = {(h, p) for (h, p), (st, src) in CONSENT_ROUTES.items()
+                           if src in ("robots_txt", "tdmrep") and p not in ("/tdm-header.jpg", "/hop/to-private")}
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "clipcrawl-test-image-server"
     protocol_version = "HTTP/1.0"
@@ -183,14 +232,30 @@ class ImageServer:
 
     # --- routes ---
     def add(self, path: str, body: bytes, content_type: str | None = "image/jpeg", status: int = 200,
-            headers: dict | None = None, **options) -> str:
-        return self.add_sequence(path, [Response(status, body, content_type, dict(headers or {}), **options)])
+            headers: dict | None = None, host: str | None = None, **options) -> str:
+        return self.add_sequence(path, [Response(status, body, content_type, dict(headers or {}), **options)],
+                                 host=host)
 
-    def add_sequence(self, path: str, responses: list[Response]) -> str:
+    def add_sequence(self, path: str, responses: list[Response], host: str | None = None) -> str:
+        key = path if host is None else (host.lower(), path)
         with self._lock:
-            self._routes[path] = list(responses)
-            self._served[path] = 0
+            self._routes[key] = list(responses)
+            self._served[key] = 0
         return path
+
+    @staticmethod
+    def _host_of(headers: dict) -> str:
+        host = next((v for k, v in headers.items() if k.lower() == "host"), "") or ""
+        return (host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0]).lower()
+
+    def request_log(self) -> list[tuple[str, str]]:
+        """(host, path) of every request received, in order (host from the Host header)."""
+        with self._lock:
+            return [(self._host_of(h), p) for p, h in self.requests]
+
+    def requested(self, host: str | None = None, path: str | None = None) -> int:
+        return sum(1 for h, p in self.request_log()
+                   if (host is None or h == host) and (path is None or p == path))
 
     def request_count(self, path: str | None = None) -> int:
         with self._lock:
@@ -208,11 +273,14 @@ class ImageServer:
             time.sleep(wait)
         with self._lock:
             self.requests.append((path, headers))
-            seq = self._routes.get(path)
+            key = (self._host_of(headers), path)
+            if key not in self._routes:
+                key = path
+            seq = self._routes.get(key)
             if seq is None:
                 return Response(404, b"not found", "text/plain")
-            i = self._served[path]
-            self._served[path] = i + 1
+            i = self._served[key]
+            self._served[key] = i + 1
         if self.failure_rate and int(hashlib.md5(path.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < self.failure_rate:
             return Response(500, b"injected failure", "text/plain")
         return seq[min(i, len(seq) - 1)]
@@ -245,3 +313,23 @@ class ImageServer:
         self.add("/loop-a", b"", None, status=302, headers={"Location": "/loop-b"})
         self.add("/loop-b", b"", None, status=301, headers={"Location": self.url("/loop-a")})
         return dict(TEST_ROUTES)
+
+    def add_consent_routes(self, slow_seconds: float = 3.0) -> dict:
+        """Register CONSENT_ROUTES (robots.txt per host, tdmrep.json, TDMRep and X-Robots-Tag
+        headers); returns {(host, path): (expected status, opt_out_source)}. Image bodies come 2 s
+        after the headers, so a client that reads an opted-out body is measurably slow."""
+        ok = jpeg_bytes(320, 240, seed=11)
+        for (_host, path), _ in CONSENT_ROUTES.items():
+            if path not in ("/hop/to-private", "/tdm-header.jpg", "/robots-noml.jpg"):
+                self.add(path, ok)
+        self.add("/hop/to-private", b"", None, status=302, headers={"Location": "/private/c.jpg"})
+        self.add("/tdm-header.jpg", ok, headers={"tdm-reservation": "1"}, body_delay=2.0)
+        self.add("/robots-noml.jpg", ok, headers={"X-Robots-Tag": "noml"}, body_delay=2.0)
+        self.add("/robots.txt", CONSENT_ROBOTS_TXT, "text/plain", host="robots.test")
+        self.add("/robots.txt", b"gone", "text/plain", status=404, host="r404.test")
+        self.add("/robots.txt", b"oops", "text/plain", status=500, host="r500.test")
+        self.add("/robots.txt", b"User-agent: *\nAllow: /\n", "text/plain", host="rslow.test",
+                 delay=slow_seconds)
+        self.add("/robots.txt", b"missing", "text/plain", status=404, host="tdm.test")
+        self.add("/.well-known/tdmrep.json", CONSENT_TDMREP_JSON, "application/json", host="tdm.test")
+        return dict(CONSENT_ROUTES)
