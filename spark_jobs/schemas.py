@@ -130,6 +130,7 @@ IMAGES_METADATA = DatasetSpec(
         _i("shard"),
         _s("status"),           # success | failed_to_download | failed_to_decode | too_small | too_large |
                                 # opted_out | blocked_address | bad_content_type | invalid_url
+                                # | taken_down (clipcrawl takedown: url, uid, key and shard kept, nothing else)
         _s("error_message"),
         _i("http_status"),
         _s("content_type"),

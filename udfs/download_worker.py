@@ -108,6 +108,9 @@ class ShardJob:
         self.min_bytes = int(section.get("min_image_bytes") or 0)
         self.threads = max(1, int(section.get("thread_count") or 1))
         self.ext = self.resize_cfg.output_format
+        # clipcrawl takedown's block store: rows it names are neither fetched nor written
+        from udfs.takedown import load_block_list
+        self.blocked = load_block_list(section.get("block_store"), self.storage_options)
 
     def _base(self, row: dict, shard: int) -> dict:
         return {"key": row["key"], "uid": row.get("uid"), "url": row.get("url"), "text": row.get("text"),
@@ -117,6 +120,9 @@ class ShardJob:
         """Fetch and process one row -> (metadata record, encoded image or None, timings)."""
         rec = self._base(row, shard)
         timings: dict = {}
+        hit = self.blocked.match(row.get("url"), row.get("uid")) if self.blocked else None
+        if hit is not None:
+            return self._taken_down(rec, hit), None, timings
         res = self.fetcher.fetch(row["url"] or "")
         timings["network"] = res.seconds
         rec.update(http_status=res.http_status, content_type=res.content_type,
@@ -126,6 +132,8 @@ class ShardJob:
             return rec, None, timings
         body = res.body or b""
         rec.update(bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
+        if rec["sha256"] in self.blocked.sha256:
+            return self._taken_down(rec, self.blocked.sha256[rec["sha256"]]), None, timings
         if len(body) < self.min_bytes:
             rec.update(status="too_small", error_message=f"{len(body)} bytes < min_image_bytes {self.min_bytes}")
             return rec, None, timings
@@ -139,6 +147,15 @@ class ShardJob:
         rec.update(status="success", error_message=None, original_width=out.original_width,
                    original_height=out.original_height, width=out.width, height=out.height)
         return rec, out.data, timings
+
+    @staticmethod
+    def _taken_down(rec: dict, label: str) -> dict:
+        """The tombstone clipcrawl takedown writes: url, uid, key and shard, no caption, no bytes."""
+        keep = ("key", "uid", "url", "shard")
+        out = {k: (v if k in keep else None) for k, v in rec.items()}
+        out.update(status="taken_down", error_message=f"in the takedown block store: {label}",
+                   retryable=False)
+        return out
 
     def run(self, shard: int, rows: list[dict], previous_tar: str | None = None) -> dict:
         """Download `rows` (each with `key`, `url`, `text`, optional `uid`, `page_url`, and in retry
