@@ -482,3 +482,73 @@ def test_rerun_of_the_pipeline_does_not_restore_them(taken, chain, server, spark
         ids = pq.read_table(root / "indices" / subset / "ids.parquet").to_pylist()
         assert not {_row_uid(r) for r in ids} & taken["uids_gone"]
     _assert_only_tombstones(root, taken, ("images", "wat_pairs", "pairs_dedup", "scored", "dataset_rejected"))
+
+
+# --- on s3 (moto on 127.0.0.1) -------------------------------------------------------------------
+
+def _small_root(tmp: Path) -> Path:
+    """A published root in miniature: one subset's embeddings (two parts), its Flat indices, a
+    subset parquet, one tar shard with its download metadata."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from tests.gen.embeddings_layout import clustered_vectors, write_parts, write_tar
+    from udfs import knn
+    from udfs.download_worker import metadata_table
+
+    n = 40
+    root = tmp / "root"
+    tar = write_tar(root / "images" / "00000.tar", [Image.new("RGB", (32, 32), (6 * i, 0, 0)) for i in range(n)],
+                    [f"caption number {i}" for i in range(n)])
+    layout = write_parts(root / "dataset" / "embeddings" / "laion2B-en", clustered_vectors(n, 16, seed=3),
+                         clustered_vectors(n, 16, seed=4), 2, tar_path=tar)
+    meta = [r for f in sorted((layout / "metadata").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    (root / "dataset" / "laion2B-en").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(meta), root / "dataset" / "laion2B-en" / "part-0.parquet")
+    records = [{"key": r["key"], "uid": td.uid_of_sample_id(r["SAMPLE_ID"]), "url": r["URL"], "text": r["TEXT"],
+                "shard": 0, "status": "success", "bytes": 1000 + i, "sha256": f"{i:064x}"} for i, r in enumerate(meta)]
+    pq.write_table(metadata_table(records), root / "images" / "00000.parquet")
+    knn.build_subset(str(layout), str(root / "indices" / "laion2B-en"), knn.BuildParams(recall_sample=10, nb_cores=1))
+    return root
+
+
+def test_takedown_on_s3(tmp_path, moto_s3):
+    import faiss
+
+    from udfs import fsio
+
+    local = _small_root(tmp_path)
+    bucket = moto_s3.bucket("takedown")
+    so = moto_s3.options
+    fs, _ = fsio.filesystem(f"s3://{bucket}", so)
+    fs.put(str(local), f"{bucket}/root", recursive=True)
+    fs.pipe(f"{bucket}/list.txt", b"http://127.0.0.1/img/3.jpg\nsample_id:%d\nsha256:%064x\n" % (10 * 7919 + 13, 25))
+    root = f"s3://{bucket}/root"
+    record = td.takedown(root, f"s3://{bucket}/list.txt", storage_options=so)
+    assert record["items_removed"] == 3 and record["changed"]
+
+    fs.invalidate_cache()
+    back = tmp_path / "back"
+    fs.get(f"{bucket}/root", str(back), recursive=True)
+    assert not [p for p in back.rglob("*") if td.TMP_MARK in p.name]
+    assert not (back / "_takedown").glob("pending-*")
+    gone = {"000000003", "000000010", "000000025"}
+    with tarfile.open(back / "images" / "00000.tar") as tar:
+        keys = {m.name.split(".")[0] for m in tar}
+    assert len(keys) == 37 and not keys & gone
+    meta = {r["key"]: r for r in pq.read_table(back / "images" / "00000.parquet").to_pylist()}
+    assert {k for k, r in meta.items() if r["status"] == "taken_down"} == gone
+    subset_keys = [r["key"] for r in pq.read_table(back / "dataset" / "laion2B-en" / "part-0.parquet").to_pylist()]
+    assert len(subset_keys) == 37 and not set(subset_keys) & gone
+    ids = pq.read_table(back / "indices" / "laion2B-en" / "ids.parquet").to_pylist()
+    assert [r["key"] for r in ids] == subset_keys and [r["index_id"] for r in ids] == list(range(37))
+    from udfs import embeddings
+
+    img, txt, m = embeddings.read_retrieval(str(back / "dataset" / "embeddings" / "laion2B-en"))
+    assert len(img) == len(txt) == len(m) == 37 and list(m["key"]) == subset_keys
+    for kind in ("image", "text"):
+        index = faiss.read_index(str(back / "indices" / "laion2B-en" / f"{kind}.index"))
+        assert index.ntotal == 37
+        assert np.allclose(index.reconstruct_n(0, 37), (img if kind == "image" else txt).astype(np.float32), atol=1e-3)
+    again = td.takedown(root, f"s3://{bucket}/list.txt", storage_options=so)
+    assert again["changed"] is False and again["files_changed"] == 0

@@ -860,7 +860,7 @@ def takedown(root: str, list_uri: str, storage_options: dict | None = None,
         part_removed: dict[str, dict[str, tuple[np.ndarray, int]]] = {}
         for f in part_f:
             (folder, number), (staged, gone, rows) = f.result()
-            part_removed.setdefault(fsio.normalize_uri(folder).rstrip("/"), {})[number] = (gone, rows)
+            part_removed.setdefault(_folder_key(folder), {})[number] = (gone, rows)
             if staged:
                 changes.append(staged)
         for f in idx_f:
@@ -915,12 +915,17 @@ def takedown(root: str, list_uri: str, storage_options: dict | None = None,
     return record
 
 
+def _folder_key(uri: str) -> str:
+    uri = fsio.normalize_uri(uri).rstrip("/")
+    return uri if fsio.is_remote(uri) else os.path.abspath(uri)
+
+
 def _check_index_alignment(facts: dict, part_removed: dict, where: str) -> None:
     """The index ids removed must be the rows removed from its embeddings (in index-id order)."""
     subset_root = facts.get("subset_root")
     if not subset_root:
         return
-    parts = part_removed.get(fsio.normalize_uri(subset_root).rstrip("/"))
+    parts = part_removed.get(_folder_key(subset_root))
     if not parts:
         return
     # embedding_reader's order: npy paths sorted as strings (img_emb_10 before img_emb_2)
