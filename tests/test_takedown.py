@@ -552,3 +552,28 @@ def test_takedown_on_s3(tmp_path, moto_s3):
         assert np.allclose(index.reconstruct_n(0, 37), (img if kind == "image" else txt).astype(np.float32), atol=1e-3)
     again = td.takedown(root, f"s3://{bucket}/list.txt", storage_options=so)
     assert again["changed"] is False and again["files_changed"] == 0
+
+
+def test_stage_fault_injection_and_cli_errors(tmp_path, cfg):
+    """`--set testing.inject_failure=takedown:N` kills the stage before its N-th swap; the next run
+    finishes the swaps. A missing list is a one-line error with exit code 2."""
+    from spark_jobs import cli
+    from spark_jobs.faults import InjectedFault
+
+    root = _small_root(tmp_path)
+    (tmp_path / "list.txt").write_text("http://127.0.0.1/img/7.jpg\n")
+    stage = cli._load_stage("spark_jobs.takedown")
+    args = argparse.Namespace(root=str(root), list_uri=str(tmp_path / "list.txt"))
+    with pytest.raises(InjectedFault):
+        stage.run(None, cfg.with_overrides(["testing.inject_failure=takedown:2"]), args)
+    assert len(list((root / "_takedown").glob("pending-*.json"))) == 1
+    done = stage.run(None, cfg, args)
+    assert len(done["recovered_runs"]) == 1 and done["changed"] is False
+    assert not list((root / "_takedown").glob("pending-*.json"))
+    assert not [p for p in root.rglob("*") if td.TMP_MARK in p.name]
+    assert "000000007" not in {r["key"] for r in pq.read_table(root / "dataset" / "laion2B-en" / "part-0.parquet").to_pylist()}
+
+    out = subprocess.run([sys.executable, "-m", "spark_jobs.cli", "takedown", "--root", str(root),
+                          "--list", str(tmp_path / "missing.txt")], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2 and "removal list" in out.stderr and "Traceback" not in out.stderr
