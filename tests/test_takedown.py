@@ -577,3 +577,23 @@ def test_stage_fault_injection_and_cli_errors(tmp_path, cfg):
                           "--list", str(tmp_path / "missing.txt")], cwd=REPO, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 2 and "removal list" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_tar_without_metadata_is_matched_by_its_json_members(tmp_path):
+    """A shard copied without its parquet: samples are matched by the url/uid in KEY.json."""
+    from udfs.shard_writer import TarShardWriter, iter_samples
+
+    uri = str(tmp_path / "00007.tar")
+    with TarShardWriter(uri) as writer:
+        for i in range(5):
+            rec = {"key": f"00007000{i}", "url": f"https://img{i}.example.com/{i}.jpg", "uid": f"{i:016x}"}
+            writer.write(rec["key"], {"jpg": bytes([i]) * 100, "txt": b"caption", "json": json.dumps(rec).encode()})
+    entries, _ = td.parse_list("domain:img1.example.com\nhttps://img3.example.com/3.jpg\n")
+    stager = td.Stager("r1", None)
+    staged = td.rewrite_tar(uri, {}, td.Matcher(entries), stager, "00007.tar")
+    assert staged.report["samples_removed"] == 2 and staged.report["members_removed"] == 6
+    (tmp, dest), = staged.swaps
+    td.swap(tmp, dest, None)
+    assert [s["__key__"] for s in iter_samples(uri)] == ["000070000", "000070002", "000070004"]
+    assert td.rewrite_tar(uri, {}, td.Matcher(entries), stager, "00007.tar") is None
+    assert sorted(os.listdir(tmp_path)) == ["00007.tar"]     # no staged file left when nothing matched
