@@ -272,6 +272,7 @@ def _row_uid(row: dict) -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_record_and_counts(taken):
     record, result = taken["record"], taken["result"]
     assert result["changed"] and result["items_removed"] == len(taken["uids_gone"])
@@ -306,6 +307,7 @@ def _assert_only_tombstones(root: Path, taken: dict, allowed: tuple[str, ...]) -
     return seen
 
 
+@pytest.mark.slow
 def test_no_parquet_holds_them_except_as_tombstones(taken, chain):
     root = chain["root"]
     # only the download metadata and the download stage's inputs keep a row, without content
@@ -315,6 +317,7 @@ def test_no_parquet_holds_them_except_as_tombstones(taken, chain):
     assert {u for u, s in statuses.items() if s == "taken_down"} == taken["uids_gone"]
 
 
+@pytest.mark.slow
 def test_no_tar_holds_them(taken, chain):
     root = chain["root"]
     for tar_path in sorted((root / "images").glob("*.tar")):
@@ -329,6 +332,7 @@ def test_no_tar_holds_them(taken, chain):
     assert before_keys - set(_images_in_tars(root)) == taken["keys_gone"] & before_keys
 
 
+@pytest.mark.slow
 def test_indices_shrank_by_the_removed_count_and_stay_aligned(taken, chain):
     import faiss
 
@@ -373,6 +377,7 @@ def _search_cli(root: Path, subset: str, vector: np.ndarray, tmp: Path) -> list[
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_search_and_serve_do_not_return_them(taken, chain, cfg, tmp_path):
     from serving.http import make_server
     from serving.service import KnnService
@@ -413,6 +418,7 @@ def test_search_and_serve_do_not_return_them(taken, chain, cfg, tmp_path):
         srv.server_close()
 
 
+@pytest.mark.slow
 def test_second_takedown_removes_nothing_and_says_so(taken, chain):
     from spark_jobs import cli
 
@@ -425,6 +431,7 @@ def test_second_takedown_removes_nothing_and_says_so(taken, chain):
     assert _tree_hashes(root) == taken["after"]
 
 
+@pytest.mark.slow
 def test_killed_takedown_leaves_old_or_new_files_and_the_next_run_finishes(taken, chain):
     from spark_jobs.faults import InjectedFault, maybe_fail_step
 
@@ -454,6 +461,7 @@ def test_killed_takedown_leaves_old_or_new_files_and_the_next_run_finishes(taken
     assert (copy / "_takedown" / f"{taken['record']['run_id']}.json").exists()
 
 
+@pytest.mark.slow
 def test_rerun_of_the_pipeline_does_not_restore_them(taken, chain, server, spark):
     """Redo download (its shards that held the items lose their completion marker, so they are
     fetched again) and every stage after it: the block store keeps the items out."""
