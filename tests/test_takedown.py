@@ -605,3 +605,13 @@ def test_tar_without_metadata_is_matched_by_its_json_members(tmp_path):
     assert [s["__key__"] for s in iter_samples(uri)] == ["000070000", "000070002", "000070004"]
     assert td.rewrite_tar(uri, {}, td.Matcher(entries), stager, "00007.tar") is None
     assert sorted(os.listdir(tmp_path)) == ["00007.tar"]     # no staged file left when nothing matched
+
+
+def test_a_damaged_file_stops_the_run_before_anything_changes(tmp_path):
+    root = _small_root(tmp_path)
+    (tmp_path / "list.txt").write_text("http://127.0.0.1/img/7.jpg\n")
+    (root / "dataset" / "laion2B-en" / "part-1.parquet").write_bytes(b"PAR1 not really parquet")
+    before = _tree_hashes(root)
+    with pytest.raises(td.TakedownError, match=r"dataset/laion2B-en/part-1.parquet: .*nothing was changed"):
+        td.takedown(str(root), str(tmp_path / "list.txt"))
+    assert _tree_hashes(root) == before      # no staged file left, no file swapped

@@ -758,6 +758,24 @@ def _resolve_sha256(layout: Layout, matcher: Matcher, storage_options: dict | No
     return {f"sha256:{sha}": sorted(sample_id_of_uid(u) for u in uids) for sha, uids in resolved.items()}
 
 
+def _guard(root: str, uri: str, fn: Callable, *args):
+    """Run one file's rewrite; a failure names the file (and stops the run before any swap)."""
+    try:
+        return fn(*args)
+    except TakedownError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable or damaged file
+        detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+        raise TakedownError(f"{_rel(root, uri)}: {type(exc).__name__}: {detail}") from exc
+
+
+def _discard_staged(root: str, run_id: str, so: dict | None) -> None:
+    for uri in _list_files(root, so):
+        if posixpath.basename(uri).endswith(f"{TMP_MARK}{run_id}"):
+            fs, path = fsio.filesystem(uri, so)
+            fs.rm(path)
+
+
 def _journal_uri(root: str, run_id: str) -> str:
     return fsio.join(root, TAKEDOWN_DIR, f"pending-{run_id}.json")
 
@@ -813,66 +831,74 @@ def takedown(root: str, list_uri: str, storage_options: dict | None = None,
         fs.rm(path)
     stager = Stager(run_id, so)
     note = f"taken down by {TAKEDOWN_DIR}/{run_id}.json"
-    with ThreadPoolExecutor(max(1, int(threads)), thread_name_prefix="takedown") as pool:
-        record["resolved"] = _resolve_sha256(layout, matcher, so, pool)
-        changes: list[Staged] = []
-        removed_uids: dict[str, str] = {}
-        tar_keys: dict[str, dict[str, str]] = {}
+    changes: list[Staged] = []
+    removed_uids: dict[str, str] = {}
+    try:
+        with ThreadPoolExecutor(max(1, int(threads)), thread_name_prefix="takedown") as pool:
+            record["resolved"] = _resolve_sha256(layout, matcher, so, pool)
+            tar_keys: dict[str, dict[str, str]] = {}
 
-        # 1. download metadata (tombstones) first: it says which tar members go
-        def shard_meta(uri):
-            return uri, rewrite_parquet(uri, matcher, True, stager, note, _rel(root, uri))
-        for uri, (staged, facts) in pool.map(shard_meta, layout.shard_parquet):
-            if staged:
-                changes.append(staged)
-            removed_uids.update(facts["uids"])
-            if facts["keys"]:
-                tar_keys[uri[:-len(".parquet")] + ".tar"] = {k: "listed in the download metadata"
-                                                            for k in facts["keys"]}
+            # 1. download metadata (tombstones) first: it says which tar members go
+            def shard_meta(uri):
+                return uri, _guard(root, uri, rewrite_parquet, uri, matcher, True, stager, note, _rel(root, uri))
+            for uri, (staged, facts) in pool.map(shard_meta, layout.shard_parquet):
+                if staged:
+                    changes.append(staged)
+                removed_uids.update(facts["uids"])
+                if facts["keys"]:
+                    tar_keys[uri[:-len(".parquet")] + ".tar"] = {k: "listed in the download metadata"
+                                                                for k in facts["keys"]}
 
-        # 2. tars, other parquet, embedding parts and index folders, in parallel
-        def tar_job(uri):
-            keys = tar_keys.get(uri)
-            if keys is not None and not (keys.keys() & tar_member_keys(uri, so)):
-                return None
-            paired = uri[:-len(".tar")] + ".parquet" in layout.shard_parquet
-            if keys is None and paired:
-                return None   # its metadata names no match: the tar holds none
-            return rewrite_tar(uri, keys or {}, matcher, stager, _rel(root, uri))
+            # 2. tars, other parquet, embedding parts and index folders, in parallel
+            def tar_job(uri):
+                keys = tar_keys.get(uri)
+                if keys is not None and not (keys.keys() & tar_member_keys(uri, so)):
+                    return None
+                paired = uri[:-len(".tar")] + ".parquet" in layout.shard_parquet
+                if keys is None and paired:
+                    return None   # its metadata names no match: the tar holds none
+                return _guard(root, uri, rewrite_tar, uri, keys or {}, matcher, stager, _rel(root, uri))
 
-        def parquet_job(item):
-            uri, tomb = item
-            return rewrite_parquet(uri, matcher, tomb, stager, note, _rel(root, uri))
+            def parquet_job(item):
+                uri, tomb = item
+                return _guard(root, uri, rewrite_parquet, uri, matcher, tomb, stager, note, _rel(root, uri))
 
-        def part_job(item):
-            return item, rewrite_embedding_part(item[0], item[1], matcher, stager, root)
+            def part_job(item):
+                return item, _guard(root, item[0], rewrite_embedding_part, item[0], item[1], matcher, stager, root)
 
-        def index_job(folder):
-            return rewrite_index_folder(folder, matcher, stager, root, run_id)
+            def index_job(folder):
+                return _guard(root, folder, rewrite_index_folder, folder, matcher, stager, root, run_id)
 
-        tar_f = [pool.submit(tar_job, u) for u in layout.tars]
-        pq_f = [pool.submit(parquet_job, it) for it in layout.parquet]
-        part_f = [pool.submit(part_job, it) for it in layout.parts]
-        idx_f = [pool.submit(index_job, f) for f in layout.index_folders]
-        for f in tar_f:
-            if f.result():
-                changes.append(f.result())
-        for f in pq_f:
-            staged, facts = f.result()
-            removed_uids.update(facts["uids"])
-            if staged:
-                changes.append(staged)
-        part_removed: dict[str, dict[str, tuple[np.ndarray, int]]] = {}
-        for f in part_f:
-            (folder, number), (staged, gone, rows) = f.result()
-            part_removed.setdefault(_folder_key(folder), {})[number] = (gone, rows)
-            if staged:
-                changes.append(staged)
-        for f in idx_f:
-            staged, facts = f.result()
-            if staged:
-                _check_index_alignment(facts, part_removed, staged.report["path"])
-                changes.append(staged)
+            tar_f = [pool.submit(tar_job, u) for u in layout.tars]
+            pq_f = [pool.submit(parquet_job, it) for it in layout.parquet]
+            part_f = [pool.submit(part_job, it) for it in layout.parts]
+            idx_f = [pool.submit(index_job, f) for f in layout.index_folders]
+            for f in tar_f:
+                if f.result():
+                    changes.append(f.result())
+            for f in pq_f:
+                staged, facts = f.result()
+                removed_uids.update(facts["uids"])
+                if staged:
+                    changes.append(staged)
+            part_removed: dict[str, dict[str, tuple[np.ndarray, int]]] = {}
+            for f in part_f:
+                (folder, number), (staged, gone, rows) = f.result()
+                part_removed.setdefault(_folder_key(folder), {})[number] = (gone, rows)
+                if staged:
+                    changes.append(staged)
+            for f in idx_f:
+                staged, facts = f.result()
+                if staged:
+                    _check_index_alignment(facts, part_removed, staged.report["path"])
+                    changes.append(staged)
+    except TakedownError as exc:
+        _discard_staged(root, run_id, so)
+        raise TakedownError(f"{exc}; nothing was changed") from exc
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: stop before anything is swapped
+        _discard_staged(root, run_id, so)
+        raise TakedownError(f"cannot read or rewrite a file under {root} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}); nothing was changed") from exc
 
     removed_rows = sum(c.report.get("removed", 0) for c in changes)
     by_entry: dict[str, int] = {}
