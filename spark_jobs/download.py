@@ -38,6 +38,7 @@ from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import DOWNLOAD_INPUT, IMAGES_METADATA  # noqa: E402
 from udfs import fsio  # noqa: E402
 from udfs.download_worker import key_digits  # noqa: E402
+from udfs.takedown import block_store_beside  # noqa: E402
 
 NAME = "download"
 HELP = "fetch, check and resize images into webdataset shards (img2dataset-compatible)"
@@ -199,6 +200,8 @@ def run(spark, cfg, args) -> dict:
     storage_options = cfg.get("storage.storage_options") or None
     validate_section(section, storage_options)
     output = args.output
+    # items taken down (clipcrawl takedown) are never fetched or written again
+    section["block_store"] = cfg.get("takedown.block_store") or block_store_beside(output)
     size = section["shard_size"]
     digits = key_digits(size)
     with timer.phase("plan"):

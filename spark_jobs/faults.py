@@ -38,3 +38,15 @@ def maybe_fail(spec: dict | None, stage: str) -> None:
         with open(os.path.join(spec["log"], f"{stage}-p{ctx.partitionId()}-a{ctx.attemptNumber()}"), "w") as fh:
             fh.write("injected\n")
     raise InjectedFault(f"injected failure in {stage} partition {ctx.partitionId()} (first attempt)")
+
+
+def maybe_fail_step(spec: dict | None, stage: str, step: int) -> None:
+    """For driver-side stages without tasks (takedown): raise before step number `partition`,
+    as a kill at that point would leave things (nothing is cleaned up on the way out)."""
+    if not spec or spec["stage"] != stage or step != spec["partition"]:
+        return
+    if spec.get("log"):
+        os.makedirs(spec["log"], exist_ok=True)
+        with open(os.path.join(spec["log"], f"{stage}-step{step}"), "w") as fh:
+            fh.write("injected\n")
+    raise InjectedFault(f"injected failure in {stage} before step {step}")

@@ -132,6 +132,7 @@ IMAGES_METADATA = DatasetSpec(
         _s("status"),           # success | failed_to_download | failed_to_decode | too_small | too_large |
                                 # opted_out | blocked_address | bad_content_type | invalid_url |
                                 # blocked_content (sha256 in download.blocked_sha256; no bytes kept)
+                                # | taken_down (clipcrawl takedown: url, uid, key and shard kept, nothing else)
         _s("error_message"),
         _i("http_status"),
         _s("content_type"),

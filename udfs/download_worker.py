@@ -131,6 +131,9 @@ class ShardJob:
         self.policies = HostPolicies(ConsentConfig.from_section(section), self._fetch_document,
                                      cache_key=self.fetcher.config.user_agent)
         self.fetcher.gate = self._gate
+        # clipcrawl takedown's block store: rows it names are neither fetched nor written
+        from udfs.takedown import load_block_list
+        self.blocked = load_block_list(section.get("block_store"), self.storage_options)
 
     def _fetch_document(self, url: str, max_bytes: int) -> tuple:
         got = self.fetcher.fetch_document(url, max_bytes)
@@ -157,6 +160,9 @@ class ShardJob:
             rec.update(status="opted_out", opt_out_source="page_meta", retryable=False, attempts=0,
                        error_message=f"page {row.get('page_url') or '(unknown)'}: meta {row['page_opt_out']}")
             return rec, None, timings
+        hit = self.blocked.match(row.get("url"), row.get("uid")) if self.blocked else None
+        if hit is not None:
+            return self._taken_down(rec, hit), None, timings
         res = self.fetcher.fetch(row["url"] or "")
         timings["network"] = res.seconds
         rec.update(http_status=res.http_status, content_type=res.content_type,
@@ -172,6 +178,8 @@ class ShardJob:
             rec.update(status="blocked_content",
                        error_message=f"sha256 listed in download.blocked_sha256 ({self.blocked_sha256.source})")
             return rec, None, timings
+        if rec["sha256"] in self.blocked.sha256:
+            return self._taken_down(rec, self.blocked.sha256[rec["sha256"]]), None, timings
         if len(body) < self.min_bytes:
             rec.update(status="too_small", error_message=f"{len(body)} bytes < min_image_bytes {self.min_bytes}")
             return rec, None, timings
@@ -186,6 +194,15 @@ class ShardJob:
                    original_height=out.original_height, width=out.width, height=out.height)
         rec["exif_orientation"] = out.exif_orientation   # stored upright; this was the original's tag
         return rec, out.data, timings
+
+    @staticmethod
+    def _taken_down(rec: dict, label: str) -> dict:
+        """The tombstone clipcrawl takedown writes: url, uid, key and shard, no caption, no bytes."""
+        keep = ("key", "uid", "url", "shard")
+        out = {k: (v if k in keep else None) for k, v in rec.items()}
+        out.update(status="taken_down", error_message=f"in the takedown block store: {label}",
+                   retryable=False)
+        return out
 
     def run(self, shard: int, rows: list[dict], previous_tar: str | None = None) -> dict:
         """Download `rows` (each with `key`, `url`, `text`, optional `uid`, `page_url`, and in retry
