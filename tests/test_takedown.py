@@ -128,7 +128,8 @@ def test_download_shard_skips_blocked_rows_and_never_writes_blocked_bytes(tmp_pa
                    "min_image_bytes": 1000, "allowed_cidrs": "127.0.0.0/8", "retries": 0,
                    "block_store": str(store)}
         download_shard(0, rows, section, str(tmp_path / "images"))
-        requested = {p for p, _ in srv.requests}
+        # robots.txt and tdmrep.json are the consent checks' own requests (download.robots_txt/tdmrep)
+        requested = {p for p, _ in srv.requests if p not in ("/robots.txt", "/.well-known/tdmrep.json")}
     meta = {r["key"][-1]: r for r in pq.read_table(tmp_path / "images" / "00000.parquet").to_pylist()}
     assert [meta[str(i)]["status"] for i in range(5)] == ["taken_down"] * 3 + ["success"] * 2
     for i in range(3):
