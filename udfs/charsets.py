@@ -113,8 +113,35 @@ def decode_html(body: bytes, content_type: str | None = None) -> Decoded:
     return Decoded(body.decode("utf-8", "replace"), "utf-8", "fallback", True)
 
 
+_KANA = re.compile("[\u3041-\u30ff]")
+_NON_ASCII = re.compile("[^\x00-\x7f]")
+
+
+def _japanese(body: bytes) -> str | None:
+    """EUC-JP or Shift_JIS when one decodes the sample and kana make up a good part of its
+    non-ASCII text (Japanese prose always has kana; charset-normalizer often answers a Korean or
+    Chinese codec for short Japanese pages, whose byte ranges overlap)."""
+    sample = body[:DETECT_BYTES]
+    for codec in ("euc_jp", "cp932"):
+        try:
+            text = sample.decode(codec)
+        except UnicodeDecodeError:
+            try:   # the sample may end inside a character
+                text = sample[:-1].decode(codec)
+            except UnicodeDecodeError:
+                continue
+        non_ascii = len(_NON_ASCII.findall(text))
+        if non_ascii >= 4 and len(_KANA.findall(text)) >= 0.15 * non_ascii:
+            return codec
+    return None
+
+
 def detect(body: bytes) -> str | None:
-    """charset-normalizer's best guess for a legacy page, as a Python codec name."""
+    """The charset of an undeclared legacy page, as a Python codec name: Japanese by its kana,
+    else charset-normalizer's best guess among the legacy web charsets."""
+    ja = _japanese(body)
+    if ja:
+        return ja
     try:
         from charset_normalizer import from_bytes
     except ImportError:  # pragma: no cover - a dependency of requests, always present here

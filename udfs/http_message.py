@@ -46,7 +46,7 @@ def parse_response(block: bytes) -> HttpResponse:
         head, body = block, b""
     if _HTML_START.match(block[:64]):
         # no HTTP header at all: the record holds the document itself
-        return HttpResponse(None, {}, block, ("http_headers_missing",))
+        return HttpResponse(None, {"content-type": "text/html"}, block, ("http_headers_missing",))
     lines = head.split(b"\n")
     m = _STATUS.match(lines[0].strip())
     status = int(m.group(1)) if m else None

@@ -86,14 +86,15 @@ def sniff(head: bytes) -> str:
     return "none"
 
 
-def _gzip_chunks(raw, log: ReadLog, chunk_size: int, max_out: int = 4 << 20) -> Iterator[bytes]:
+def _gzip_chunks(raw, log: ReadLog, chunk_size: int, offset: int = 0,
+                 max_out: int = 4 << 20) -> Iterator[bytes]:
     """Decompressed bytes of a gzip file, member after member. A corrupt member is skipped to the
     next gzip header (counted); a truncated last member yields what it decompressed."""
     d = zlib.decompressobj(31)
     tail = b""
     in_member = False
-    member_start = 0
-    consumed = 0                     # compressed bytes before `tail`
+    member_start = offset
+    consumed = offset                # file offset of `tail`
     eof = False
     while True:
         if not tail and not eof:
@@ -277,7 +278,7 @@ class _Buffer:
         return self.base + self.pos
 
 
-def open_chunks(raw, log: ReadLog, chunk_size: int) -> Iterator[bytes]:
+def open_chunks(raw, log: ReadLog, chunk_size: int, offset: int = 0) -> Iterator[bytes]:
     """Decompressed chunks of a file, its compression detected from its first bytes."""
     head = raw.read(4)
     log.compressed_bytes += len(head)
@@ -285,7 +286,7 @@ def open_chunks(raw, log: ReadLog, chunk_size: int) -> Iterator[bytes]:
     log.compression = kind
     if kind == "gzip":
         log.compressed_bytes -= len(head)
-        return _gzip_chunks(_Prepend(head, raw), log, chunk_size)
+        return _gzip_chunks(_Prepend(head, raw), log, chunk_size, offset)
     if kind == "zstd":
         log.compressed_bytes -= len(head)
         return _zstd_chunks(_Prepend(head, raw), log, chunk_size)
@@ -308,10 +309,11 @@ class _Prepend:
 
 
 def read_records(raw, wanted: frozenset, log: ReadLog, chunk_size: int = 1 << 20,
-                 skip: int = 0) -> Iterator[Record]:
+                 skip: int = 0, offset: int = 0) -> Iterator[Record]:
     """Records of one binary stream, blocks read for the `wanted` types only. The first `skip`
-    records are parsed but not yielded (resuming after a reader that already gave them)."""
-    b = _Buffer(open_chunks(raw, log, chunk_size))
+    records are parsed but not yielded (resuming after a reader that already gave them);
+    `offset` is where `raw` stands in the file (for messages)."""
+    b = _Buffer(open_chunks(raw, log, chunk_size, offset))
     b.ensure(16)
     start = bytes(b.buf[b.pos:b.pos + 16]).lstrip(b"\r\n\t ")
     if start.startswith(b"filedesc://"):

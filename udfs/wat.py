@@ -334,6 +334,7 @@ def _fastwarc_records(raw, want: str, state: _ReadState, chunk_size: int) -> Ite
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
     want_type = WarcRecordType.metadata if want == "metadata" else WarcRecordType.response
+    unknown = WarcRecordType.unknown
     state.reader = "fastwarc"
     head = raw.read(64)
     raw.seek(0)
@@ -350,6 +351,11 @@ def _fastwarc_records(raw, want: str, state: _ReadState, chunk_size: int) -> Ite
             for rec in ArchiveIterator(raw, parse_http=False, stream_detect=True, fsspec_args=False):
                 pos = rec.stream_pos
                 if rec.record_type != want_type:
+                    if rec.record_type == unknown:
+                        # a header FastWARC could not parse (bare LF, ...): it reads it as a
+                        # record without headers, so the tolerant reader takes this one over
+                        reason = f"FastWARC cannot parse the record header at byte {pos}"
+                        break
                     record = Record(str(rec.record_type), None, None)
                 else:
                     record = Record(want, rec.headers, rec.reader.read())
@@ -370,7 +376,8 @@ def _fastwarc_records(raw, want: str, state: _ReadState, chunk_size: int) -> Ite
             start, skip = last_pos, 1
     raw.seek(start)
     log = state.log
-    tail = warc_records.read_records(raw, frozenset((want,)), log, chunk_size, skip=skip)
+    tail = warc_records.read_records(raw, frozenset((want,)), log, chunk_size, skip=skip,
+                                     offset=start)
     first = True
     for rec in tail:
         if first:
@@ -667,10 +674,12 @@ def _finish(out: FileOutcome, state: _ReadState, by_type: dict) -> None:
                                  if not log.truncated else "; ".join(log.messages))
         else:
             out.status = "partial"
-            reasons = ", ".join(f"{k} {v}" for k, v in sorted(log.lost.items()))
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(log.lost.items()) if v)
             first = log.messages[0] if log.messages else "bytes skipped"
-            out.error_message = (f"{first} ({out.records_lost} records lost: {reasons}; "
-                                 f"{log.bytes_skipped} bytes skipped)")
+            out.error_message = (f"{first} ({out.records_lost} records lost"
+                                 + (f": {reasons}" if reasons else "")
+                                 + f"; {log.bytes_skipped} bytes skipped; "
+                                   f"{out.records_read} records read)")
     elif out.records_read == 0:
         out.status = "failed"
         out.error_message = "not_warc: no WARC or ARC record found"

@@ -1,0 +1,71 @@
+"""Each quirk of real archives that the real fixtures do not show, on a synthetic file written
+byte for byte by tests/gen/warc_quirks.py (expected pairs declared by construction)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from tests.gen import warc_quirks as wq
+from udfs import wat
+
+READERS = ("fastwarc", "tolerant")
+
+
+@pytest.fixture(scope="module")
+def quirk_files(tmp_path_factory):
+    return wq.quirk_files(tmp_path_factory.mktemp("warc_quirks"))
+
+
+def run(path, reader, fmt="warc"):
+    rows = list(wat.extract_file(path, wat.ExtractOptions(fmt=fmt, reader=reader)))
+    return rows[-1], [(r.url, r.text) for r in rows if isinstance(r, wat.Pair)], rows
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("name", ["chunked_raw", "chunked_real", "ce_mismatch", "clueweb", "charsets",
+                                  "lying_length", "lying_length_gz", "garbage_gz", "garbage_plain",
+                                  "truncated", "arc", "arc_gz", "no_status_line"])
+def test_quirk_file(quirk_files, name, reader):
+    case = quirk_files[name]
+    out, pairs, rows = run(case.path, reader)
+    assert out.status == case.status, (out.status, out.error_message)
+    assert Counter(pairs) == Counter(case.pairs), (set(case.pairs) - set(pairs), set(pairs) - set(case.pairs))
+    assert out.records_read == case.records, out.records_by_type
+    assert out.records_lost == case.lost, out.lost_reasons
+    for quirk, n in case.quirks.items():
+        assert out.quirks.get(quirk, 0) >= n, (quirk, out.quirks)
+    assert out.records_bad_date == case.bad_dates
+    assert out.records_charset_detected == case.charset_detected
+    assert not [r for r in rows if isinstance(r, wat.Rejected) and r.status == "bad_url"]
+    if case.status == "partial":
+        assert out.error_message and str(case.lost) in out.error_message
+    assert out.links_seen == out.pairs_kept + out.pairs_rejected
+
+
+def test_bad_dates_are_null_and_pages_keep_their_pairs(quirk_files):
+    out, pairs, rows = run(quirk_files["clueweb"].path, "fastwarc")
+    dates = {r.page_url: r.record_date for r in rows if isinstance(r, wat.Pair)}
+    assert dates["https://www.example.org/dir/page7.html"] is None
+    assert dates["https://www.example.org/dir/page8.html"] is None
+    assert dates["https://www.example.org/dir/page9.html"] == "2024-05-18T10:00:00Z"
+    assert out.records_by_type == {"warcinfo": 1, "response": 3}
+
+
+def test_arc_records_get_warc_style_fields(quirk_files):
+    out, pairs, rows = run(quirk_files["arc_gz"].path, "fastwarc")
+    assert out.archive_format == "arc" and out.records_by_type == {"warcinfo": 1, "response": 4}
+    kept = [r for r in rows if isinstance(r, wat.Pair)]
+    assert kept[0].record_date == "2008-04-30T20:48:26Z"
+    assert kept[0].page_url == "https://www.example.org/dir/page50.html"
+    assert out.records_not_html == 1      # the dns: record
+
+
+def test_zstd_warc_when_zstandard_is_installed(tmp_path, quirk_files):
+    zstandard = pytest.importorskip("zstandard")
+    src = quirk_files["chunked_raw"]
+    path = tmp_path / "x.warc.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(open(src.path, "rb").read()))
+    out, pairs, _ = run(str(path), "fastwarc")
+    assert out.status == "ok" and Counter(pairs) == Counter(src.pairs)
