@@ -277,6 +277,26 @@ class _Buffer:
     def offset(self) -> int:
         return self.base + self.pos
 
+    def skip_to(self, pattern: re.Pattern) -> int:
+        """Move `pos` past the first byte of the next match of `pattern` (its leading newline)
+        or to the end, in bounded memory; -> bytes skipped."""
+        skipped = 0
+        while True:
+            m = pattern.search(self.buf, self.pos)
+            if m:
+                end = m.start() + 1
+                skipped += end - self.pos
+                self.pos = end
+                return skipped
+            keep = min(64, len(self.buf) - self.pos)     # a match may span two chunks
+            skipped += len(self.buf) - self.pos - keep
+            self.pos = len(self.buf) - keep
+            if self.eof:
+                skipped += keep
+                self.pos = len(self.buf)
+                return skipped
+            self._more()
+
 
 def open_chunks(raw, log: ReadLog, chunk_size: int, offset: int = 0) -> Iterator[bytes]:
     """Decompressed chunks of a file, its compression detected from its first bytes."""
@@ -478,14 +498,11 @@ def _content_length(value: str | None) -> int | None:
 
 def _resync(b: _Buffer, log: ReadLog, reason: str | None, what: str) -> None:
     """Skip to the next `WARC/x.y` line (or the end), counting the bytes skipped."""
-    start = b.pos
-    nxt = b.find(_NEXT_WARC, start, 1 << 62)
-    end = nxt + 1 if nxt >= 0 else len(b.buf)
-    skipped = end - start
+    start = b.offset()
+    skipped = b.skip_to(_NEXT_WARC)
     log.bytes_skipped += skipped
     if reason:
-        log.lose(reason, f"{skipped} {what} at offset {b.base + start}")
-    b.pos = end
+        log.lose(reason, f"{skipped} {what} at offset {start}")
 
 
 # --- ARC ------------------------------------------------------------------------------------------
@@ -540,13 +557,11 @@ def _arc_records(b: _Buffer, wanted: frozenset, log: ReadLog, skip: int) -> Iter
 
 
 def _arc_resync(b: _Buffer, log: ReadLog) -> None:
-    start = b.pos
-    nxt = b.find(_NEXT_ARC, start, 1 << 62)
-    end = nxt + 1 if nxt >= 0 else len(b.buf)
-    log.bytes_skipped += end - start
-    log.lose("garbage_before_record", f"{end - start} bytes that are not an ARC record at offset "
-                                      f"{b.base + start}")
-    b.pos = end
+    start = b.offset()
+    skipped = b.skip_to(_NEXT_ARC)
+    log.bytes_skipped += skipped
+    log.lose("garbage_before_record", f"{skipped} bytes that are not an ARC record at offset "
+                                      f"{start}")
 
 
 def arc_date(value: str) -> str | None:

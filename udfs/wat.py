@@ -358,7 +358,7 @@ def _fastwarc_records(raw, want: str, state: _ReadState, chunk_size: int) -> Ite
                         break
                     record = Record(str(rec.record_type), None, None)
                 else:
-                    record = Record(want, rec.headers, rec.reader.read())
+                    record = _new_tuple(Record, (want, rec.headers, rec.reader.read()))
                 last_pos = pos
                 given += 1
                 yield record
@@ -560,24 +560,22 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
     valid_date = warc_records.valid_date
     try:
         for rec in _READER_FUNCS[opts.reader](raw, want, state, opts.chunk_size):
-            rtype = rec.rec_type
-            by_type[rtype] = by_type.get(rtype, 0) + 1
-            if rec.payload is None:
+            if rec.payload is None:    # records of other types are only counted
+                rtype = rec.rec_type
+                by_type[rtype] = by_type.get(rtype, 0) + 1
                 continue
             out.metadata_records += 1
             headers = rec.headers
-            target = headers.get("WARC-Target-URI")
-            if target and (target[0] == "<" or target[0] == " "):
-                target, _ = warc_records.clean_uri(target)
-                state.log.quirk("angle_bracket_uri")
             if is_wat:
                 # page URL from the JSON envelope; the record header only when the JSON lacks it
                 found = wat_links(rec.payload)
                 if found.status == "missing_fields" and found.page_url is None and found.links:
+                    target = _target_uri(headers, state.log)
                     if target:
                         found = found._replace(status="links", error_message="", page_url=target)
                 unescape = rules.unescape_alt
             else:
+                target = _target_uri(headers, state.log)
                 body, ctype, problem = response_body(rec.payload, headers, target, state.log)
                 if problem is not None:
                     found = RecordLinks(problem[0], problem[1], target, None, [], False)
@@ -643,9 +641,21 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
         if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)) or is_transient(exc):
             raise
         _fail(out, "unreadable", f"{type(exc).__name__}: {str(exc)[:300]}", by_type)
+    if out.metadata_records:
+        by_type[want] = by_type.get(want, 0) + out.metadata_records
     _finish(out, state, by_type)
     out.seconds = round(time.perf_counter() - t0, 4)
     yield out
+
+
+def _target_uri(headers, log: warc_records.ReadLog) -> str | None:
+    """WARC-Target-URI without the angle brackets some tools write (`<https://...>`)."""
+    target = headers.get("WARC-Target-URI")
+    if target and (target[0] == "<" or target[0] == " "):
+        target, bracketed = warc_records.clean_uri(target)
+        if bracketed:
+            log.quirk("angle_bracket_uri")
+    return target
 
 
 def _finish(out: FileOutcome, state: _ReadState, by_type: dict) -> None:
@@ -707,7 +717,7 @@ def is_transient(exc: BaseException) -> bool:
 
 def _fail(out: FileOutcome, reason: str, message: str, by_type: dict | None = None) -> None:
     """A file that yielded something before its problem is `partial`, else `failed`."""
-    read = sum(by_type.values()) if by_type is not None else out.records_read
+    read = (sum(by_type.values()) + out.metadata_records) if by_type is not None else out.records_read
     out.status = "partial" if read > 0 else "failed"
     out.error_message = message if message.startswith(reason) else f"{reason}: {message}"
 
