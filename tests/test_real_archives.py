@@ -194,3 +194,43 @@ def test_bare_lf_wat_record_is_read():
     out, kept, rejected, _ = stage(REAL / "cc-2023-06-edited-length.warc.wat.gz", "wat")
     assert out.status == "ok" and out.records_read == 1 and out.html_records == 1
     assert out.links_seen == 27 and out.quirks.get("bare_lf_headers") == 1
+
+
+# --- warcio's test archives (tests/fixtures/warcio, see its README) ----------------------------------
+
+WARCIO = Path(__file__).resolve().parent / "fixtures" / "warcio"
+WARCIO_FILES = sorted(p for p in WARCIO.iterdir() if p.suffix != ".md")
+_WARC_LINE = re.compile(rb"(?:^|\n)WARC/1\.\d\r?\n")
+
+
+def _independent_record_count(path: Path) -> int:
+    """warcio's count; for the files warcio refuses (one gzip stream, broken chunks), the WARC
+    header lines of the decompressed bytes."""
+    import gzip
+
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.exceptions import ArchiveLoadFailed
+
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for _ in ArchiveIterator(fh, arc2warc=True))
+    except ArchiveLoadFailed:
+        data = path.read_bytes()
+        return len(_WARC_LINE.findall(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data))
+
+
+@pytest.mark.parametrize("reader", ["fastwarc", "tolerant"])
+@pytest.mark.parametrize("path", WARCIO_FILES, ids=lambda p: p.name)
+def test_warcio_archives_are_read_whole(path, reader):
+    out, kept, rejected, _ = stage(path, "warc", reader)
+    assert out.records_read == _independent_record_count(path), out.records_by_type
+    if path.name == "bad.arc":
+        # its filedesc record says length -1: the 73 bytes of its body are skipped and counted
+        assert out.status == "partial" and out.lost_reasons == {"garbage_before_record": 1}
+        assert out.bytes_skipped == 73 and out.quirks["bad_arc_length"] == 3
+    else:
+        assert out.status == "ok", out.error_message
+        assert out.records_lost == 0
+    no_html = ("bad.arc", "example-resource.warc.gz", "example-space-in-target-uri.warc.gz")
+    assert out.html_records >= (0 if path.name in no_html else 1)
+    assert out.metadata_records == out.html_records + out.records_not_html + out.records_rejected

@@ -414,13 +414,11 @@ def _next_warc_record(b: _Buffer, wanted: frozenset, log: ReadLog) -> Record | N
                 # Content-Length lies (the block runs to the next record header), or the stream
                 # ends inside this block (it is kept as far as it goes)
                 nxt = b.find(_NEXT_WARC, body_start, MAX_RESYNC_SCAN)
-                if nxt >= 0 or len(b.buf) >= after:
+                if nxt >= 0 or len(b.buf) >= after or not _cut_at_end(b, log, b"\n\n"):
                     quirks.append("content_length_mismatch")
                 else:
                     quirks.append("truncated_record")
-                    log.truncated = True
-                    log.lose("truncated_record", f"the input ends inside the record at offset "
-                                                 f"{offset}", 0)
+                    _lose_tail(log, offset)
                 end = nxt + 1 if nxt >= 0 else len(b.buf)
                 block = bytes(b.buf[body_start:end]).rstrip(b"\r\n")
                 b.pos = end
@@ -428,6 +426,23 @@ def _next_warc_record(b: _Buffer, wanted: frozenset, log: ReadLog) -> Record | N
             log.quirk(q)
         return Record(rec_type, Headers(headers), block if rec_type in wanted else None, offset,
                       tuple(quirks))
+
+
+def _cut_at_end(b: _Buffer, log: ReadLog, terminator: bytes) -> bool:
+    """The stream ended before the declared end of the last record: True when bytes were lost
+    (a gzip member cut short, or a plain file that does not end like a complete record), False
+    when only the Content-Length is wrong (the last member complete, or the record terminator
+    present)."""
+    if log.truncated:
+        return True
+    if log.compression in ("gzip", "zstd"):
+        return False
+    return not bytes(b.buf[-4:]).replace(b"\r", b"").endswith(terminator)
+
+
+def _lose_tail(log: ReadLog, offset: int) -> None:
+    log.truncated = True
+    log.lose("truncated_record", f"the input ends inside the record at offset {offset}", 0)
 
 
 def _record_follows(b: _Buffer, after: int) -> bool:
@@ -521,13 +536,16 @@ def _arc_records(b: _Buffer, wanted: frozenset, log: ReadLog, skip: int) -> Iter
         line = bytes(b.buf[b.pos:eol]).rstrip(b"\r").decode("utf-8", "replace")
         parts = line.split(" ")
         offset = b.offset()
-        try:
-            length = int(parts[-1])
-            if len(parts) < 5 or length < 0:
-                raise ValueError(line)
-        except ValueError:
+        if len(parts) < 5 or ":" not in parts[0]:
             _arc_resync(b, log)
             continue
+        try:
+            length = int(parts[-1])
+        except ValueError:
+            length = -1
+        if length < 0:                    # `-1`, `abc`: a record without a usable length
+            log.quirk("bad_arc_length")
+            length = 0
         url, date = parts[0], parts[2]
         if len(parts) > 5 and not parts[-2].isdigit():
             # a URL with spaces: the fields are counted from the right (v1: 4 after the URL)
@@ -541,9 +559,12 @@ def _arc_records(b: _Buffer, wanted: frozenset, log: ReadLog, skip: int) -> Iter
         b.pos = min(len(b.buf), body_start + length)
         quirks: tuple = ()
         if not complete:
-            quirks = ("truncated_record",)
-            log.quirk("truncated_record")
-            log.truncated = True
+            if _cut_at_end(b, log, b"\n\n"):
+                quirks = ("truncated_record",)
+                _lose_tail(log, offset)
+            else:
+                quirks = ("content_length_mismatch",)
+            log.quirk(quirks[0])
         if url.startswith("filedesc:"):
             rec_type = "warcinfo"
         else:
