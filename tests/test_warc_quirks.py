@@ -69,3 +69,38 @@ def test_zstd_warc_when_zstandard_is_installed(tmp_path, quirk_files):
     path.write_bytes(zstandard.ZstdCompressor().compress(open(src.path, "rb").read()))
     out, pairs, _ = run(str(path), "fastwarc")
     assert out.status == "ok" and Counter(pairs) == Counter(src.pairs)
+
+
+def test_corrupt_gzip_body_keeps_what_inflated():
+    from udfs import http_message
+
+    html = b"<html><body>" + b"".join(b'<img src="/i%d.png" alt="Image number %d">' % (i, i)
+                                       for i in range(2000)) + b"</body></html>"
+    import gzip
+    import random
+
+    z = bytearray(gzip.compress(html))
+    rng = random.Random(0)
+    for i in range(len(z) - 200, len(z) - 100):      # corrupt near the end
+        z[i] = rng.randrange(256)
+    block = wq.http_response(bytes(z), [("Content-Type", "text/html"), ("Content-Encoding", "gzip")])
+    resp = http_message.parse_response(block)
+    assert "ce_gzip_decoded" in resp.quirks
+    assert resp.body.startswith(b"<html><body><img") and 1000 < resp.body.count(b"<img") <= 2000
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_lying_content_length_in_a_wat(tmp_path, reader):
+    """A plain WAT whose third record's Content-Length is 200 too long: every page is still read."""
+    from tests.gen import wat_writer as ww
+
+    s = ww.write_wat(tmp_path / "w.warc.wat", ww.random_pages(4, seed=5, bad_link_rate=0.0), gzip=False)
+    data = bytearray(open(s.path, "rb").read())
+    start, _ = s.response_offsets[1]
+    i = data.index(b"Content-Length: ", start) + len(b"Content-Length: ")
+    j = data.index(b"\r\n", i)
+    data[i:j] = str(int(data[i:j]) + 200).encode()
+    (tmp_path / "lying.warc.wat").write_bytes(bytes(data))
+    out, pairs, _ = run(str(tmp_path / "lying.warc.wat"), reader, fmt="wat")
+    assert out.status == "ok" and out.records_read == s.records
+    assert pairs == s.pairs and out.quirks.get("content_length_mismatch") == 1

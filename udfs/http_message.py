@@ -133,12 +133,21 @@ def _undo_content_encoding(body: bytes, ce: str | None, quirks: list) -> bytes:
     return out
 
 
-def _inflate(body: bytes, wbits: int) -> bytes | None:
+def _inflate(body: bytes, wbits: int, step: int = 1 << 12) -> bytes | None:
+    """Inflated body; a stream that turns corrupt (or ends) midway keeps what inflated before,
+    None when nothing did."""
     d = zlib.decompressobj(wbits)
-    try:
-        out = d.decompress(body, MAX_DECODED)
-    except zlib.error:
-        return None
+    parts, size = [], 0
+    for i in range(0, len(body), step):
+        try:
+            out = d.decompress(body[i:i + step], MAX_DECODED - size)
+        except zlib.error:
+            break
+        parts.append(out)
+        size += len(out)
+        if d.eof or size >= MAX_DECODED:
+            break
+    out = b"".join(parts)
     return out if out else None
 
 

@@ -171,7 +171,7 @@ class GzipMembers(io.RawIOBase):
             self.members = 1
             self._tail = head
         else:
-            if not head.lstrip(b"\r\n").startswith(b"WARC/"):
+            if not head.lstrip(b"\r\n").startswith((b"WARC/", b"filedesc://")):
                 raise InputProblem("not_warc", f"not a gzip or WARC file (starts with {head[:16]!r})")
             self._pending = head
             self._out_pos = len(head)
@@ -302,7 +302,7 @@ def _check_head(raw) -> bool:
         raise InputProblem("empty_file", "file is empty (0 bytes)")
     if head[:2] == _GZIP_MAGIC:
         return True
-    if not head.lstrip(b"\r\n").startswith(b"WARC/"):
+    if not head.lstrip(b"\r\n").startswith((b"WARC/", b"filedesc://")):
         raise InputProblem("not_warc", f"not a gzip or WARC file (starts with {head[:16]!r})")
     return False
 
@@ -327,10 +327,13 @@ def _warcio_records(raw, want: str, state: _ReadState, chunk_size: int) -> Itera
 
 def _fastwarc_records(raw, want: str, state: _ReadState, chunk_size: int) -> Iterator[Record]:
     """FastWARC (Rust WARC + gzip parsing) while the file is well formed; from the first record it
-    cannot read (a bare-LF header, ARC, zstd, a WARC/0.x quirk, a lying Content-Length that
-    breaks the next header) the tolerant reader takes over, skipping the records already given.
-    At the end the tolerant reader also reads the file from the last record on: it notices a
-    truncated last gzip member or members FastWARC did not read (a few KB of extra work)."""
+    cannot read (a bare-LF header, ARC, zstd, a lying Content-Length that breaks the next header)
+    the tolerant reader takes over at that record.
+
+    A record is given only once FastWARC has read the next record's header, which proves its
+    Content-Length; the last record of the file is read by the tolerant reader, which also
+    notices a truncated last gzip member and members FastWARC did not read (one record of
+    Python parsing per file)."""
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
     want_type = WarcRecordType.metadata if want == "metadata" else WarcRecordType.response
@@ -342,51 +345,52 @@ def _fastwarc_records(raw, want: str, state: _ReadState, chunk_size: int) -> Ite
         raise InputProblem("empty_file", "file is empty (0 bytes)")
     is_gzip = head[:2] == _GZIP_MAGIC
     given = 0
-    last_pos = 0
+    pending = None          # the last record read, not given yet
+    pending_pos = 0
     reason = None
     if not is_gzip and not head.lstrip(b"\r\n").startswith((b"WARC/1.0\r\n", b"WARC/1.1\r\n")):
         reason = "not a gzip or WARC/1.x file"
     else:
         try:
             for rec in ArchiveIterator(raw, parse_http=False, stream_detect=True, fsspec_args=False):
+                if pending is not None:
+                    given += 1
+                    yield pending
                 pos = rec.stream_pos
                 if rec.record_type != want_type:
                     if rec.record_type == unknown:
                         # a header FastWARC could not parse (bare LF, ...): it reads it as a
                         # record without headers, so the tolerant reader takes this one over
                         reason = f"FastWARC cannot parse the record header at byte {pos}"
+                        pending = None
+                        pending_pos = pos
                         break
-                    record = Record(str(rec.record_type), None, None)
+                    pending = Record(str(rec.record_type), None, None)
                 else:
-                    record = _new_tuple(Record, (want, rec.headers, rec.reader.read()))
-                last_pos = pos
-                given += 1
-                yield record
+                    pending = _new_tuple(Record, (want, rec.headers, rec.reader.read()))
+                pending_pos = pos
         except BaseException as exc:  # noqa: BLE001 - Rust panics arrive as PanicException
             if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)) or is_transient(exc):
                 raise
             reason = f"{type(exc).__name__}: {str(exc)[:200]}"
-    # Where to resume: at the last record given if it starts a gzip member (Common Crawl's
-    # layout) or a plain WARC record, skipping it; else from the start, skipping all given.
+    # Resume at the first record not given if it starts a gzip member (Common Crawl's layout) or
+    # a plain WARC record; else from the start, skipping the records given.
     start, skip = 0, given
-    if given:
-        raw.seek(last_pos)
+    if given or pending_pos:
+        raw.seek(pending_pos)
         peek = raw.read(8)
         if (is_gzip and peek[:2] == _GZIP_MAGIC) or (not is_gzip and peek.startswith(b"WARC/")):
-            start, skip = last_pos, 1
+            start, skip = pending_pos, 0
     raw.seek(start)
     log = state.log
-    tail = warc_records.read_records(raw, frozenset((want,)), log, chunk_size, skip=skip,
-                                     offset=start)
-    first = True
-    for rec in tail:
-        if first:
-            state.fallback = reason or f"records FastWARC did not read after byte {last_pos}"
-            state.reader = "fastwarc+tolerant" if given else "tolerant"
-            first = False
-        yield Record(rec.rec_type, rec.headers, rec.block)
-    if reason and first:
-        state.fallback = reason
+    n_tail = 0
+    for rec in warc_records.read_records(raw, frozenset((want,)), log, chunk_size, skip=skip,
+                                         offset=start):
+        n_tail += 1
+        yield _new_tuple(Record, (rec.rec_type, rec.headers, rec.block))
+    if reason or n_tail > (1 if pending is not None else 0):
+        state.fallback = reason or f"records FastWARC did not read after byte {pending_pos}"
+        state.reader = "fastwarc+tolerant" if given else "tolerant"
     state.compressed_bytes = raw.seek(0, io.SEEK_END)
 
 
