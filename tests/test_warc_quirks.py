@@ -104,3 +104,25 @@ def test_lying_content_length_in_a_wat(tmp_path, reader):
     out, pairs, _ = run(str(tmp_path / "lying.warc.wat"), reader, fmt="wat")
     assert out.status == "ok" and out.records_read == s.records
     assert pairs == s.pairs and out.quirks.get("content_length_mismatch") == 1
+
+
+def test_zstd_warc_with_a_dictionary_frame(tmp_path, quirk_files):
+    """The WARC-zstd layout: a skippable frame holding the dictionary, then one frame per record."""
+    zstandard = pytest.importorskip("zstandard")
+    src = quirk_files["charsets"]
+    data = open(src.path, "rb").read()
+    import gzip
+    import re as _re
+
+    plain = gzip.decompress(data)
+    starts = [m.start() for m in _re.finditer(rb"WARC/1\.0\r\n", plain)] + [len(plain)]
+    records = [plain[a:b] for a, b in zip(starts, starts[1:])]
+    dictionary = zstandard.ZstdCompressionDict(b"".join(records)[:4000])
+    cctx = zstandard.ZstdCompressor(dict_data=dictionary)
+    raw_dict = dictionary.as_bytes()
+    frame = b"\x5d\x2a\x4d\x18" + len(raw_dict).to_bytes(4, "little") + raw_dict
+    path = tmp_path / "dict.warc.zst"
+    path.write_bytes(frame + b"".join(cctx.compress(r) for r in records))
+    out, pairs, _ = run(str(path), "fastwarc")
+    assert out.status == "ok" and out.compression == "zstd" and out.records_read == src.records
+    assert Counter(pairs) == Counter(src.pairs)

@@ -81,8 +81,8 @@ def sniff(head: bytes) -> str:
         return "empty"
     if head[:2] == GZIP_MAGIC:
         return "gzip"
-    if head[:4] == ZSTD_MAGIC:
-        return "zstd"
+    if head[:4] == ZSTD_MAGIC or (head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50):
+        return "zstd"           # a zstd frame, or a skippable frame (WARC-zstd's dictionary)
     return "none"
 
 
