@@ -234,3 +234,48 @@ def test_warcio_archives_are_read_whole(path, reader):
     no_html = ("bad.arc", "example-resource.warc.gz", "example-space-in-target-uri.warc.gz")
     assert out.html_records >= (0 if path.name in no_html else 1)
     assert out.metadata_records == out.html_records + out.records_not_html + out.records_rejected
+
+
+# --- no input of any kind makes the stage fail --------------------------------------------------------
+
+def _mutants(seed: int = 12, n: int = 150):
+    """Damaged copies of the real archives: cut anywhere, bytes flipped, garbage inserted, two
+    files glued together, gzip members dropped."""
+    import random
+
+    rng = random.Random(seed)
+    sources = [p.read_bytes() for p in ALL_FILES + WARCIO_FILES]
+    for i in range(n):
+        data = bytearray(rng.choice(sources))
+        kind = i % 5
+        if kind == 0:
+            data = data[: rng.randrange(1, len(data))]
+        elif kind == 1:
+            for _ in range(rng.randrange(1, 20)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif kind == 2:
+            at = rng.randrange(len(data))
+            data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 500)))
+        elif kind == 3:
+            data += rng.choice(sources)
+        else:
+            a = rng.randrange(len(data))
+            del data[a:a + rng.randrange(1, 2000)]
+        yield i, bytes(data)
+
+
+@pytest.mark.parametrize("reader", ["fastwarc", "tolerant"])
+def test_damaged_archives_never_fail_the_stage(reader):
+    import io
+
+    for fmt in ("warc", "wat"):
+        for i, data in _mutants():
+            rows = list(wat.extract_stream(io.BytesIO(data), f"mutant-{i}", wat.ExtractOptions(
+                fmt=fmt, reader=reader)))
+            out = rows[-1]
+            assert isinstance(out, wat.FileOutcome) and out.status in ("ok", "partial", "failed")
+            assert out.records_read == sum(out.records_by_type.values()), (i, out)
+            assert out.links_seen == out.pairs_kept + out.pairs_rejected, (i, out)
+            assert (out.status == "failed") == (out.records_read == 0), (i, out)
+            if out.status != "ok":
+                assert out.error_message, (i, out)
