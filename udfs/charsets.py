@@ -101,6 +101,10 @@ def decode_html(body: bytes, content_type: str | None = None) -> Decoded:
         # a declared charset that does not fit every byte still wins (as in a browser): U+FFFD
         codec, source = declared[0]
         return Decoded(body.decode(codec, "replace"), codec, source, True)
+    if b"\x1b$" in body:        # ISO-2022-JP is 7-bit: it would pass for UTF-8
+        text = _strict(body, "iso2022_jp")
+        if text is not None:
+            return Decoded(text, "iso2022_jp", "detected", False)
     text = _strict(body, "utf-8")
     if text is not None:
         return Decoded(text, "utf-8", "utf8", False)
@@ -136,9 +140,30 @@ def _japanese(body: bytes) -> str | None:
     return None
 
 
+_HANGUL = re.compile("[\uac00-\ud7a3]")
+_HANZI = re.compile("[\u4e00-\u9fff]")
+_KOREAN = frozenset(("cp949", "euc_kr", "johab", "iso2022_kr"))
+
+
+def _plausible(codec: str, text: str) -> bool:
+    """Korean codecs decode much Chinese text too (into a mix of hanja and rare syllables), which
+    charset-normalizer sometimes ranks first: a Korean answer needs mostly Hangul and few hanja; a
+    Japanese one needs kana."""
+    non_ascii = len(_NON_ASCII.findall(text))
+    if not non_ascii:
+        return True
+    if codec in _KOREAN:   # Korean web text is Hangul with almost no hanja
+        return (len(_HANGUL.findall(text)) >= 0.6 * non_ascii
+                and len(_HANZI.findall(text)) <= 0.1 * non_ascii)
+    if codec in ("euc_jp", "cp932", "shift_jis", "euc_jis_2004", "shift_jis_2004"):
+        return len(_KANA.findall(text)) >= 0.15 * non_ascii
+    return True
+
+
 def detect(body: bytes) -> str | None:
     """The charset of an undeclared legacy page, as a Python codec name: Japanese by its kana,
-    else charset-normalizer's best guess among the legacy web charsets."""
+    else the first of charset-normalizer's answers (among the legacy web charsets) that is
+    plausible for its script."""
     ja = _japanese(body)
     if ja:
         return ja
@@ -146,10 +171,13 @@ def detect(body: bytes) -> str | None:
         from charset_normalizer import from_bytes
     except ImportError:  # pragma: no cover - a dependency of requests, always present here
         return None
-    best = from_bytes(body[:DETECT_BYTES], cp_isolation=list(LEGACY_WEB)).best()
-    if best is None:
-        return None
-    codec = codec_for(best.encoding)
-    # a sample cut inside a multi-byte character can make the detector pick a wider codec
-    # (euc_jis_2004 for euc_jp): the caller's strict decode of the whole body settles it
-    return codec
+    matches = from_bytes(body[:DETECT_BYTES], cp_isolation=list(LEGACY_WEB))
+    first = None
+    for match in matches:
+        codec = codec_for(match.encoding)
+        if codec is None:
+            continue
+        first = first or codec
+        if _plausible(codec, str(match)):
+            return codec
+    return first
