@@ -64,7 +64,8 @@ WAT_REJECTED = DatasetSpec(
         _s("url"), _s("text"), _s("page_url"), _s("source_file"), _s("record_id"),
         *REJECT_COLUMNS,
         # link: one image link (missing_url, bad_url, not_http, missing_alt, empty_alt,
-        # alt_too_short); record: a whole record (invalid_json, missing_fields, bad_html)
+        # alt_too_short); record: a whole record (invalid_json, missing_fields, bad_html) or a
+        # record lost to damage (garbage_before_record, bad_gzip_member, bad_record_header, ...)
         _s("level"),
         _s("crawl"),
     ]),

@@ -26,7 +26,7 @@ def run(path, reader, fmt="warc"):
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("name", ["chunked_raw", "chunked_real", "ce_mismatch", "clueweb", "charsets",
                                   "lying_length", "lying_length_gz", "garbage_gz", "garbage_plain",
-                                  "truncated", "arc", "arc_gz", "no_status_line"])
+                                  "truncated", "arc", "arc_gz", "no_status_line", "warc11"])
 def test_quirk_file(quirk_files, name, reader):
     case = quirk_files[name]
     out, pairs, rows = run(case.path, reader)
@@ -41,6 +41,9 @@ def test_quirk_file(quirk_files, name, reader):
     assert not [r for r in rows if isinstance(r, wat.Rejected) and r.status == "bad_url"]
     if case.status == "partial":
         assert out.error_message and str(case.lost) in out.error_message
+    lost_rows = Counter(r.status for r in rows if isinstance(r, wat.Rejected) and r.level == "record"
+                        and r.record_id is None and r.page_url is None)
+    assert lost_rows == Counter(out.lost_reasons) - Counter(), (lost_rows, out.lost_reasons)
     assert out.links_seen == out.pairs_kept + out.pairs_rejected
 
 
@@ -51,6 +54,15 @@ def test_bad_dates_are_null_and_pages_keep_their_pairs(quirk_files):
     assert dates["https://www.example.org/dir/page8.html"] is None
     assert dates["https://www.example.org/dir/page9.html"] == "2024-05-18T10:00:00Z"
     assert out.records_by_type == {"warcinfo": 1, "response": 3}
+
+
+def test_warc_1_1_record_types_are_told_apart(quirk_files):
+    out, pairs, rows = run(quirk_files["warc11"].path, "fastwarc")
+    assert out.records_by_type == {"warcinfo": 1, "response": 2, "revisit": 1, "resource": 1,
+                                   "conversion": 1}
+    dates = {r.record_date for r in rows if isinstance(r, wat.Pair)}
+    assert dates == {"2024-05-18T10:00:00.123456Z", "2024-05-18T10:00:00Z"}
+    assert out.records_bad_date == 0
 
 
 def test_arc_records_get_warc_style_fields(quirk_files):

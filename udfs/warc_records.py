@@ -34,6 +34,7 @@ _NEXT_ARC = re.compile(rb"\n(?:https?|dns|filedesc|ftp):")
 BAD_MEMBER = b"\x00BAD-GZIP-MEMBER\x00\n"
 MAX_HEADER = 1 << 16          # a record header longer than this is garbage
 MAX_RESYNC_SCAN = 64 << 20    # how far past a lying Content-Length the next header is looked for
+MAX_EVENTS = 1000             # lost records reported one by one (the counts are always complete)
 
 
 class Record(NamedTuple):
@@ -63,11 +64,14 @@ class ReadLog:
         self.compressed_bytes = 0
         self.truncated = False                # the input ended inside a gzip member / a record
         self.messages: list[str] = []         # first few problems, for the file's error_message
+        self.events: list[tuple[str, str]] = []   # (reason, message) per record lost (capped)
 
     def lose(self, reason: str, message: str, n: int = 1) -> None:
         self.lost[reason] = self.lost.get(reason, 0) + n
         if len(self.messages) < 3:
             self.messages.append(f"{reason}: {message}")
+        if n and len(self.events) < MAX_EVENTS:
+            self.events.append((reason, message))
 
     def quirk(self, name: str, n: int = 1) -> None:
         self.quirks[name] = self.quirks.get(name, 0) + n

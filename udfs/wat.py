@@ -648,6 +648,12 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
     if out.metadata_records:
         by_type[want] = by_type.get(want, 0) + out.metadata_records
     _finish(out, state, by_type)
+    if out.records_read:
+        # each record lost in a file that was read is also a rejected row (level=record);
+        # a file with nothing readable has only its failed outcome
+        for reason, message in state.log.events:
+            yield Rejected(None, None, None, source_file, None, reason, message[:500], "record",
+                           crawl)
     out.seconds = round(time.perf_counter() - t0, 4)
     yield out
 

@@ -235,6 +235,20 @@ def quirk_files(folder: str | Path) -> dict[str, QuirkFile]:
     out["arc_gz"] = QuirkFile(str(write(folder / "crawl.arc.gz", arc, gz=True)),
                               [x for pg in pages for x in pg.pairs], 5)
 
+    # WARC/1.1: fractional-second dates, revisit, resource and conversion records beside responses
+    p70, p71 = page(70, ALTS_EN), page(71, ALTS_EN[1:])
+    v = "1.1"
+    recs = [warcinfo(v),
+            warc_record("response", p70.url, http_response(p70.html, [_ct()]), v,
+                        date="2024-05-18T10:00:00.123456Z"),
+            warc_record("revisit", p70.url, b"", v, content_type="application/http; msgtype=response",
+                        extra=[("WARC-Profile", "http://netpreserve.org/warc/1.1/revisit/identical-payload-digest")]),
+            warc_record("resource", "file:///crawl.log", b"crawl log line\n", v, content_type="text/plain"),
+            warc_record("conversion", p70.url, b"converted text", v, content_type="text/plain"),
+            warc_record("response", p71.url, http_response(p71.html, [_ct()]), v)]
+    out["warc11"] = QuirkFile(str(write(folder / "warc11.warc.gz", recs, gz=True)),
+                              p70.pairs + p71.pairs, 6)
+
     # no status line / no HTTP header at all
     p60, p61 = page(60, ALTS_EN), page(61, ALTS_EN[:2])
     recs = [warcinfo(),
