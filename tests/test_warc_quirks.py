@@ -138,3 +138,30 @@ def test_zstd_warc_with_a_dictionary_frame(tmp_path, quirk_files):
     out, pairs, _ = run(str(path), "fastwarc")
     assert out.status == "ok" and out.compression == "zstd" and out.records_read == src.records
     assert Counter(pairs) == Counter(src.pairs)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_large_unwanted_records_are_streamed_past(tmp_path, reader):
+    """A 48 MB resource record between two pages (plain and gzip, with a bare-LF page after it so
+    the tolerant reader is the one that reads it): its bytes are never held, the pages are read."""
+    import tracemalloc
+
+    p1, p2 = wq.page(80, wq.ALTS_EN), wq.page(81, wq.ALTS_EN[:2])
+    big = bytes(range(256)) * (48 << 12)
+    recs = [wq.warcinfo(), wq.warc_record("response", p1.url, wq.http_response(p1.html, [wq._ct()])),
+            wq.warc_record("resource", "https://www.example.org/video.mp4", big,
+                           content_type="video/mp4"),
+            wq.warc_record("response", p2.url, wq.http_response(p2.html, [wq._ct()], eol=b"\n"),
+                           eol=b"\n")]
+    for gz in (False, True):
+        path = wq.write(tmp_path / f"big{int(gz)}.warc", recs, gz=gz)
+        if reader == "tolerant":
+            tracemalloc.start()
+        out, pairs, _ = run(str(path), reader)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert out.status == "ok" and out.records_by_type == {"warcinfo": 1, "response": 2,
+                                                              "resource": 1}
+        assert Counter(pairs) == Counter(p1.pairs + p2.pairs)
+        if reader == "tolerant":
+            assert peak < len(big) * 0.5, peak      # the 48 MB block was never held whole

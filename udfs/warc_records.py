@@ -34,6 +34,7 @@ _NEXT_ARC = re.compile(rb"\n(?:https?|dns|filedesc|ftp):")
 BAD_MEMBER = b"\x00BAD-GZIP-MEMBER\x00\n"
 MAX_HEADER = 1 << 16          # a record header longer than this is garbage
 MAX_RESYNC_SCAN = 64 << 20    # how far past a lying Content-Length the next header is looked for
+MAX_SKIPPED_IN_MEMORY = 8 << 20   # an unwanted record longer than this is streamed past
 MAX_EVENTS = 1000             # lost records reported one by one (the counts are always complete)
 
 
@@ -281,6 +282,20 @@ class _Buffer:
     def offset(self) -> int:
         return self.base + self.pos
 
+    def discard(self, n: int) -> int:
+        """Move `pos` forward by `n` bytes without holding them; -> bytes missing at the end."""
+        while n > 0:
+            avail = len(self.buf) - self.pos
+            if avail <= 0:
+                if self.eof:
+                    return n
+                self._more()
+                continue
+            take = min(avail, n)
+            self.pos += take
+            n -= take
+        return 0
+
     def skip_to(self, pattern: re.Pattern) -> int:
         """Move `pos` past the first byte of the next match of `pattern` (its leading newline)
         or to the end, in bounded memory; -> bytes skipped."""
@@ -405,6 +420,16 @@ def _next_warc_record(b: _Buffer, wanted: frozenset, log: ReadLog) -> Record | N
             end = end + 1 if end >= 0 else len(b.buf)
             block = bytes(b.buf[body_start:end]).rstrip(b"\r\n")
             b.pos = end
+        elif length > MAX_SKIPPED_IN_MEMORY and rec_type not in wanted:
+            # a large record that is not wanted (video, archive): streamed past, not held
+            missing = b.discard(length)
+            block = None
+            if missing:
+                quirks.append("truncated_record")
+                _lose_tail(log, offset)
+            elif not _record_follows(b, b.pos):
+                quirks.append("content_length_mismatch")
+                b.skip_to(_NEXT_WARC)
         else:
             b.ensure(length + 16)
             after = body_start + length
@@ -558,9 +583,14 @@ def _arc_records(b: _Buffer, wanted: frozenset, log: ReadLog, skip: int) -> Iter
             date = parts[len(parts) - fields_after + 1]
         body_start = eol + 1
         b.pos = body_start
-        complete = b.ensure(length)
-        block = bytes(b.buf[body_start:body_start + length])
-        b.pos = min(len(b.buf), body_start + length)
+        mime = parts[-2].lower() if len(parts) >= 5 else ""
+        if length > MAX_SKIPPED_IN_MEMORY and "html" not in mime:
+            complete = b.discard(length) == 0         # a large image/video: streamed past
+            block = b""
+        else:
+            complete = b.ensure(length)
+            block = bytes(b.buf[body_start:body_start + length])
+            b.pos = min(len(b.buf), body_start + length)
         quirks: tuple = ()
         if not complete:
             if _cut_at_end(b, log, b"\n\n"):
