@@ -1,4 +1,4 @@
-"""Streaming extraction of image/alt-text pairs from Common Crawl WAT (and WARC) files. Pure Python.
+"""Streaming extraction of image/alt-text pairs from Common Crawl WAT (and WARC/ARC) files. Pure Python.
 
 One call, `extract_file`, turns one file (any fsspec URI) into a stream of rows: kept pairs,
 rejected links or records with their reason, and last one `FileOutcome`. It holds one record at a
@@ -7,12 +7,15 @@ time, never the file, and never raises for bad input: a broken file ends with st
 
 Layers, from the bytes up:
 - record readers, `wat_extract.reader`: `fastwarc` (default; Rust WARC + gzip parsing, ~2.5x
-  faster than warcio here, see bench/bench_wat.py) or `warcio` (the issue's reader, same rows).
-  Both stop *silently* at a truncated gzip member, so truncation is checked by our own zlib code:
-  warcio reads through `GzipMembers`, which knows whether the last member ended cleanly; after
-  FastWARC, the members from the last record's offset to the end of the file are decompressed
-  once more (a few KB). A file that is not gzip is read as plain WARC if it starts with `WARC/`,
-  else it fails as `not_warc`.
+  faster than warcio here, see bench/bench_wat.py), `tolerant` (udfs.warc_records alone) or
+  `warcio` (a second opinion over our `GzipMembers`, which reports truncation). FastWARC reads
+  while the file is well formed; at the first record it cannot read (bare-LF headers, ARC, zstd,
+  a lying Content-Length, a corrupt member) udfs.warc_records takes over at that record, and it
+  always reads the last record, which notices a truncated last member or unread members. So the
+  tolerant paths cost nothing on well-formed input. Every record is counted by type, or lost
+  with a reason (also a rejected row); compression is told by content.
+- WARC input: `udfs.warc_html.response_body` (the HTTP layer, udfs.http_message: encodings that
+  do not match the stored body, bare LF, no status line) and udfs.charsets for the page's text.
 - `wat_links` / `udfs.warc_html.html_links`: the image links of one record, with the page URL
   and `<base href>`.
 - `LinkRules` + `udfs.urls.Resolver`: URL resolution/normalisation and alt-text rules; the
