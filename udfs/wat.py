@@ -324,6 +324,7 @@ def _warcio_records(raw, want: str, state: _ReadState, chunk_size: int) -> Itera
             continue
         yield Record(rtype, _WarcioHeaders(rec.rec_headers), rec.raw_stream.read())
     state.compressed_bytes = stream.compressed_bytes
+    state.log.compression = "gzip" if stream.gzip else "none"
     if stream.truncated:
         raise InputProblem("truncated_gzip", f"file ends inside gzip member {stream.members}")
 
@@ -679,8 +680,7 @@ def _finish(out: FileOutcome, state: _ReadState, by_type: dict) -> None:
     out.compressed_bytes = state.compressed_bytes or log.compressed_bytes
     out.reader_used = state.reader
     out.archive_format = log.format
-    out.compression = log.compression if state.reader != "fastwarc" or log.compression != "none" \
-        else None
+    out.compression = log.compression
     out.lost_reasons = dict(log.lost)
     out.records_lost = sum(log.lost.values())
     out.bytes_skipped = log.bytes_skipped
