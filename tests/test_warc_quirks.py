@@ -165,3 +165,48 @@ def test_large_unwanted_records_are_streamed_past(tmp_path, reader):
         assert Counter(pairs) == Counter(p1.pairs + p2.pairs)
         if reader == "tolerant":
             assert peak < len(big) * 0.5, peak      # the 48 MB block was never held whole
+
+
+def test_http_layer_units():
+    import gzip
+    import zlib
+
+    from udfs import http_message as h
+
+    html = b"<html><body>x</body></html>"
+    stacked = h.parse_response(b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate, gzip\r\n\r\n"
+                               + gzip.compress(zlib.compress(html)))
+    assert stacked.body == html and stacked.quirks == ("ce_gzip_decoded", "ce_deflate_decoded")
+    raw_deflate = zlib.compressobj(wbits=-15)
+    raw = raw_deflate.compress(html) + raw_deflate.flush()
+    assert h.parse_response(b"HTTP/1.0 200 OK\nContent-Encoding: deflate\n\n" + raw).body == html
+    assert h.dechunk(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n") == b"hello world"
+    assert h.dechunk(b"5;ext=1\nhello\n0\n\n") == b"hello"          # bare LF, chunk extension
+    assert h.dechunk(b"<!doctype html>") is None
+    assert h.dechunk(b"5\r\nhel") == b"hel"                         # cut inside a chunk
+    garbled = h.parse_response(b"HTTP/1.1 OK\r\nContent-Type: text/html\r\n\r\n" + html)
+    assert garbled.status is None and garbled.content_type == "text/html" and garbled.body == html
+    assert h.parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n").status == 404
+
+
+def test_charset_order_header_bom_meta_detection():
+    from udfs import charsets
+
+    page = "<html><head>{}</head><body>Fünf Brötchen für 2 €</body></html>"
+    cp1252 = page.format('<meta charset="iso-8859-1">').encode("cp1252")
+    d = charsets.decode_html(cp1252, "text/html")
+    assert (d.codec, d.source, d.lossy) == ("cp1252", "meta", False) and "€" in d.text  # WHATWG
+    utf8 = page.format('<meta charset="iso-8859-1">').encode("utf-8")
+    # the header wins over the meta; a header charset that fits every byte is used
+    assert charsets.decode_html(utf8, "text/html; charset=UTF-8").source == "header"
+    # a declared charset that does not decode falls to the next declared one
+    d = charsets.decode_html(cp1252, "text/html; charset=utf-8")
+    assert (d.source, d.codec) == ("meta", "cp1252")
+    bom = b"\xef\xbb\xbf" + page.format("").encode("utf-8")
+    d = charsets.decode_html(bom, "text/html")
+    assert d.source == "bom" and d.text.startswith("<html>")
+    assert charsets.codec_for("GB2312") == "gb18030" and charsets.codec_for("x-sjis") == "cp932"
+    assert charsets.codec_for("no-such-charset") is None
+    jis = "<p>東京の夜景と高層ビル</p>".encode("iso2022_jp")
+    assert charsets.decode_html(jis).codec == "iso2022_jp"
+    assert charsets.decode_html(b"<p>plain ascii</p>").source == "utf8"

@@ -110,6 +110,10 @@ def dechunk(body: bytes) -> bytes | None:
 def _undo_content_encoding(body: bytes, ce: str | None, quirks: list) -> bytes:
     if not body or not ce:
         return body
+    if "," in ce:     # `gzip, br`: applied in order, undone in reverse
+        for enc in reversed([e for e in ce.split(",") if e.strip()]):
+            body = _undo_content_encoding(body, enc, quirks)
+        return body
     enc = ce.strip().lower()
     if enc in ("identity", "none", ""):
         return body
