@@ -256,6 +256,8 @@ def _stats_from_data(spark, output: str, rejected_out: str, outcomes_path: str) 
         "records_not_html": sums["records_not_html"],
         "records_lost": sums["records_lost"],
         "lost_reasons": maps["lost_reasons"],
+        # each lost record is also a rejected row (files losing over 1000 list the first 1000)
+        "lost_in_rejected": sum(rejected_by_reason.get(k, 0) for k in maps["lost_reasons"]),
         "bytes_skipped": sums["bytes_skipped"],
         "records_bad_date": sums["records_bad_date"],
         "records_charset_detected": sums["records_charset_detected"],

@@ -193,6 +193,7 @@ def test_real_archives_stage_run_accounts_for_every_record(spark, cfg, tmp_path)
     assert stats["records_by_type"] == dict(sorted(types.items()))
     assert stats["records_accounted"] is True and stats["records_read"] == sum(types.values())
     assert stats["records_lost"] == 1 and stats["lost_reasons"] == {"bad_gzip_member": 1}
+    assert stats["lost_in_rejected"] == 1 and stats["rejected_by_reason"]["bad_gzip_member"] == 1
     expected = sum((r["kept"] for r in refs), Counter()) + Counter(quirks["garbage_gz"].pairs) \
         + Counter(quirks["arc_gz"].pairs)
     got = Counter((r.url, r.text) for r in spark.read.parquet(out).select("url", "text").collect())
