@@ -65,7 +65,8 @@ WAT_REJECTED = DatasetSpec(
         _s("url"), _s("text"), _s("page_url"), _s("source_file"), _s("record_id"),
         *REJECT_COLUMNS,
         # link: one image link (missing_url, bad_url, not_http, missing_alt, empty_alt,
-        # alt_too_short); record: a whole record (invalid_json, missing_fields, bad_html)
+        # alt_too_short); record: a whole record (invalid_json, missing_fields, bad_html) or a
+        # record lost to damage (garbage_before_record, bad_gzip_member, bad_record_header, ...)
         _s("level"),
         _s("crawl"),
     ]),
@@ -91,6 +92,19 @@ WAT_FILE_OUTCOMES = DatasetSpec(
         _l("alt_truncated"),      # kept pairs whose alt-text was cut to max_alt_length
         T.StructField("seconds", T.DoubleType(), True),
         _l("compressed_bytes"),
+        # every record accounted for (issue 12): records_read = sum(records_by_type); what could
+        # not be read is in records_lost by reason (udfs.wat.FileOutcome, udfs.warc_records)
+        T.StructField("records_by_type", T.MapType(T.StringType(), T.LongType()), True),
+        _l("records_not_html"),
+        _l("records_lost"),
+        T.StructField("lost_reasons", T.MapType(T.StringType(), T.LongType()), True),
+        _l("bytes_skipped"),
+        _l("records_bad_date"),         # unparsable WARC-Date: record kept, record_date null
+        _l("records_charset_detected"),
+        T.StructField("quirks", T.MapType(T.StringType(), T.LongType()), True),
+        _s("reader_used"),              # fastwarc | warcio | tolerant | fastwarc+tolerant
+        _s("archive_format"),           # warc | arc
+        _s("compression"),              # gzip | zstd | none
     ]),
 )
 

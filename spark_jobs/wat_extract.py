@@ -1,4 +1,4 @@
-"""Extract image URL / alt-text pairs from Common Crawl WAT files (or WARC files with --format warc).
+"""Extract image URL / alt-text pairs from Common Crawl WAT files (or WARC/ARC files with --format warc).
 
 One input file is one Spark task: the file is streamed through fsspec (local, s3://, https://),
 decompressed member by member and parsed record by record, so a task never holds more than one
@@ -12,7 +12,9 @@ disk-persisted DataFrame that is then split into the three outputs:
 
 Bad input never stops the job: a missing, empty, non-gzip or truncated file gets status failed or
 partial (pairs before a truncation are kept); invalid JSON, records missing fields and unusable
-links become rejected rows with their reason.
+links become rejected rows with their reason. What real crawlers wrote (WARC/0.17-1.1, ARC, bare-LF
+headers, lying Content-Length, encodings that do not match the stored body) is read by
+udfs.warc_records / udfs.http_message; each record is read or counted as lost with a reason.
 
 Examples:
   clipcrawl wat-extract --input 'data/*.warc.wat.gz' --output out/wat_pairs
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", default=[], metavar="PATH",
-                        help="WAT/WARC files: paths, URIs (s3://, https://) or globs")
+                        help="WAT/WARC/ARC files (gzip, zstd or none, told by content): paths, "
+                             "URIs (s3://, https://) or globs")
     parser.add_argument("--paths-file", metavar="PATH",
                         help="a file listing one WAT path per line, plain or .gz (like wat.paths.gz); "
                              "relative entries are resolved against wat_extract.paths_base")
@@ -54,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rejected-output", default=None,
                         help="rejected links/records (default: <output>_rejected)")
     parser.add_argument("--format", choices=["wat", "warc"], default=None,
-                        help="input format (default: wat_extract.format)")
+                        help="input format (default: wat_extract.format); warc also reads "
+                             "ARC files (.arc, .arc.gz)")
 
 
 def _staging_schema():
@@ -215,9 +219,12 @@ def _stats_from_data(spark, output: str, rejected_out: str, outcomes_path: str) 
     for (status, level), n in rejected.items():
         rejected_by_reason[status] = rejected_by_reason.get(status, 0) + n
         rejected_by_level[level] = rejected_by_level.get(level, 0) + n
-    sums = {c: sum(int(o[c] or 0) for o in outcomes) for c in (
+    sums = {c: sum(int(o.get(c) or 0) for o in outcomes) for c in (
         "records_read", "metadata_records", "html_records", "links_seen", "records_non_utf8",
-        "compressed_bytes")}
+        "compressed_bytes", "records_lost", "bytes_skipped", "records_bad_date",
+        "records_charset_detected", "records_not_html")}
+    maps = {c: _sum_maps(o.get(c) for o in outcomes)
+            for c in ("records_by_type", "lost_reasons", "quirks")}
     files_by_status = Counter(o["status"] for o in outcomes)
     problems = sorted(({"source_file": o["source_file"], "status": o["status"],
                         "error": o["error_message"]} for o in outcomes if o["status"] != "ok"),
@@ -243,10 +250,30 @@ def _stats_from_data(spark, output: str, rejected_out: str, outcomes_path: str) 
         # kept + rejected links must equal the links seen; False would mean lost rows
         "links_accounted": pairs_kept + link_rejects == sums["links_seen"],
         "compressed_bytes": sums["compressed_bytes"],
+        # every record accounted for: read (by type) or lost (by reason)
+        "records_by_type": maps["records_by_type"],
+        "records_accounted": sum(maps["records_by_type"].values()) == sums["records_read"],
+        "records_not_html": sums["records_not_html"],
+        "records_lost": sums["records_lost"],
+        "lost_reasons": maps["lost_reasons"],
+        # each lost record is also a rejected row (files losing over 1000 list the first 1000)
+        "lost_in_rejected": sum(rejected_by_reason.get(k, 0) for k in maps["lost_reasons"]),
+        "bytes_skipped": sums["bytes_skipped"],
+        "records_bad_date": sums["records_bad_date"],
+        "records_charset_detected": sums["records_charset_detected"],
+        "quirks": maps["quirks"],
         "input_rows": sums["links_seen"],
         "output_rows": pairs_kept,
         "rejected_rows": sum(rejected_by_reason.values()),
     }
+
+
+def _sum_maps(maps) -> dict:
+    total: dict[str, int] = {}
+    for m in maps:
+        for k, v in (m or {}).items():
+            total[k] = total.get(k, 0) + int(v or 0)
+    return dict(sorted(total.items()))
 
 
 def main(argv=None):

@@ -172,3 +172,34 @@ def test_spark_submit_entry_point_shows_help():
                           capture_output=True, text=True, timeout=60, cwd="/")
     assert proc.returncode == 0, proc.stderr
     assert "--paths-file" in proc.stdout and "--rejected-output" in proc.stdout and "--format" in proc.stdout
+
+
+@pytest.mark.slow
+def test_real_archives_stage_run_accounts_for_every_record(spark, cfg, tmp_path):
+    """The six real archives and the whirlwind WARC in one `--format warc` run: every file ok,
+    every record read (by type, warcio's count) and the pairs of the independent reader."""
+    from tests.gen import warc_quirks as wq
+    from tests.test_real_archives import ALL_FILES, reference
+
+    files = [p for p in ALL_FILES if p.name != "whirlwind.warc.wat.gz"]
+    quirks = wq.quirk_files(tmp_path / "quirks")
+    out = str(tmp_path / "pairs")
+    args = stage_args("--format", "warc", "--input", *map(str, files), quirks["garbage_gz"].path,
+                      quirks["arc_gz"].path, "--output", out)
+    stats = wat_extract.run(spark, small(cfg), args)
+    refs = [reference(p, "warc") for p in files]
+    types = sum((r["types"] for r in refs), Counter()) + Counter({"warcinfo": 2, "response": 7})
+    assert stats["files"] == {"total": len(files) + 2, "ok": len(files) + 1, "partial": 1, "failed": 0}
+    assert stats["records_by_type"] == dict(sorted(types.items()))
+    assert stats["records_accounted"] is True and stats["records_read"] == sum(types.values())
+    assert stats["records_lost"] == 1 and stats["lost_reasons"] == {"bad_gzip_member": 1}
+    assert stats["lost_in_rejected"] == 1 and stats["rejected_by_reason"]["bad_gzip_member"] == 1
+    expected = sum((r["kept"] for r in refs), Counter()) + Counter(quirks["garbage_gz"].pairs) \
+        + Counter(quirks["arc_gz"].pairs)
+    got = Counter((r.url, r.text) for r in spark.read.parquet(out).select("url", "text").collect())
+    assert got == expected
+    assert stats["quirks"]["angle_bracket_uri"] == 15
+    outcomes = spark.read.parquet(datasets.stats_path(out, "file_outcomes")).collect()
+    partial = [o for o in outcomes if o.status == "partial"]
+    assert len(partial) == 1 and partial[0].error_message.startswith("bad_gzip_member")
+    assert all(sum(o.records_by_type.values()) == o.records_read for o in outcomes)

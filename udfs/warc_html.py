@@ -3,18 +3,15 @@
 lexbor is a fast HTML5 parser that, like a browser, never fails on broken markup, decodes entities
 in attribute values and sees `<img>` inside `<noscript>`. The page's `<base href>` is returned so
 relative `src` values resolve exactly as in the WAT path (udfs.wat.LinkRules).
+
+`response_body` is the HTTP layer in front of it (udfs.http_message: tolerant of what archive
+tools store), and the text is decoded by udfs.charsets (header, BOM, meta, detection).
 """
 
 from __future__ import annotations
 
-import codecs
-import re
-
-from udfs import page_opt_out
+from udfs import charsets, http_message, page_opt_out
 from udfs.wat import HTML_TYPES, RecordLinks
-
-_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
-_CT_CHARSET = re.compile(r"charset\s*=\s*[\"']?([A-Za-z0-9_.:-]+)", re.I)
 
 
 def is_html(content_type: str | None) -> bool:
@@ -22,23 +19,29 @@ def is_html(content_type: str | None) -> bool:
 
 
 def decode_html(body: bytes, content_type: str | None = None) -> tuple[str, bool]:
-    """-> (text, non_utf8). Charset from the HTTP header, else a `<meta charset>` in the first 4 KB,
-    else UTF-8; undecodable bytes become U+FFFD (and non_utf8 is True)."""
-    charset = None
-    if content_type:
-        m = _CT_CHARSET.search(content_type)
-        charset = m.group(1) if m else None
-    if charset is None:
-        m = _META_CHARSET.search(body[:4096])
-        charset = m.group(1).decode("ascii", "replace") if m else None
-    try:
-        codec = codecs.lookup(charset).name if charset else "utf-8"
-    except LookupError:
-        codec = "utf-8"
-    try:
-        return body.decode(codec), False
-    except UnicodeDecodeError:
-        return body.decode(codec, "replace"), True
+    """-> (text, non_utf8): the charset rules of udfs.charsets; undecodable bytes become U+FFFD."""
+    d = charsets.decode_html(body, content_type)
+    return d.text, d.lossy
+
+
+def response_body(block: bytes, warc_headers, target_uri: str | None, log
+                  ) -> tuple[bytes, str | None, tuple[str, str] | None]:
+    """-> (body, content type, problem) of a WARC/ARC response record's block. `problem` is
+    (status, message) for a record that cannot be an HTML page's response; quirks of the HTTP
+    layer (bare LF, encodings that do not match the stored body) are counted in `log`."""
+    wct = (warc_headers.get("Content-Type") or "").lower()
+    if target_uri and not target_uri.lower().startswith(("http:", "https:")):
+        return b"", None, ("not_html", "")                      # dns:, ftp:, whois: records
+    if wct and not wct.startswith("application/http") and wct != "application/octet-stream":
+        # some tools store the document itself as the response block
+        if is_html(wct):
+            log.quirk("response_without_http_headers")
+            return block, wct, None
+        return b"", None, ("not_html", "")
+    resp = http_message.parse_response(block)
+    for q in resp.quirks:
+        log.quirk(q)
+    return resp.body, resp.content_type, None
 
 
 def html_links(body: bytes, page_url: str | None, content_type: str | None = None) -> RecordLinks:
@@ -47,12 +50,12 @@ def html_links(body: bytes, page_url: str | None, content_type: str | None = Non
 
     if not is_html(content_type):
         return RecordLinks("not_html", "", page_url, None, [], False)
-    text, non_utf8 = decode_html(body, content_type)
+    decoded = charsets.decode_html(body, content_type)
     try:
-        tree = LexborHTMLParser(text)
+        tree = LexborHTMLParser(decoded.text)
     except Exception as exc:  # noqa: BLE001 - lexbor is lenient; this guards against its rare errors
         return RecordLinks("bad_html", f"HTML parser failed: {str(exc)[:200]}", page_url, None, [],
-                           non_utf8)
+                           decoded.lossy, charset=decoded.source)
     base_node = tree.css_first("base[href]")
     base = base_node.attributes.get("href") if base_node is not None else None
     links = []
@@ -62,5 +65,6 @@ def html_links(body: bytes, page_url: str | None, content_type: str | None = Non
     opt_out = page_opt_out.from_html_tree(tree) if links else None
     if page_url is None and links:
         return RecordLinks("missing_fields", "response has images but no WARC-Target-URI",
-                           None, base, links, non_utf8, opt_out)
-    return RecordLinks("links", "", page_url, base, links, non_utf8, opt_out)
+                           None, base, links, decoded.lossy, charset=decoded.source, page_opt_out=opt_out)
+    return RecordLinks("links", "", page_url, base, links, decoded.lossy, charset=decoded.source,
+                       page_opt_out=opt_out)

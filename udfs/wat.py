@@ -1,4 +1,4 @@
-"""Streaming extraction of image/alt-text pairs from Common Crawl WAT (and WARC) files. Pure Python.
+"""Streaming extraction of image/alt-text pairs from Common Crawl WAT (and WARC/ARC) files. Pure Python.
 
 One call, `extract_file`, turns one file (any fsspec URI) into a stream of rows: kept pairs,
 rejected links or records with their reason, and last one `FileOutcome`. It holds one record at a
@@ -7,12 +7,15 @@ time, never the file, and never raises for bad input: a broken file ends with st
 
 Layers, from the bytes up:
 - record readers, `wat_extract.reader`: `fastwarc` (default; Rust WARC + gzip parsing, ~2.5x
-  faster than warcio here, see bench/bench_wat.py) or `warcio` (the issue's reader, same rows).
-  Both stop *silently* at a truncated gzip member, so truncation is checked by our own zlib code:
-  warcio reads through `GzipMembers`, which knows whether the last member ended cleanly; after
-  FastWARC, the members from the last record's offset to the end of the file are decompressed
-  once more (a few KB). A file that is not gzip is read as plain WARC if it starts with `WARC/`,
-  else it fails as `not_warc`.
+  faster than warcio here, see bench/bench_wat.py), `tolerant` (udfs.warc_records alone) or
+  `warcio` (a second opinion over our `GzipMembers`, which reports truncation). FastWARC reads
+  while the file is well formed; at the first record it cannot read (bare-LF headers, ARC, zstd,
+  a lying Content-Length, a corrupt member) udfs.warc_records takes over at that record, and it
+  always reads the last record, which notices a truncated last member or unread members. So the
+  tolerant paths cost nothing on well-formed input. Every record is counted by type, or lost
+  with a reason (also a rejected row); compression is told by content.
+- WARC input: `udfs.warc_html.response_body` (the HTTP layer, udfs.http_message: encodings that
+  do not match the stored body, bare LF, no status line) and udfs.charsets for the page's text.
 - `wat_links` / `udfs.warc_html.html_links`: the image links of one record, with the page URL
   and `<base href>`.
 - `LinkRules` + `udfs.urls.Resolver`: URL resolution/normalisation and alt-text rules; the
@@ -32,7 +35,7 @@ import zlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, NamedTuple
 
-from udfs import alt_text, ids, page_opt_out, urls
+from udfs import alt_text, ids, page_opt_out, urls, warc_records
 
 try:  # orjson is a hard requirement in requirements.txt; the fallback keeps udfs importable anywhere
     import orjson
@@ -43,7 +46,7 @@ except ImportError:  # pragma: no cover - exercised only without orjson
     _loads = json.loads
     _JSONError = (ValueError,)
 
-READERS = ("warcio", "fastwarc")
+READERS = ("warcio", "fastwarc", "tolerant")
 FORMATS = ("wat", "warc")
 IMG_PATH = "IMG@/src"
 BASE_PATH = "__base__"
@@ -106,6 +109,20 @@ class FileOutcome:
     alt_truncated: int = 0
     seconds: float = 0.0
     compressed_bytes: int = 0
+    # Every record is accounted for: records_read = sum(records_by_type); of the wanted type,
+    # metadata_records = html_records + records_not_html + (records_rejected without links);
+    # what could not be read is in records_lost by reason (bytes_skipped to resynchronise).
+    records_by_type: dict = field(default_factory=dict)
+    records_not_html: int = 0          # wanted records with nothing to take (request, dns:, image)
+    records_lost: int = 0
+    lost_reasons: dict = field(default_factory=dict)   # reason -> records (or fragments) lost
+    bytes_skipped: int = 0
+    records_bad_date: int = 0          # unparsable WARC-Date: kept, record_date null
+    records_charset_detected: int = 0  # HTML decoded with a detected (undeclared) charset
+    quirks: dict = field(default_factory=dict)         # quirk -> records (see udfs.warc_records)
+    reader_used: str | None = None     # fastwarc | warcio | tolerant | fastwarc+tolerant
+    archive_format: str | None = None  # warc | arc
+    compression: str | None = None     # gzip | zstd | none
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -158,7 +175,7 @@ class GzipMembers(io.RawIOBase):
             self.members = 1
             self._tail = head
         else:
-            if not head.lstrip(b"\r\n").startswith(b"WARC/"):
+            if not head.lstrip(b"\r\n").startswith((b"WARC/", b"filedesc://")):
                 raise InputProblem("not_warc", f"not a gzip or WARC file (starts with {head[:16]!r})")
             self._pending = head
             self._out_pos = len(head)
@@ -261,8 +278,7 @@ class GzipMembers(io.RawIOBase):
 class Record(NamedTuple):
     rec_type: str
     headers: Any                    # WARC headers with .get(name); read only for records with links
-    http_content_type: str | None   # response records (WARC) only
-    payload: bytes | None           # None when the record type was not wanted (not read)
+    payload: bytes | None           # the record block (WAT JSON, HTTP message); None when not wanted
 
 
 class _WarcioHeaders:
@@ -277,6 +293,9 @@ class _ReadState:
 
     def __init__(self):
         self.compressed_bytes = 0
+        self.log = warc_records.ReadLog()   # losses, quirks (tolerant reader)
+        self.reader = None
+        self.fallback: str | None = None    # why the fast reader handed over
 
 
 def _check_head(raw) -> bool:
@@ -287,77 +306,112 @@ def _check_head(raw) -> bool:
         raise InputProblem("empty_file", "file is empty (0 bytes)")
     if head[:2] == _GZIP_MAGIC:
         return True
-    if not head.lstrip(b"\r\n").startswith(b"WARC/"):
+    if not head.lstrip(b"\r\n").startswith((b"WARC/", b"filedesc://")):
         raise InputProblem("not_warc", f"not a gzip or WARC file (starts with {head[:16]!r})")
     return False
 
 
-def _warcio_records(raw, want: str, counter: FileOutcome, state: _ReadState,
-                    chunk_size: int) -> Iterator[Record]:
+def _warcio_records(raw, want: str, state: _ReadState, chunk_size: int) -> Iterator[Record]:
     """warcio over our own decompression (GzipMembers), which reports truncation."""
     from warcio.archiveiterator import ArchiveIterator
 
+    state.reader = "warcio"
     _check_head(raw)
     stream = GzipMembers(raw, chunk_size=chunk_size)
-    for rec in ArchiveIterator(stream, no_record_parse=(want == "metadata")):
-        counter.records_read += 1
+    for rec in ArchiveIterator(stream, no_record_parse=True, arc2warc=True):
         rtype = rec.rec_type
         if rtype != want:
-            yield Record(rtype, None, None, None)
+            yield Record(rtype, None, None)
             continue
-        if want == "response":
-            ctype = rec.http_headers.get_header("Content-Type") if rec.http_headers else None
-            body = rec.content_stream().read()
-        else:
-            ctype = None
-            body = rec.raw_stream.read()
-        yield Record(rtype, _WarcioHeaders(rec.rec_headers), ctype, body)
+        yield Record(rtype, _WarcioHeaders(rec.rec_headers), rec.raw_stream.read())
     state.compressed_bytes = stream.compressed_bytes
+    state.log.compression = "gzip" if stream.gzip else "none"
     if stream.truncated:
         raise InputProblem("truncated_gzip", f"file ends inside gzip member {stream.members}")
 
 
-def _fastwarc_records(raw, want: str, counter: FileOutcome, state: _ReadState,
-                      chunk_size: int) -> Iterator[Record]:
-    """FastWARC with its own (faster) gzip decoder. FastWARC ends silently at a truncated member,
-    so afterwards the members from the last record's offset to the end of the file are checked
-    with zlib: exactly one complete member must remain (a few KB of extra work per file)."""
+def _fastwarc_records(raw, want: str, state: _ReadState, chunk_size: int) -> Iterator[Record]:
+    """FastWARC (Rust WARC + gzip parsing) while the file is well formed; from the first record it
+    cannot read (a bare-LF header, ARC, zstd, a lying Content-Length that breaks the next header)
+    the tolerant reader takes over at that record.
+
+    A record is given only once FastWARC has read the next record's header, which proves its
+    Content-Length; the last record of the file is read by the tolerant reader, which also
+    notices a truncated last gzip member and members FastWARC did not read (one record of
+    Python parsing per file)."""
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
     want_type = WarcRecordType.metadata if want == "metadata" else WarcRecordType.response
-    is_gzip = _check_head(raw)
-    last_pos = 0
-    for rec in ArchiveIterator(raw, parse_http=False, stream_detect=True, fsspec_args=False):
-        counter.records_read += 1
-        last_pos = rec.stream_pos
-        if rec.record_type != want_type:
-            yield Record("other", None, None, None)
-            continue
-        ctype = None
-        if want == "response":
-            rec.parse_http(auto_decode="all")  # de-chunk and undo Content-Encoding, like warcio
-            ctype = rec.http_headers.get("Content-Type") if rec.http_headers else None
-        yield Record(want, rec.headers, ctype, rec.reader.read())
-    if is_gzip:
-        # In a file with one gzip member per record (Common Crawl's layout) the last record's
-        # stream_pos is the start of its member. Otherwise (one gzip stream for the whole file)
-        # it is not, and the whole file is checked: slower, but such files are rare.
-        raw.seek(last_pos)
-        at_member = raw.read(2) == _GZIP_MAGIC
-        raw.seek(last_pos if at_member else 0)
-        tail = GzipMembers(raw, chunk_size=chunk_size)
-        while tail.read(1 << 20):
-            pass
-        if tail.truncated:
-            raise InputProblem("truncated_gzip", "file ends inside a gzip member "
-                                                 f"(after byte {last_pos if at_member else 0})")
-        if at_member and tail.members > (1 if counter.records_read else 0):
-            raise InputProblem("unread_data", f"the WARC reader stopped at byte {last_pos}, "
-                                              f"{tail.members - 1} gzip members before the end")
+    unknown = WarcRecordType.unknown
+    state.reader = "fastwarc"
+    head = raw.read(64)
+    raw.seek(0)
+    if not head:
+        raise InputProblem("empty_file", "file is empty (0 bytes)")
+    is_gzip = head[:2] == _GZIP_MAGIC
+    given = 0
+    pending = None          # the last record read, not given yet
+    pending_pos = 0
+    reason = None
+    if not is_gzip and not head.lstrip(b"\r\n").startswith((b"WARC/1.0\r\n", b"WARC/1.1\r\n")):
+        reason = "not a gzip or WARC/1.x file"
+    else:
+        try:
+            for rec in ArchiveIterator(raw, parse_http=False, stream_detect=True, fsspec_args=False):
+                if pending is not None:
+                    given += 1
+                    yield pending
+                pos = rec.stream_pos
+                if rec.record_type != want_type:
+                    if rec.record_type == unknown:
+                        # a header FastWARC could not parse (bare LF, ...): it reads it as a
+                        # record without headers, so the tolerant reader takes this one over
+                        reason = f"FastWARC cannot parse the record header at byte {pos}"
+                        pending = None
+                        pending_pos = pos
+                        break
+                    pending = Record(str(rec.record_type), None, None)
+                else:
+                    pending = _new_tuple(Record, (want, rec.headers, rec.reader.read()))
+                pending_pos = pos
+        except BaseException as exc:  # noqa: BLE001 - Rust panics arrive as PanicException
+            if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)) or is_transient(exc):
+                raise
+            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+    # Resume at the first record not given if it starts a gzip member (Common Crawl's layout) or
+    # a plain WARC record; else from the start, skipping the records given.
+    start, skip = 0, given
+    if given or pending_pos:
+        raw.seek(pending_pos)
+        peek = raw.read(8)
+        if (is_gzip and peek[:2] == _GZIP_MAGIC) or (not is_gzip and peek.startswith(b"WARC/")):
+            start, skip = pending_pos, 0
+    raw.seek(start)
+    log = state.log
+    n_tail = 0
+    for rec in warc_records.read_records(raw, frozenset((want,)), log, chunk_size, skip=skip,
+                                         offset=start):
+        n_tail += 1
+        yield _new_tuple(Record, (rec.rec_type, rec.headers, rec.block))
+    if reason or n_tail > (1 if pending is not None else 0):
+        state.fallback = reason or f"records FastWARC did not read after byte {pending_pos}"
+        state.reader = "fastwarc+tolerant" if given else "tolerant"
     state.compressed_bytes = raw.seek(0, io.SEEK_END)
 
 
-_READER_FUNCS = {"warcio": _warcio_records, "fastwarc": _fastwarc_records}
+def _tolerant_records(raw, want: str, state: _ReadState, chunk_size: int) -> Iterator[Record]:
+    """Only the tolerant reader (udfs.warc_records)."""
+    state.reader = "tolerant"
+    if not raw.read(1):
+        raise InputProblem("empty_file", "file is empty (0 bytes)")
+    raw.seek(0)
+    for rec in warc_records.read_records(raw, frozenset((want,)), state.log, chunk_size):
+        yield Record(rec.rec_type, rec.headers, rec.block)
+    state.compressed_bytes = state.log.compressed_bytes
+
+
+_READER_FUNCS = {"warcio": _warcio_records, "fastwarc": _fastwarc_records,
+                 "tolerant": _tolerant_records}
 
 
 # --- link rules -------------------------------------------------------------------------------------
@@ -417,6 +471,7 @@ class RecordLinks(NamedTuple):
     links: list                 # [(raw_url, raw_alt)] of IMG@/src links (alt None when absent)
     non_utf8: bool
     page_opt_out: str | None = None   # robots=noai, tdm-reservation=1, ... (udfs.page_opt_out)
+    charset: str | None = None  # WARC HTML only: where the charset came from (udfs.charsets)
 
 
 def parse_json_payload(payload: bytes) -> tuple[Any, bool]:
@@ -502,47 +557,67 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
 
     Never raises for bad input; `outcome.status` says ok / partial / failed.
     """
-    from udfs.warc_html import html_links  # selectolax is only needed for WARC input
+    from udfs.warc_html import html_links, response_body  # selectolax: only for WARC input
 
     out = outcome or FileOutcome(source_file)
     t0 = time.perf_counter()
     crawl = crawl_of(source_file)
     rules = opts.rules
-    want = "metadata" if opts.fmt == "wat" else "response"
+    is_wat = opts.fmt == "wat"
+    want = "metadata" if is_wat else "response"
     state = _ReadState()
+    by_type: dict[str, int] = {}
     min_len, max_len, pair_uid = rules.min_alt_length, rules.max_alt_length, ids.pair_uid
+    valid_date = warc_records.valid_date
     try:
-        for rec in _READER_FUNCS[opts.reader](raw, want, out, state, opts.chunk_size):
-            if rec.payload is None:
+        for rec in _READER_FUNCS[opts.reader](raw, want, state, opts.chunk_size):
+            if rec.payload is None:    # records of other types are only counted
+                rtype = rec.rec_type
+                by_type[rtype] = by_type.get(rtype, 0) + 1
                 continue
             out.metadata_records += 1
             headers = rec.headers
-            if opts.fmt == "wat":
+            if is_wat:
                 # page URL from the JSON envelope; the record header only when the JSON lacks it
                 found = wat_links(rec.payload)
                 if found.status == "missing_fields" and found.page_url is None and found.links:
-                    uri = headers.get("WARC-Target-URI")
-                    if uri:
-                        found = found._replace(status="links", error_message="", page_url=uri)
+                    target = _target_uri(headers, state.log)
+                    if target:
+                        found = found._replace(status="links", error_message="", page_url=target)
                 unescape = rules.unescape_alt
             else:
-                found = html_links(rec.payload, headers.get("WARC-Target-URI"), rec.http_content_type)
+                target = _target_uri(headers, state.log)
+                body, ctype, problem = response_body(rec.payload, headers, target, state.log)
+                if problem is not None:
+                    found = RecordLinks(problem[0], problem[1], target, None, [], False)
+                else:
+                    found = html_links(body, target, ctype)
+                    if found.charset == "detected":
+                        out.records_charset_detected += 1
                 unescape = False
+            page_url = found.page_url
+            if page_url and page_url[0] == "<":   # a WAT written from a WARC with <URI> values
+                page_url, _ = warc_records.clean_uri(page_url)
+                found = found._replace(page_url=page_url)
             if found.non_utf8:
                 out.records_non_utf8 += 1
             record_id = headers.get("WARC-Record-ID") if found.status != "not_html" else None
             if found.status != "links":
                 if found.status == "not_html":
+                    out.records_not_html += 1
                     continue
-                out.records_rejected += 1     # invalid_json, missing_fields, bad_html
+                out.records_rejected += 1     # invalid_json, missing_fields, bad_html, bad_http
                 yield Rejected(None, None, found.page_url, source_file, record_id,
                                found.status, found.error_message, "record", crawl)
                 if not found.links:
                     continue
             out.html_records += 1
             date = headers.get("WARC-Date")
-            resolver = urls.Resolver(found.page_url, found.base_href, rules.schemes)
-            absolute, page_url = resolver.absolute, found.page_url
+            if date is not None and not valid_date(date):
+                out.records_bad_date += 1
+                date = None
+            resolver = urls.Resolver(page_url, found.base_href, rules.schemes)
+            absolute = resolver.absolute
             for raw_url, raw_alt in found.links:
                 out.links_seen += 1
                 # Hot path, inlined: a usable URL and a plain alt-text of acceptable length.
@@ -573,15 +648,69 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
                     yield Rejected(url, text, page_url, source_file, record_id,
                                    status, message, "link", crawl)
     except InputProblem as exc:
-        _fail(out, exc.reason, str(exc))
+        _fail(out, exc.reason, str(exc), by_type)
     except BaseException as exc:  # noqa: BLE001 - a reader error on bad bytes must not kill the task
         # (FastWARC's Rust panics arrive as PanicException, a BaseException)
         if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)) or is_transient(exc):
             raise
-        _fail(out, "unreadable", f"{type(exc).__name__}: {str(exc)[:300]}")
-    out.compressed_bytes = state.compressed_bytes
+        _fail(out, "unreadable", f"{type(exc).__name__}: {str(exc)[:300]}", by_type)
+    if out.metadata_records:
+        by_type[want] = by_type.get(want, 0) + out.metadata_records
+    _finish(out, state, by_type)
+    if out.records_read:
+        # each record lost in a file that was read is also a rejected row (level=record);
+        # a file with nothing readable has only its failed outcome
+        for reason, message in state.log.events:
+            yield Rejected(None, None, None, source_file, None, reason, message[:500], "record",
+                           crawl)
     out.seconds = round(time.perf_counter() - t0, 4)
     yield out
+
+
+def _target_uri(headers, log: warc_records.ReadLog) -> str | None:
+    """WARC-Target-URI without the angle brackets some tools write (`<https://...>`)."""
+    target = headers.get("WARC-Target-URI")
+    if target and (target[0] == "<" or target[0] == " "):
+        target, bracketed = warc_records.clean_uri(target)
+        if bracketed:
+            log.quirk("angle_bracket_uri")
+    return target
+
+
+def _finish(out: FileOutcome, state: _ReadState, by_type: dict) -> None:
+    """Copy what the reader learned into the outcome; losses make the file partial/failed."""
+    log = state.log
+    out.records_read = sum(by_type.values())
+    out.records_by_type = by_type
+    out.compressed_bytes = state.compressed_bytes or log.compressed_bytes
+    out.reader_used = state.reader
+    out.archive_format = log.format
+    out.compression = log.compression
+    out.lost_reasons = dict(log.lost)
+    out.records_lost = sum(log.lost.values())
+    out.bytes_skipped = log.bytes_skipped
+    quirks = dict(log.quirks)
+    if state.fallback:
+        quirks["fast_reader_handed_over"] = 1
+    out.quirks = quirks
+    if out.status != "ok":
+        return
+    if log.lost or log.bytes_skipped or log.truncated:
+        if out.records_read == 0:
+            out.status = "failed"
+            out.error_message = ("not_warc: no WARC or ARC record found"
+                                 if not log.truncated else "; ".join(log.messages))
+        else:
+            out.status = "partial"
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(log.lost.items()) if v)
+            first = log.messages[0] if log.messages else "bytes skipped"
+            out.error_message = (f"{first} ({out.records_lost} records lost"
+                                 + (f": {reasons}" if reasons else "")
+                                 + f"; {log.bytes_skipped} bytes skipped; "
+                                   f"{out.records_read} records read)")
+    elif out.records_read == 0:
+        out.status = "failed"
+        out.error_message = "not_warc: no WARC or ARC record found"
 
 
 # Network and resource failures are not bad input: raising them fails the task, and Spark's
@@ -604,9 +733,10 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(status, int) and (status == 429 or status >= 500)
 
 
-def _fail(out: FileOutcome, reason: str, message: str) -> None:
+def _fail(out: FileOutcome, reason: str, message: str, by_type: dict | None = None) -> None:
     """A file that yielded something before its problem is `partial`, else `failed`."""
-    out.status = "partial" if out.records_read > 0 else "failed"
+    read = (sum(by_type.values()) + out.metadata_records) if by_type is not None else out.records_read
+    out.status = "partial" if read > 0 else "failed"
     out.error_message = message if message.startswith(reason) else f"{reason}: {message}"
 
 

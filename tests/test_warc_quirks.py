@@ -1,0 +1,212 @@
+"""Each quirk of real archives that the real fixtures do not show, on a synthetic file written
+byte for byte by tests/gen/warc_quirks.py (expected pairs declared by construction)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from tests.gen import warc_quirks as wq
+from udfs import wat
+
+READERS = ("fastwarc", "tolerant")
+
+
+@pytest.fixture(scope="module")
+def quirk_files(tmp_path_factory):
+    return wq.quirk_files(tmp_path_factory.mktemp("warc_quirks"))
+
+
+def run(path, reader, fmt="warc"):
+    rows = list(wat.extract_file(path, wat.ExtractOptions(fmt=fmt, reader=reader)))
+    return rows[-1], [(r.url, r.text) for r in rows if isinstance(r, wat.Pair)], rows
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("name", ["chunked_raw", "chunked_real", "ce_mismatch", "clueweb", "charsets",
+                                  "lying_length", "lying_length_gz", "garbage_gz", "garbage_plain",
+                                  "truncated", "arc", "arc_gz", "no_status_line", "warc11"])
+def test_quirk_file(quirk_files, name, reader):
+    case = quirk_files[name]
+    out, pairs, rows = run(case.path, reader)
+    assert out.status == case.status, (out.status, out.error_message)
+    assert Counter(pairs) == Counter(case.pairs), (set(case.pairs) - set(pairs), set(pairs) - set(case.pairs))
+    assert out.records_read == case.records, out.records_by_type
+    assert out.records_lost == case.lost, out.lost_reasons
+    for quirk, n in case.quirks.items():
+        assert out.quirks.get(quirk, 0) >= n, (quirk, out.quirks)
+    assert out.records_bad_date == case.bad_dates
+    assert out.records_charset_detected == case.charset_detected
+    assert not [r for r in rows if isinstance(r, wat.Rejected) and r.status == "bad_url"]
+    if case.status == "partial":
+        assert out.error_message and str(case.lost) in out.error_message
+    lost_rows = Counter(r.status for r in rows if isinstance(r, wat.Rejected) and r.level == "record"
+                        and r.record_id is None and r.page_url is None)
+    assert lost_rows == Counter(out.lost_reasons) - Counter(), (lost_rows, out.lost_reasons)
+    assert out.links_seen == out.pairs_kept + out.pairs_rejected
+
+
+def test_bad_dates_are_null_and_pages_keep_their_pairs(quirk_files):
+    out, pairs, rows = run(quirk_files["clueweb"].path, "fastwarc")
+    dates = {r.page_url: r.record_date for r in rows if isinstance(r, wat.Pair)}
+    assert dates["https://www.example.org/dir/page7.html"] is None
+    assert dates["https://www.example.org/dir/page8.html"] is None
+    assert dates["https://www.example.org/dir/page9.html"] == "2024-05-18T10:00:00Z"
+    assert out.records_by_type == {"warcinfo": 1, "response": 3}
+
+
+def test_warc_1_1_record_types_are_told_apart(quirk_files):
+    out, pairs, rows = run(quirk_files["warc11"].path, "fastwarc")
+    assert out.records_by_type == {"warcinfo": 1, "response": 2, "revisit": 1, "resource": 1,
+                                   "conversion": 1}
+    dates = {r.record_date for r in rows if isinstance(r, wat.Pair)}
+    assert dates == {"2024-05-18T10:00:00.123456Z", "2024-05-18T10:00:00Z"}
+    assert out.records_bad_date == 0
+
+
+def test_arc_records_get_warc_style_fields(quirk_files):
+    out, pairs, rows = run(quirk_files["arc_gz"].path, "fastwarc")
+    assert out.archive_format == "arc" and out.records_by_type == {"warcinfo": 1, "response": 4}
+    kept = [r for r in rows if isinstance(r, wat.Pair)]
+    assert kept[0].record_date == "2008-04-30T20:48:26Z"
+    assert kept[0].page_url == "https://www.example.org/dir/page50.html"
+    assert out.records_not_html == 1      # the dns: record
+
+
+def test_zstd_warc_when_zstandard_is_installed(tmp_path, quirk_files):
+    zstandard = pytest.importorskip("zstandard")
+    src = quirk_files["chunked_raw"]
+    path = tmp_path / "x.warc.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(open(src.path, "rb").read()))
+    out, pairs, _ = run(str(path), "fastwarc")
+    assert out.status == "ok" and Counter(pairs) == Counter(src.pairs)
+
+
+def test_corrupt_gzip_body_keeps_what_inflated():
+    from udfs import http_message
+
+    html = b"<html><body>" + b"".join(b'<img src="/i%d.png" alt="Image number %d">' % (i, i)
+                                       for i in range(2000)) + b"</body></html>"
+    import gzip
+    import random
+
+    z = bytearray(gzip.compress(html))
+    rng = random.Random(0)
+    for i in range(len(z) - 200, len(z) - 100):      # corrupt near the end
+        z[i] = rng.randrange(256)
+    block = wq.http_response(bytes(z), [("Content-Type", "text/html"), ("Content-Encoding", "gzip")])
+    resp = http_message.parse_response(block)
+    assert "ce_gzip_decoded" in resp.quirks
+    assert resp.body.startswith(b"<html><body><img") and 1000 < resp.body.count(b"<img") <= 2000
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_lying_content_length_in_a_wat(tmp_path, reader):
+    """A plain WAT whose third record's Content-Length is 200 too long: every page is still read."""
+    from tests.gen import wat_writer as ww
+
+    s = ww.write_wat(tmp_path / "w.warc.wat", ww.random_pages(4, seed=5, bad_link_rate=0.0), gzip=False)
+    data = bytearray(open(s.path, "rb").read())
+    start, _ = s.response_offsets[1]
+    i = data.index(b"Content-Length: ", start) + len(b"Content-Length: ")
+    j = data.index(b"\r\n", i)
+    data[i:j] = str(int(data[i:j]) + 200).encode()
+    (tmp_path / "lying.warc.wat").write_bytes(bytes(data))
+    out, pairs, _ = run(str(tmp_path / "lying.warc.wat"), reader, fmt="wat")
+    assert out.status == "ok" and out.records_read == s.records
+    assert pairs == s.pairs and out.quirks.get("content_length_mismatch") == 1
+
+
+def test_zstd_warc_with_a_dictionary_frame(tmp_path, quirk_files):
+    """The WARC-zstd layout: a skippable frame holding the dictionary, then one frame per record."""
+    zstandard = pytest.importorskip("zstandard")
+    src = quirk_files["charsets"]
+    data = open(src.path, "rb").read()
+    import gzip
+    import re as _re
+
+    plain = gzip.decompress(data)
+    starts = [m.start() for m in _re.finditer(rb"WARC/1\.0\r\n", plain)] + [len(plain)]
+    records = [plain[a:b] for a, b in zip(starts, starts[1:])]
+    dictionary = zstandard.ZstdCompressionDict(b"".join(records)[:4000])
+    cctx = zstandard.ZstdCompressor(dict_data=dictionary)
+    raw_dict = dictionary.as_bytes()
+    frame = b"\x5d\x2a\x4d\x18" + len(raw_dict).to_bytes(4, "little") + raw_dict
+    path = tmp_path / "dict.warc.zst"
+    path.write_bytes(frame + b"".join(cctx.compress(r) for r in records))
+    out, pairs, _ = run(str(path), "fastwarc")
+    assert out.status == "ok" and out.compression == "zstd" and out.records_read == src.records
+    assert Counter(pairs) == Counter(src.pairs)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_large_unwanted_records_are_streamed_past(tmp_path, reader):
+    """A 48 MB resource record between two pages (plain and gzip, with a bare-LF page after it so
+    the tolerant reader is the one that reads it): its bytes are never held, the pages are read."""
+    import tracemalloc
+
+    p1, p2 = wq.page(80, wq.ALTS_EN), wq.page(81, wq.ALTS_EN[:2])
+    big = bytes(range(256)) * (48 << 12)
+    recs = [wq.warcinfo(), wq.warc_record("response", p1.url, wq.http_response(p1.html, [wq._ct()])),
+            wq.warc_record("resource", "https://www.example.org/video.mp4", big,
+                           content_type="video/mp4"),
+            wq.warc_record("response", p2.url, wq.http_response(p2.html, [wq._ct()], eol=b"\n"),
+                           eol=b"\n")]
+    for gz in (False, True):
+        path = wq.write(tmp_path / f"big{int(gz)}.warc", recs, gz=gz)
+        if reader == "tolerant":
+            tracemalloc.start()
+        out, pairs, _ = run(str(path), reader)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert out.status == "ok" and out.records_by_type == {"warcinfo": 1, "response": 2,
+                                                              "resource": 1}
+        assert Counter(pairs) == Counter(p1.pairs + p2.pairs)
+        if reader == "tolerant":
+            assert peak < len(big) * 0.5, peak      # the 48 MB block was never held whole
+
+
+def test_http_layer_units():
+    import gzip
+    import zlib
+
+    from udfs import http_message as h
+
+    html = b"<html><body>x</body></html>"
+    stacked = h.parse_response(b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate, gzip\r\n\r\n"
+                               + gzip.compress(zlib.compress(html)))
+    assert stacked.body == html and stacked.quirks == ("ce_gzip_decoded", "ce_deflate_decoded")
+    raw_deflate = zlib.compressobj(wbits=-15)
+    raw = raw_deflate.compress(html) + raw_deflate.flush()
+    assert h.parse_response(b"HTTP/1.0 200 OK\nContent-Encoding: deflate\n\n" + raw).body == html
+    assert h.dechunk(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n") == b"hello world"
+    assert h.dechunk(b"5;ext=1\nhello\n0\n\n") == b"hello"          # bare LF, chunk extension
+    assert h.dechunk(b"<!doctype html>") is None
+    assert h.dechunk(b"5\r\nhel") == b"hel"                         # cut inside a chunk
+    garbled = h.parse_response(b"HTTP/1.1 OK\r\nContent-Type: text/html\r\n\r\n" + html)
+    assert garbled.status is None and garbled.content_type == "text/html" and garbled.body == html
+    assert h.parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n").status == 404
+
+
+def test_charset_order_header_bom_meta_detection():
+    from udfs import charsets
+
+    page = "<html><head>{}</head><body>Fünf Brötchen für 2 €</body></html>"
+    cp1252 = page.format('<meta charset="iso-8859-1">').encode("cp1252")
+    d = charsets.decode_html(cp1252, "text/html")
+    assert (d.codec, d.source, d.lossy) == ("cp1252", "meta", False) and "€" in d.text  # WHATWG
+    utf8 = page.format('<meta charset="iso-8859-1">').encode("utf-8")
+    # the header wins over the meta; a header charset that fits every byte is used
+    assert charsets.decode_html(utf8, "text/html; charset=UTF-8").source == "header"
+    # a declared charset that does not decode falls to the next declared one
+    d = charsets.decode_html(cp1252, "text/html; charset=utf-8")
+    assert (d.source, d.codec) == ("meta", "cp1252")
+    bom = b"\xef\xbb\xbf" + page.format("").encode("utf-8")
+    d = charsets.decode_html(bom, "text/html")
+    assert d.source == "bom" and d.text.startswith("<html>")
+    assert charsets.codec_for("GB2312") == "gb18030" and charsets.codec_for("x-sjis") == "cp932"
+    assert charsets.codec_for("no-such-charset") is None
+    jis = "<p>東京の夜景と高層ビル</p>".encode("iso2022_jp")
+    assert charsets.decode_html(jis).codec == "iso2022_jp"
+    assert charsets.decode_html(b"<p>plain ascii</p>").source == "utf8"
