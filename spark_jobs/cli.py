@@ -31,6 +31,7 @@ STAGE_MODULES = (
     "spark_jobs.knn_index",
     "spark_jobs.search",
     "spark_jobs.serve",
+    "spark_jobs.export",
 )
 
 EXIT_USER_ERROR = 2
