@@ -11,7 +11,7 @@ Writes under <dir> (udfs/export_shards.py has the file formats):
                     --format parquet: {shard:05d}.parquet, image bytes as a Hugging Face Image column
   sizes.json        shard file -> samples (open_clip reads it when --train-num-samples is not given)
   _info.json        total samples, subset, filters, order, source, the open_clip command line
-  _manifest/        parquet, one row per selected subset row: key -> shard, or status missing_image
+  manifest/         parquet, one row per selected subset row: key -> shard, or status missing_image
                     with the reason (a row whose image is not in its source shard is listed, never dropped)
   _markers/         one file per complete shard: a rerun skips those shards (resume)
   _stats/stats.json written last: counts, missing images (listed up to export.max_listed_missing)
@@ -46,7 +46,7 @@ from udfs import export_shards, fsio  # noqa: E402
 
 NAME = "export"
 HELP = "write a subset as shuffled webdataset (or parquet) shards that open_clip and Hugging Face read"
-MANIFEST_DIR = "_manifest"
+MANIFEST_DIR = "manifest"
 FINAL_FILES = ("sizes.json", "_info.json")
 
 log = logging.getLogger(__name__)
@@ -285,6 +285,8 @@ def run(spark, cfg, args) -> dict:
         tars = sorted(r["tar_path"] for r in df.select("tar_path").where(F.col("tar_path").isNotNull())
                       .distinct().collect())
         index = index_sources(spark, tars, so) if tars else spark.createDataFrame([], _index_schema())
+        # persisted: both branches of the join below read it, and each read would re-read every tar
+        index = index.persist(StorageLevel.MEMORY_AND_DISK)
         members = index.where(F.col("key").isNotNull()).select("tar_path", "key", "ext", "offset", "size")
         tar_errors = (index.where(F.col("key").isNull()).groupBy("tar_path")
                       .agg(F.min("error").alias("_tar_error")))
@@ -336,6 +338,7 @@ def run(spark, cfg, args) -> dict:
             datasets.write_dataset(exported.unionByName(missing), manifest_path, EXPORT_MANIFEST)
     finally:
         joined.unpersist()
+        index.unpersist()
 
     with timer.phase("stats"):
         by_status = datasets.count_by(spark, manifest_path, "status")

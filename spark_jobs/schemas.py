@@ -251,7 +251,7 @@ INDEX_IDS = DatasetSpec(
 
 EXPORT_MANIFEST = DatasetSpec(
     name="export_manifest",
-    description="<export>/_manifest/: one row per subset row the export selected (after --where and "
+    description="<export>/manifest/: one row per subset row the export selected (after --where and "
                 "--limit): the shard it is in, or why it is in none (its image missing from its source shard)",
     schema=T.StructType([
         _s("key"),              # the sample's key, in the export shard as in the source shard
