@@ -95,8 +95,9 @@ def resolve_subset(cfg, dataset: str, subset: str, storage_options=None) -> str:
     for path in candidates:
         if fsio.exists(path, storage_options):
             return path
-    if fsio.exists(fsio.join(dataset, datasets.STATS_DIR), storage_options) or not fsio.exists(dataset, storage_options):
-        # a stage output without this subset, or nothing at all
+    not_a_subset = [fsio.join(dataset, datasets.STATS_DIR), fsio.join(dataset, "_run")]
+    if not fsio.exists(dataset, storage_options) or any(fsio.exists(p, storage_options) for p in not_a_subset):
+        # nothing there, or a filter output / run root without this subset
         raise InputError(f"subset {subset!r} not found: looked for {', '.join(candidates)}")
     return dataset
 

@@ -195,7 +195,12 @@ def test_where_and_limit(spark, chain, tmp_path):
     run_export(spark, cfg, ["--dataset", str(chain["dataset"] / en), "--output", str(tmp_path / "l"), "--limit", "3"])
     limited = read_export(tmp_path / "l")
     assert len(limited) == 3 and {s["key"] for s in limited} <= {r["key"] for r in rows}
-    assert json.loads((tmp_path / "l" / "sizes.json").read_text()) == {"00000.tar": 3}
+    assert json.loads((tmp_path / "l" / "sizes.json").read_text()) == {"00000.tar": SHARD_SIZE, "00001.tar": 3 - SHARD_SIZE}
+    # a predicate nothing passes: an empty, complete export
+    empty = run_export(spark, cfg, ["--dataset", str(chain["dataset"]), "--subset", en, "--output", str(tmp_path / "e"),
+                                    "--where", "similarity > 2"])
+    assert empty["output_rows"] == 0 and empty["shards"] == 0 and not list((tmp_path / "e").glob("*.tar"))
+    assert json.loads((tmp_path / "e" / "sizes.json").read_text()) == {}
 
 
 def test_bad_where_is_a_one_line_error_before_any_task(chain, tmp_path, capsys):
@@ -209,6 +214,9 @@ def test_bad_where_is_a_one_line_error_before_any_task(chain, tmp_path, capsys):
         assert code == 2
         assert err.startswith("clipcrawl export: error: --where") and "\n" not in err, err
         assert not out.exists()
+    code = cli.main(["export", "--dataset", str(chain["dataset"]), "--subset", "laion9B-xx", "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "subset 'laion9B-xx' not found" in err and "\n" not in err
 
 
 def test_missing_image_is_counted_and_listed(spark, chain, tmp_path):
