@@ -137,26 +137,32 @@ def select_rows(spark, path: str, where: str | None):
     return located.select(*SUBSET.schema.fieldNames(), "_file", "_row")
 
 
-def with_order(spark, df, settings: dict, rows: int):
-    """Adds `_bucket` and the sort columns; returns (df, global order, order within a bucket).
+def with_order(spark, df, settings: dict):
+    """Adds the sort columns; returns (df, global order, order within a bucket).
 
-    Shuffled: `_h` = xxhash64(seed, key) without its sign bit; buckets are ranges of `_h` (its top
-    bits), so ranking bucket by bucket gives the global order without one task sorting everything.
-    Subset order: one bucket per parquet file (files in name order), rows by their row number."""
+    Shuffled: `_h` = xxhash64(seed, key) without its sign bit (`shuffle_buckets` then makes the
+    buckets ranges of `_h`). Subset order: `_bucket` = the parquet file's place among the subset's
+    files (in name order), rows by their row number."""
     from pyspark.sql import functions as F
 
     if settings["shuffle"]:
-        bits = 0 if rows <= settings["rank_bucket_rows"] else min(
-            12, math.ceil(math.log2(rows / settings["rank_bucket_rows"])))
         df = df.withColumn("_h", F.expr(f"xxhash64(CAST({int(settings['seed'])} AS BIGINT), key) "
                                         f"& 9223372036854775807"))
-        df = df.withColumn("_bucket", F.expr(f"shiftrightunsigned(_h, {63 - bits})") if bits
-                           else F.expr("CAST(0 AS BIGINT)"))
         return df, ["_h", "_file", "_row"], ["_h", "_file", "_row"]
     files = sorted(r["_file"] for r in df.select("_file").distinct().collect())
     file_ids = spark.createDataFrame([(f, i) for i, f in enumerate(files)], "_file string, _bucket bigint")
     df = df.join(F.broadcast(file_ids), "_file")
     return df, ["_bucket", "_row"], ["_row"]
+
+
+def shuffle_buckets(df, rows: int, bucket_rows: int):
+    """`_bucket` = the top bits of `_h`: ranges of the sort key of about `bucket_rows` rows each, so
+    ranking bucket by bucket gives the global order without one task sorting every row."""
+    from pyspark.sql import functions as F
+
+    bits = 0 if rows <= bucket_rows else min(12, math.ceil(math.log2(rows / bucket_rows)))
+    return df.withColumn("_bucket", F.expr(f"shiftrightunsigned(_h, {63 - bits})") if bits
+                         else F.expr("CAST(0 AS BIGINT)"))
 
 
 def _index_schema():
@@ -271,11 +277,14 @@ def run(spark, cfg, args) -> dict:
     subset_path = resolve_subset(cfg, args.dataset, subset, so)
     output = args.output
     with timer.phase("select"):
-        df = select_rows(spark, subset_path, args.where)
-        selected_rows = df.count()
-        df, order, within = with_order(spark, df, settings, selected_rows)
+        df, order, within = with_order(spark, select_rows(spark, subset_path, args.where), settings)
         if args.limit is not None:
             df = df.orderBy(*order).limit(args.limit)
+        # one job gives the row count (bucket sizes) and the source tars to index
+        per_tar = {r["tar_path"]: int(r["count"]) for r in df.groupBy("tar_path").count().collect()}
+        selected_rows = sum(per_tar.values())
+        if settings["shuffle"]:
+            df = shuffle_buckets(df, selected_rows, settings["rank_bucket_rows"])
     # An earlier export's final files must not make a partial rerun look complete.
     for name in (datasets.stats_path(output), *(fsio.join(output, f) for f in FINAL_FILES)):
         _remove(name, so)
@@ -283,8 +292,7 @@ def run(spark, cfg, args) -> dict:
     fs.makedirs(out_path, exist_ok=True)
 
     with timer.phase("index"):
-        tars = sorted(r["tar_path"] for r in df.select("tar_path").where(F.col("tar_path").isNotNull())
-                      .distinct().collect())
+        tars = sorted(t for t in per_tar if t is not None)
         index = index_sources(spark, tars, so) if tars else spark.createDataFrame([], _index_schema())
         # persisted: both branches of the join below read it, and each read would re-read every tar
         index = index.persist(StorageLevel.MEMORY_AND_DISK)
@@ -313,8 +321,8 @@ def run(spark, cfg, args) -> dict:
             positioned = (found.join(F.broadcast(offsets_df), "_bucket")
                           .withColumn("position", F.col("_offset") + rank - 1)
                           .withColumn("shard", F.expr(f"CAST(position DIV {shard_size} AS INT)")))
-        log.info("export: %d selected rows, %d with their image -> %d shards of %d (%s, %s)", selected_rows
-                 if args.limit is None else min(selected_rows, args.limit), total, num_shards, shard_size, fmt,
+        log.info("export: %d selected rows, %d with their image -> %d shards of %d (%s, %s)", selected_rows,
+                 total, num_shards, shard_size, fmt,
                  f"seed {settings['seed']}" if settings["shuffle"] else "subset order")
         worker_settings = {"format": fmt, "plan": plan, "read_chunk": settings["read_chunk"],
                            "storage_options": so}
@@ -371,7 +379,7 @@ def run(spark, cfg, args) -> dict:
     stats = {
         "input": subset_path, "output": output, "subset": subset, "format": fmt,
         "input_rows": selected, "output_rows": written, "rejected_rows": by_status.get("missing_image", 0),
-        "subset_rows_matching_where": selected_rows, "balanced": written + by_status.get("missing_image", 0) == selected,
+        "balanced": written + by_status.get("missing_image", 0) == selected == selected_rows,
         "by_status": by_status, "missing_images": listed, "missing_listed_up_to": settings["max_listed_missing"],
         "shards": num_shards, "shards_written": sum(1 for r in results if r["status"] == "written"),
         "shards_skipped": sum(1 for r in results if r["status"] == "skipped"),

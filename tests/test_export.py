@@ -399,3 +399,29 @@ def test_shard_written_to_and_read_from_s3(moto_s3):
     assert [g["txt"].decode() for g in got] == [s[2] for s in samples[::-1]]
     assert export_shards.write_shard("s3://laion/export", 3, rows, settings)["status"] == "skipped"
     assert export_shards.write_shard("s3://laion/export", 3, rows, {**settings, "plan": "p2"})["status"] == "written"
+
+
+def test_tar_headers_are_tarfiles_own_and_the_fast_index_agrees_with_tarfile(tmp_path):
+    """Our header builder writes byte for byte what tarfile writes for the same member, and the
+    header-only index finds the members tarfile finds (pax headers fall back to tarfile)."""
+    for name, size in [("000010003.jpg", 12345), ("a.txt", 0), ("x" * 100, 7), ("é.json", 5), ("k" * 120, 3)]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, export_shards.TAR_MTIME, 0o644
+        if len(name.encode()) <= 100:
+            assert export_shards.ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8",
+                                                                         "surrogateescape")
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT):
+        path = tmp_path / f"{fmt}.tar"
+        names = ["00000001.jpg", "00000001.txt", "00000002.png", ("p" * 120 if fmt == tarfile.PAX_FORMAT else "q")
+                 + ".jpg"]
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for i, n in enumerate(names):
+                info = tarfile.TarInfo(n)
+                info.size = 700 + i
+                tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
+        members, error = export_shards.index_tar(str(path))
+        with tarfile.open(path) as tar:
+            want = [(m.name.partition(".")[0], m.name.partition(".")[2], m.offset_data, m.size)
+                    for m in tar.getmembers() if not m.name.endswith(".txt")]
+        assert error is None
+        assert [(m["key"], m["ext"], m["offset"], m["size"]) for m in members] == want

@@ -46,6 +46,7 @@ COLUMN_TYPES = {"SAMPLE_ID": "int64", "URL": "string", "TEXT": "string", "HEIGHT
 TAR_MTIME = 0
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
+_ZEROS = bytes(_BLOCK)
 
 
 class ExportReadError(IOError):
@@ -72,39 +73,96 @@ def plan_id(plan: dict) -> str:
 
 # --- step 1: the member table of a source tar --------------------------------------------------------
 
+class _NotPlainUstar(Exception):
+    """A member header the fast reader does not handle (pax / GNU long names, base-256 sizes)."""
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:
+        raise _NotPlainUstar("base-256 number")
+    digits = field.split(b"\0", 1)[0].strip()
+    return int(digits, 8) if digits else 0
+
+
+def _index_headers(fh, total: int | None) -> tuple[list[tuple[str, int, int]], str | None]:
+    """(name, data offset, size) of each regular member, from the 512-byte USTAR headers alone:
+    tarfile's reader costs ~0.5 ms per member in Python, this ~20 us (download writes plain USTAR)."""
+    out, pos = [], 0
+    while True:
+        fh.seek(pos)
+        hdr = fh.read(_BLOCK)
+        if not hdr or hdr == _ZEROS:
+            return out, None
+        if len(hdr) < _BLOCK:
+            return out, f"truncated tar: a header at offset {pos} is cut short"
+        if _octal(hdr[148:156]) != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            return out, f"unreadable tar: bad header checksum at offset {pos}"
+        kind = hdr[156:157]
+        if kind not in (b"0", b"\0", b"5", b"1", b"2"):
+            raise _NotPlainUstar(f"member type {kind!r}")
+        name = hdr[:100].split(b"\0", 1)[0]
+        if hdr[257:262] == b"ustar" and hdr[345:346] != b"\0":
+            name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+        size = _octal(hdr[124:136])
+        data = pos + _BLOCK
+        if kind in (b"0", b"\0"):
+            if total is not None and data + size > total:
+                return out, f"truncated tar: {name.decode('utf-8', 'replace')} ends past the end of the file"
+            out.append((name.decode("utf-8", "surrogateescape"), data, size))
+        else:
+            size = 0   # directories and links have no data
+        pos = data + size + (-size % _BLOCK)
+
+
+def _index_with_tarfile(fh, total: int | None) -> tuple[list[tuple[str, int, int]], str | None]:
+    out, error = [], None
+    try:
+        with tarfile.open(fileobj=fh, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if total is not None and member.offset_data + member.size > total:
+                    error = f"truncated tar: {member.name} ends past the end of the file"
+                    break
+                out.append((member.name, member.offset_data, member.size))
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        error = f"unreadable tar after {len(out)} members: {type(exc).__name__}: {exc}"
+    return out, error
+
+
 def index_tar(uri: str, storage_options: dict | None = None) -> tuple[list[dict], str | None]:
     """([{key, ext, offset, size}] of the image members, error or None).
 
     One image per key (the first; txt/json members are skipped). A tar that cannot be opened gives
-    no members and its error; a truncated one gives the members whose data is wholly present and the
-    error, so the rows whose image is lost are reported as missing rather than failing the export.
+    no members and its error; a truncated or corrupt one gives the members whose data is wholly
+    present and the error, so the rows whose image is lost are reported as missing rather than
+    failing the export. Headers are read by seeking from one to the next (the data is not read);
+    tars with pax or GNU headers go through tarfile.
     """
-    members: list[dict] = []
-    seen: set[str] = set()
     try:
         fs, path = fsio.filesystem(uri, storage_options)
         total = fs.info(path).get("size")
-        with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
-            error = None
+        with fs.open(path, "rb") as fh:
             try:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = split_key(member.name)
-                    if ext in SIDECAR_EXTS or key in seen:
-                        continue
-                    if total is not None and member.offset_data + member.size > total:
-                        error = f"truncated tar: {member.name} ends past the end of the file"
-                        break
-                    seen.add(key)
-                    members.append({"key": key, "ext": ext, "offset": member.offset_data, "size": member.size})
-            except (tarfile.TarError, EOFError, OSError) as exc:
-                error = f"unreadable tar after {len(members)} images: {type(exc).__name__}: {exc}"
-        return members, error
+                found, error = _index_headers(fh, total)
+            except _NotPlainUstar:
+                fh.seek(0)
+                found, error = _index_with_tarfile(fh, total)
     except FileNotFoundError:
         return [], f"source shard not found: {uri}"
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        return members, f"unreadable tar: {type(exc).__name__}: {exc}"
+    except (OSError, ValueError) as exc:
+        return [], f"unreadable tar: {type(exc).__name__}: {exc}"
+    members: list[dict] = []
+    seen: set[str] = set()
+    for name, offset, size in found:
+        key, ext = split_key(name)
+        if ext in SIDECAR_EXTS or key in seen:
+            continue
+        seen.add(key)
+        members.append({"key": key, "ext": ext, "offset": offset, "size": size})
+    if not found and error is None and total:
+        error = "unreadable tar: no members"
+    return members, error
 
 
 # --- step 2: range reads from the source tars ------------------------------------------------------
@@ -198,20 +256,44 @@ class _AtomicOut:
             pass
 
 
+def _ustar_constants() -> tuple[bytes, bytes, int]:
+    """The fixed parts of our USTAR member header (mode 0644, uid/gid 0, mtime TAR_MTIME, regular
+    file, no owner names), and their byte sum for the checksum."""
+    middle = b"0000644\0" + b"0000000\0" * 2          # mode, uid, gid
+    after_size = b"%011o\0" % TAR_MTIME + b" " * 8     # mtime, checksum placeholder
+    tail = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 155 + 12)   # no owner names or device numbers
+    return middle, after_size, tail
+
+
+_MIDDLE, _AFTER_SIZE, _TAIL = _ustar_constants()
+_CONST_SUM = sum(_MIDDLE) + sum(_AFTER_SIZE) + sum(_TAIL)
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte header tarfile writes for TarInfo(name) with our fixed metadata, built from
+    constants (tarfile's own builder is most of the time of writing a shard of small images)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or size >= 8 ** 11:   # long names / huge members: tarfile's general path
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, TAR_MTIME, 0o644
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    size_field = b"%011o\0" % size
+    checksum = _CONST_SUM + sum(raw) + sum(size_field)
+    return b"".join((raw.ljust(100, b"\0"), _MIDDLE, size_field, _AFTER_SIZE[:12], b"%06o\0 " % checksum, _TAIL))
+
+
 class TarWriter:
     """USTAR members written directly (header, data, padding): tarfile's format, fixed metadata."""
 
     def __init__(self, out: _AtomicOut):
         self.out = out
 
-    def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
-        self.out.write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
-        self.out.write(data)
-        pad = -len(data) % _BLOCK
-        if pad:
-            self.out.write(b"\0" * pad)
+    def add_all(self, members: list[tuple[str, bytes]]) -> None:
+        """Members in order, as one write (a chunk of samples: one system call, not three per sample)."""
+        parts = []
+        for name, data in members:
+            parts += (ustar_header(name, len(data)), data, _ZEROS[:-len(data) % _BLOCK])
+        self.out.write(b"".join(parts))
 
     def finish(self) -> None:
         self.out.write(b"\0" * (2 * _BLOCK))
@@ -284,10 +366,11 @@ def write_shard(output: str, shard: int, rows: list[dict], settings: dict) -> di
             for start in range(0, len(rows), chunk):
                 part = rows[start:start + chunk]
                 images = reader.read([(r["tar_path"], int(r["offset"]), int(r["size"])) for r in part])
+                members = []
                 for row, image in zip(part, images):
                     image_bytes += len(image)
-                    for ext, data in sample_files(row, image):
-                        tar.add(f"{row['key']}.{ext}", data)
+                    members.extend((f"{row['key']}.{ext}", data) for ext, data in sample_files(row, image))
+                tar.add_all(members)
             tar.finish()
             size = out.close()
         except BaseException:
