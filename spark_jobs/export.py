@@ -301,6 +301,7 @@ def run(spark, cfg, args) -> dict:
                       .agg(F.min("error").alias("_tar_error")))
         joined = (df.join(members, ["tar_path", "key"], "left").join(F.broadcast(tar_errors), ["tar_path"], "left")
                   .persist(StorageLevel.MEMORY_AND_DISK))
+    positioned = None
     try:
         with timer.phase("order"):
             found = joined.where(F.col("offset").isNotNull())
@@ -320,7 +321,8 @@ def run(spark, cfg, args) -> dict:
             rank = F.row_number().over(Window.partitionBy("_bucket").orderBy(*within))
             positioned = (found.join(F.broadcast(offsets_df), "_bucket")
                           .withColumn("position", F.col("_offset") + rank - 1)
-                          .withColumn("shard", F.expr(f"CAST(position DIV {shard_size} AS INT)")))
+                          .withColumn("shard", F.expr(f"CAST(position DIV {shard_size} AS INT)"))
+                          .persist(StorageLevel.MEMORY_AND_DISK))   # read by the shard writers and the manifest
         log.info("export: %d selected rows, %d with their image -> %d shards of %d (%s, %s)", selected_rows,
                  total, num_shards, shard_size, fmt,
                  f"seed {settings['seed']}" if settings["shuffle"] else "subset order")
@@ -346,8 +348,9 @@ def run(spark, cfg, args) -> dict:
             manifest_path = fsio.join(output, MANIFEST_DIR)
             datasets.write_dataset(exported.unionByName(missing), manifest_path, EXPORT_MANIFEST)
     finally:
-        joined.unpersist()
-        index.unpersist()
+        for frame in (positioned, joined, index):
+            if frame is not None:
+                frame.unpersist()
 
     with timer.phase("stats"):
         by_status = datasets.count_by(spark, manifest_path, "status")
