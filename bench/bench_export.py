@@ -107,6 +107,7 @@ def run(work: Path, quick: bool) -> list[dict]:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    load_before = os.getloadavg()[0]
     per_shard = 500 if quick else 1000
     sizes = {"small": 2 if quick else 4, "large": 6 if quick else 16}
     source = {name: make_source(work / name, n, per_shard) for name, n in sizes.items()}
@@ -151,7 +152,8 @@ def run(work: Path, quick: bool) -> list[dict]:
     raw = raw_bytes / raw_seconds / 1e6
     raw_cat_speed = source["large"] / raw_cat / 1e6
     samples = sizes["large"] * per_shard
-    shared = "local[2] on a 2-core machine shared with 7 other helpers' tests (load average > 15)"
+    shared = (f"local[2] on a 2-core machine shared with other helpers' jobs (load average "
+              f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after)")
     note = (f"{samples} samples, {source['large'] / 1e6:.0f} MB source -> {out_bytes / 1e6:.0f} MB in "
             f"{big['stats']['shards']} shuffled shards; {shared}; cat {big['cats'][0]:.2f}s / {big['cats'][1]:.2f}s, "
             f"export {big['seconds']:.1f}s (phases {big['stats']['phase_seconds']})")
