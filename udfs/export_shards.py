@@ -209,8 +209,14 @@ def _json_value(value):
     return None if isinstance(value, float) and value != value else value  # NaN -> null
 
 
+_FLOAT_COLUMNS = tuple(c for c, t in COLUMN_TYPES.items() if t == "float64")
+
+
 def sample_record(row: dict) -> dict:
-    return {c: _json_value(row.get(c)) for c in LAION_COLUMNS}
+    record = {c: row.get(c) for c in LAION_COLUMNS}
+    for c in _FLOAT_COLUMNS:   # only these can hold NaN, which JSON cannot
+        record[c] = _json_value(record[c])
+    return record
 
 
 def sample_files(row: dict, image: bytes) -> list[tuple[str, bytes]]:
