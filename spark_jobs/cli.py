@@ -32,6 +32,7 @@ STAGE_MODULES = (
     "spark_jobs.search",
     "spark_jobs.serve",
     "spark_jobs.takedown",
+    "spark_jobs.export",
 )
 
 EXIT_USER_ERROR = 2

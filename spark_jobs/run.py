@@ -5,6 +5,7 @@ A stage whose output is complete (its `_stats/stats.json` exists) is skipped, so
 resumes where it stopped; once a stage runs, every later stage runs too, because its input changed.
 `--force STAGE` redoes one stage (and therefore the ones after it). One SparkSession serves all
 stages. A summary of every stage (seconds, rows in/out) is written to `<root>/_run/run.json`.
+`run.export` (empty by default) names subsets to export for training at the end (spark_jobs/export.py).
 
 Example:
     clipcrawl run --config my_crawl.yaml --set storage.root=s3://bucket/laion-cc-2024-22
@@ -134,13 +135,45 @@ def run_stage(spark, cfg: Config, stage_name: str, root: str, inputs: list[str] 
     return {"status": "ran", "output": output, "seconds": seconds, "stats": stats}
 
 
+def export_subsets(spark, cfg: Config, root: str, force: bool) -> dict:
+    """`run.export`: each named subset exported to <root>/<run.datasets.export>/<subset> (see
+    spark_jobs/export.py), skipped when complete unless the filter output changed in this run."""
+    from spark_jobs import export
+
+    storage_options = cfg.get("storage.storage_options") or None
+    results = {}
+    for subset in cfg.get("run.export") or []:
+        output = fsio.join(dataset_path(cfg, root, "export"), subset)
+        if is_complete(output, storage_options) and not force:
+            stats = read_stats(output, storage_options=storage_options)
+            log.info("export %s: complete at %s, skipped (%s)", subset, output, _row_summary(stats))
+            results[subset] = {"status": "skipped", "output": output, "seconds": stats.get("seconds"), "stats": stats}
+            continue
+        stage_args = parse_stage_args(export, ["--dataset", dataset_path(cfg, root, "filter"),
+                                               "--subset", subset, "--output", output])
+        t0 = time.time()
+        stats = export.run(spark, cfg, stage_args)
+        results[subset] = {"status": "ran", "output": output, "seconds": round(time.time() - t0, 2), "stats": stats}
+    return results
+
+
+def _check_export_subsets(cfg: Config) -> None:
+    names = set((cfg.get("filter.subsets") or {}).values())
+    unknown = [s for s in cfg.get("run.export") or [] if s not in names]
+    if unknown:
+        raise ConfigError(f"run.export names subsets the filter does not write: {', '.join(unknown)} "
+                          f"(filter.subsets: {', '.join(sorted(names))})")
+
+
 def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
     root = args.root or cfg.get("storage.root")
     if not root:
         raise ConfigError("no output root: give --root or set storage.root")
+    _check_export_subsets(cfg)
     stages = selected_stages(args.from_stage, args.to_stage)
     summary: dict = {"root": root, "stages": {}}
     upstream_ran = False
+    filter_changed = False   # the filter's output (the exports' input) was rewritten in this run
     t_run = time.time()
     for position, stage in enumerate(stages, 1):
         log.info("[%d/%d] %s", position, len(stages), stage.name)
@@ -148,11 +181,19 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
                            force=upstream_ran or stage.name in args.force)
         summary["stages"][stage.name] = result
         upstream_ran = upstream_ran or result["status"] == "ran"
+        if stage.name == "filter":
+            filter_changed = upstream_ran
+    if cfg.get("run.export") and STAGE_NAMES.index(args.to_stage) >= STAGE_NAMES.index("filter"):
+        summary["exports"] = export_subsets(spark, cfg, root, force=filter_changed)
     summary["seconds"] = round(time.time() - t_run, 2)
     fsio.write_json(fsio.join(root, "_run", "run.json"), summary, cfg.get("storage.storage_options") or None)
-    return {"root": root, "seconds": summary["seconds"],
-            "stages": {k: {"status": v["status"], "seconds": v["seconds"], "output": v["output"]}
-                       for k, v in summary["stages"].items()}}
+    out = {"root": root, "seconds": summary["seconds"],
+           "stages": {k: {"status": v["status"], "seconds": v["seconds"], "output": v["output"]}
+                      for k, v in summary["stages"].items()}}
+    if "exports" in summary:
+        out["exports"] = {k: {"status": v["status"], "seconds": v["seconds"], "output": v["output"]}
+                          for k, v in summary["exports"].items()}
+    return out
 
 
 def main(argv=None):

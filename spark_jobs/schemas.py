@@ -272,3 +272,21 @@ INDEX_IDS = DatasetSpec(
     ]),
     required=("index_id", "URL", "TEXT"),
 )
+
+# --- export ---------------------------------------------------------------------------------------
+
+EXPORT_MANIFEST = DatasetSpec(
+    name="export_manifest",
+    description="<export>/manifest/: one row per subset row the export selected (after --where and "
+                "--limit): the shard it is in, or why it is in none (its image missing from its source shard)",
+    schema=T.StructType([
+        _s("key"),              # the sample's key, in the export shard as in the source shard
+        _l("SAMPLE_ID"),
+        _i("shard"),            # export shard number (null when not exported)
+        _s("shard_file"),       # {shard:05d}.tar or .parquet
+        _l("position"),         # 0-based place in the export order (shard = position // export.shard_size)
+        _s("tar_path"),         # the source download shard
+        _s("status"),           # success | missing_image (error_message: not in the shard / the shard unreadable)
+        _s("error_message"),
+    ]),
+)

@@ -1,0 +1,191 @@
+"""export benchmark: `clipcrawl export` (shuffled webdataset shards) against copying the same bytes
+with `cat`, measured side by side on the same disk.
+
+Data: download-like shards (`{shard:05d}.tar` with KEY.jpg / KEY.txt / KEY.json) whose images are
+random bytes of 10-40 KB (256 px JPEGs at quality 95 are that size; export never decodes them),
+and a subset parquet naming every sample, so the export writes about as many bytes as the source
+holds. `cat` copies the source tars into one file: the floor of any copy. The export is timed
+whole (index, shard assignment, writing, manifest and stats, on a started and warmed-up local[2]
+session), at two sizes so the fixed cost of its Spark jobs can be taken out (the marginal
+throughput), and its copy function alone in one process. The page cache is warm for both (cat runs
+once before, to warm it). cat is timed before and after each export and averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+
+def make_source(root: Path, shards: int, per_shard: int, seed: int = 0) -> int:
+    """Source tars and a subset parquet under root; returns the source bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    images, subset = root / "images", root / "dataset" / "laion2B-en"
+    images.mkdir(parents=True)
+    subset.mkdir(parents=True)
+    rows = []
+    for shard in range(shards):
+        path = images / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for index in range(per_shard):
+                key = f"{shard:05d}{index:04d}"
+                text = f"a photo of item {key} on a wooden table"
+                meta = json.dumps({"key": key, "status": "success"}).encode()
+                for ext, data in (("jpg", rng.randbytes(rng.randint(10_000, 40_000))), ("txt", text.encode()),
+                                  ("json", meta)):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                sid = rng.getrandbits(63)
+                rows.append({"SAMPLE_ID": sid, "URL": f"https://img.example/{key}.jpg", "TEXT": text, "HEIGHT": 256,
+                             "WIDTH": 256, "similarity": 0.3, "LANGUAGE": "en", "punsafe": None, "pwatermark": None,
+                             "hash": sid, "key": key, "tar_path": str(path)})
+    schema = pa.schema([("SAMPLE_ID", pa.int64()), ("URL", pa.string()), ("TEXT", pa.string()),
+                        ("HEIGHT", pa.int32()), ("WIDTH", pa.int32()), ("similarity", pa.float64()),
+                        ("LANGUAGE", pa.string()), ("punsafe", pa.float64()), ("pwatermark", pa.float64()),
+                        ("hash", pa.int64()), ("key", pa.string()), ("tar_path", pa.string())])
+    half = len(rows) // 2
+    pq.write_table(pa.Table.from_pylist(rows[:half], schema=schema), subset / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[half:], schema=schema), subset / "part-00001.parquet")
+    return sum(p.stat().st_size for p in images.glob("*.tar"))
+
+
+def time_cat(src: Path, dst: Path, fsync: bool = False) -> float:
+    """cat of the source tars into one file; with fsync, also flushed to disk as export's shards are
+    (each shard's marker is written with fsync, which on ext4 flushes the shard before it)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    tars = sorted(str(p) for p in src.glob("*.tar"))
+    t0 = time.perf_counter()
+    with open(dst / "all.tar", "wb") as out:
+        subprocess.run(["cat", *tars], stdout=out, check=True)
+        if fsync:
+            os.fsync(out.fileno())
+    seconds = time.perf_counter() - t0
+    os.remove(dst / "all.tar")
+    return seconds
+
+
+def raw_copy(root: Path, out: Path) -> tuple[int, float]:
+    """write_shard alone, in this process, on every sample of root (shuffled): what one Spark task
+    does, without Spark. Returns (bytes written, seconds)."""
+    import glob
+    import random
+
+    import pyarrow.parquet as pq
+
+    from udfs import export_shards
+
+    rows = []
+    for path in sorted(glob.glob(str(root / "dataset" / "laion2B-en" / "*.parquet"))):
+        rows.extend(pq.read_table(path).to_pylist())
+    index = {}
+    for tar in sorted({r["tar_path"] for r in rows}):
+        members, _ = export_shards.index_tar(tar)
+        index.update({(tar, m["key"]): m for m in members})
+    random.Random(0).shuffle(rows)
+    for i, r in enumerate(rows):
+        r.update(index[(r["tar_path"], r["key"])], position=i)
+    t0 = time.perf_counter()
+    res = export_shards.write_shard(str(out), 0, rows, {"format": "webdataset", "plan": "raw", "read_chunk": 256})
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return res["bytes"], seconds
+
+
+def run(work: Path, quick: bool) -> list[dict]:
+    from spark_jobs import export
+    from spark_jobs.config import load_config
+    from spark_jobs.session import get_spark
+
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    load_before = os.getloadavg()[0]
+    per_shard = 500 if quick else 1000
+    sizes = {"small": 2 if quick else 4, "large": 6 if quick else 16}
+    source = {name: make_source(work / name, n, per_shard) for name, n in sizes.items()}
+    cfg = load_config("local", overrides=[
+        "spark.master=local[2]", "spark.conf.spark.driver.memory=2g", "spark.conf.spark.ui.enabled=false",
+        "spark.conf.spark.ui.showConsoleProgress=false", "spark.conf.spark.sql.shuffle.partitions=4",
+        f"spark.conf.spark.local.dir={work / 'spark-local'}", f"export.shard_size={per_shard}"])
+    spark = get_spark(cfg, "bench-export")
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+
+    def do_export(name: str, extra=()) -> tuple[dict, float]:
+        t0 = time.perf_counter()
+        stats = export.run(spark, cfg, parser.parse_args(["--dataset", str(work / name / "dataset"),
+                                                          "--output", str(work / name / "export"), *extra]))
+        return stats, time.perf_counter() - t0
+
+    do_export("small", ["--limit", "50"])       # warm-up: JVM code paths and Python workers
+    shutil.rmtree(work / "small" / "export")
+    measured = {}
+    for name in sizes:
+        time_cat(work / name / "images", work / "cat")            # warm the page cache for both
+        cat_before = time_cat(work / name / "images", work / "cat")
+        stats, seconds = do_export(name)
+        cat_after = time_cat(work / name / "images", work / "cat")
+        assert stats["output_rows"] == sizes[name] * per_shard, stats["by_status"]
+        measured[name] = {"stats": stats, "seconds": seconds, "cat": (cat_before + cat_after) / 2,
+                          "cats": (cat_before, cat_after)}
+    raw_bytes, raw_seconds = raw_copy(work / "large", work / "raw")
+    raw_cat = time_cat(work / "large" / "images", work / "cat")
+    raw_cat_sync = time_cat(work / "large" / "images", work / "cat", fsync=True)
+
+    big, small = measured["large"], measured["small"]
+    out_bytes = big["stats"]["bytes"]
+    cat_speed = source["large"] / big["cat"] / 1e6
+    ours = out_bytes / big["seconds"] / 1e6
+    extra_bytes = out_bytes - small["stats"]["bytes"]
+    extra_seconds = big["seconds"] - small["seconds"]
+    marginal = extra_bytes / extra_seconds / 1e6 if extra_seconds > 0 else None
+    extra_cat = big["cat"] - small["cat"]
+    marginal_cat = (source["large"] - source["small"]) / extra_cat / 1e6 if extra_cat > 0 else cat_speed
+    write_only = out_bytes / big["stats"]["phase_seconds"]["write_shards"] / 1e6
+    raw = raw_bytes / raw_seconds / 1e6
+    raw_cat_speed = source["large"] / raw_cat / 1e6
+    samples = sizes["large"] * per_shard
+    shared = (f"local[2] on a 2-core machine shared with other helpers' jobs (load average "
+              f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after)")
+    note = (f"{samples} samples, {source['large'] / 1e6:.0f} MB source -> {out_bytes / 1e6:.0f} MB in "
+            f"{big['stats']['shards']} shuffled shards; {shared}; cat {big['cats'][0]:.2f}s / {big['cats'][1]:.2f}s, "
+            f"export {big['seconds']:.1f}s (phases {big['stats']['phase_seconds']})")
+    return [
+        {"name": "export_throughput", "value": round(ours, 1), "unit": "MB/s", "peer": "cat (same bytes)",
+         "peer_value": round(cat_speed, 1), "ratio": round(ours / cat_speed, 3), "goal": ">= 0.5", "note": note},
+        {"name": "export_marginal_throughput", "value": None if marginal is None else round(marginal, 1),
+         "unit": "MB/s", "peer": "cat (same bytes)", "peer_value": round(marginal_cat, 1),
+         "ratio": None if marginal is None else round(marginal / marginal_cat, 3), "goal": ">= 0.5",
+         "note": f"(bytes large - small) / (seconds large - small): the stage without its fixed Spark cost "
+                 f"({sizes['small'] * per_shard} vs {samples} samples; small export {small['seconds']:.1f}s)"},
+        {"name": "export_write_phase_throughput", "value": round(write_only, 1), "unit": "MB/s",
+         "peer": "cat (same bytes)", "peer_value": round(cat_speed, 1), "ratio": round(write_only / cat_speed, 3),
+         "goal": "", "note": "the shard-writing Spark job alone (range reads + tar writes + markers)"},
+        {"name": "write_shard_one_process", "value": round(raw, 1), "unit": "MB/s", "peer": "cat (same bytes)",
+         "peer_value": round(raw_cat_speed, 1), "ratio": round(raw / raw_cat_speed, 3), "goal": "",
+         "note": f"udfs.export_shards.write_shard on all {samples} samples in one shuffled shard, no Spark "
+                 f"(one core, as cat); its marker's fsync flushes the shard to disk, cat's output is not"},
+        {"name": "write_shard_one_process_vs_durable_cat", "value": round(raw, 1), "unit": "MB/s",
+         "peer": "cat + fsync (same bytes)", "peer_value": round(source["large"] / raw_cat_sync / 1e6, 1),
+         "ratio": round(raw / (source["large"] / raw_cat_sync / 1e6), 3), "goal": "",
+         "note": "the same copy against cat whose output is flushed to disk too, as the shard is"},
+    ]
+
+
+if __name__ == "__main__":
+    import sys
+
+    for fig in run(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/work/export"), "--quick" in sys.argv):
+        print(fig)
