@@ -76,7 +76,14 @@ class LanguageIdError(ValueError):
 def cutoff_for(name: str, min_confidence: float | None) -> float:
     """The cut-off to apply: the configured one, or the detector's calibrated default."""
     if min_confidence is not None:
-        return float(min_confidence)
+        try:
+            value = float(min_confidence)
+        except (TypeError, ValueError) as exc:
+            raise LanguageIdError(f"min_language_confidence must be a number in [0, 1] or null, "
+                                  f"got {min_confidence!r}") from exc
+        if not 0.0 <= value <= 1.0:
+            raise LanguageIdError(f"min_language_confidence must be in [0, 1], got {min_confidence!r}")
+        return value
     if name not in DEFAULT_CUTOFFS:
         raise LanguageIdError(f"unknown language detector {name!r}; choose one of {', '.join(DETECTORS)}")
     return DEFAULT_CUTOFFS[name]
@@ -212,6 +219,7 @@ _FILE_NAME = re.compile(r"\.(?:jpe?g|png|gif|webp|svg|bmp|tiff?|avif|heic|pdf|ht
 _URL = re.compile(r"(?:https?://|www\.)\S+|\b[\w-]+(?:\.[\w-]+)*\.(?:com|org|net|edu|gov|info|io|eu|"
                   r"[a-z]{2})\b(?:/\S*)?", re.I)
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
+_LETTER = re.compile(r"[^\W\d_]")
 
 # Tuned on the tune half of the evaluation set (bench/bench_langid.py --tune); see HybridDetector.
 HYBRID_PARAMS = {
@@ -268,8 +276,9 @@ class HybridDetector:
     4. When no word is in any list, a language outside the lists (fastText's guess) is taken
        only at fastText probability >= 0.8; the listed languages would have had words.
     Confidence: evidence / (evidence + the bucket's threshold), so 0.5 is the tuned cut-off for
-    every language; script decisions get the fastText share among the script's languages (1.0
-    for one-language scripts).
+    every language; a script decision is 1.0 for a one-language script, else 0.5 plus half of
+    fastText's share among the script's languages (the script settles "has a language", fastText
+    only which one: "вид на море" is Russian, Bulgarian or Macedonian alike).
     """
 
     def __init__(self, min_confidence: float, languages: Iterable[str] | None = None,
@@ -366,11 +375,13 @@ class HybridDetector:
             ja = probs.get("ja", 0.0) >= self.params["ja_in_han"] and _in_japanese_charset(text)
             code = "ja" if ja and "ja" in choices else choices[0]
             return _cut(code, 1.0, self.min_confidence)
+        # The script settles that the caption has a language (0.5, the default cut-off); which of
+        # the script's languages adds half of fastText's share among them.
         total = sum(probs.values())
         if not total:
-            return _cut(choices[0], 1.0 / len(choices), self.min_confidence)
+            return _cut(choices[0], 0.5 + 0.5 / len(choices), self.min_confidence)
         code = max(probs, key=probs.get)
-        return _cut(code, probs[code] / total, self.min_confidence)
+        return _cut(code, 0.5 + 0.5 * probs[code] / total, self.min_confidence)
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -382,7 +393,7 @@ def _main_script(text: str, non_latin_share: float) -> tuple[str | None, float]:
     """("LATIN", share) unless letters of another script make up >= non_latin_share of all
     letters; then that script (kana wins over Han: Japanese mixes both). (None, 0) without letters."""
     if text.isascii() or max(text) < "\u0250":  # ASCII or Latin-1/Latin Extended only
-        return ("LATIN", 1.0) if any(ch.isalpha() for ch in text) else (None, 0.0)
+        return ("LATIN", 1.0) if _LETTER.search(text) else (None, 0.0)
     counts: Counter = Counter(_script_of(ch) for ch in text if ch.isalpha())
     total = sum(counts.values())
     if not total:
