@@ -166,3 +166,16 @@ def test_fasttext_model_is_the_bundled_one_and_needs_no_network():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "['en', 'en']"
+
+
+def test_every_caption_the_demo_sample_plants(default_detector):
+    """All 144 shape captions of tests/gen/shapes.py (4 colours x 4 shapes x en/de/fr x 3 phrasings)
+    get their language, and the sample's file-name captions none (the demo's laion2B-en needs the
+    English ones: the end-to-end check is in tests/test_pipeline_e2e.py)."""
+    from tests.gen import shapes
+
+    planted = [(shapes.caption(c, s, lang=lang, variant=v), lang) for c, s in shapes.all_classes()
+               for lang in shapes.LANGS for v in range(shapes.N_VARIANTS)]
+    planted += [(f"IMG_{n:04d}.jpg", None) for n in (7, 42, 1234, 9999)]
+    got = default_detector.detect_batch([t for t, _ in planted])
+    assert [(t, code) for (t, _), (code, _) in zip(planted, got)] == planted
