@@ -239,6 +239,8 @@ def run(work: Path, quick: bool) -> list[dict]:
     """Figures for `python -m bench`: per detector, accuracy (vs the best single off-the-shelf
     detector) and speed (vs fastText alone, measured in the same run)."""
     results = measure(quick)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "table.md").write_text(table(results) + "\n", encoding="utf-8")  # the README's table
     singles = [r for r in results if not r["label"].startswith(("hybrid", "script", "fasttext AND"))]
     best_single = max(singles, key=lambda r: r["all"]["accuracy"])
     fasttext = next(r for r in results if r["label"].startswith("fasttext (lid"))

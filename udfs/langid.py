@@ -369,14 +369,14 @@ class HybridDetector:
             return None, 0.0
         if len(choices) == 1 and script != "HAN":
             return _cut(choices[0], 1.0, self.min_confidence)
-        top = _fasttext_top(self._model, text, 10)
-        probs = {c: p for c, p in top if c in choices}
-        if script == "HAN":
-            ja = probs.get("ja", 0.0) >= self.params["ja_in_han"] and _in_japanese_charset(text)
+        if script == "HAN":  # ja >= 0.8 can only be fastText's first guess
+            (first, prob), = _fasttext_top(self._model, text, 1)
+            ja = first == "ja" and prob >= self.params["ja_in_han"] and _in_japanese_charset(text)
             code = "ja" if ja and "ja" in choices else choices[0]
             return _cut(code, 1.0, self.min_confidence)
         # The script settles that the caption has a language (0.5, the default cut-off); which of
         # the script's languages adds half of fastText's share among them.
+        probs = {c: p for c, p in _fasttext_top(self._model, text, 5) if c in choices}
         total = sum(probs.values())
         if not total:
             return _cut(choices[0], 0.5 + 0.5 / len(choices), self.min_confidence)
