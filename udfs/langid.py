@@ -228,6 +228,7 @@ HYBRID_PARAMS = {
     "capital_weight": 0.8,      # words starting with a capital count less: they are often names
     "fasttext_weight": 0.6,     # weight of fastText's log-probability when choosing the language
     "fasttext_lead": 1.5,       # fastText is asked only when no language leads the evidence by this
+    "fasttext_k": 5,            # fastText's best k languages are asked (the others count as 1e-4)
     "evidence_en": 0.5,         # word evidence (log10 units) English needs to beat "no language"
     "evidence_other": 1.0,      # ... and any other language
     "unlisted_fasttext": 0.8,   # fastText alone decides a language without word list above this
@@ -293,7 +294,8 @@ class HybridDetector:
         self._evidence = functools.lru_cache(maxsize=1 << 18)(self._word_evidence)
 
     def detect_batch(self, texts: Sequence[str | None]) -> list[tuple[str | None, float]]:
-        return _each_text(texts, self._detect_one)
+        detect = self._detect_one
+        return [(None, 0.0) if not text or text.isspace() else detect(text) for text in texts]
 
     def _word_evidence(self, word: str) -> tuple[tuple[str, float], ...]:
         freqs = [10.0 ** (-lex[word] / 100.0) if word in lex else 0.0 for lex in self._lexicons]
@@ -310,11 +312,14 @@ class HybridDetector:
 
     def _detect_one(self, text: str) -> tuple[str | None, float]:
         p = self.params
-        script, share = _main_script(text, p["non_latin_share"])
-        if script is None:
+        if not text.isascii():
+            script, share = _main_script(text, p["non_latin_share"])
+            if script is None:
+                return None, 0.0
+            if script != "LATIN":
+                return self._by_script(text, script, share)
+        elif not _LETTER.search(text):
             return None, 0.0
-        if script != "LATIN":
-            return self._by_script(text, script, share)
         stripped = text.strip()
         if " " not in stripped and ("-" in stripped or "_" in stripped):
             return None, 0.0  # a slug or a file name's stem
@@ -347,7 +352,7 @@ class HybridDetector:
         if ranked[0] > lead and (len(ranked) == 1 or ranked[0] - lead > ranked[1]):
             best = max(evidence, key=get)
         else:
-            top = _fasttext_top(self._model, text, 5)
+            top = _fasttext_top(self._model, text, p["fasttext_k"])
             ft = dict(top)
             candidates = set(evidence)
             candidates.update(c for c, _ in top[:3] if self._allowed_code(c))
