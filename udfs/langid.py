@@ -20,19 +20,20 @@ Detectors (config `filter.language_detector`):
 Measured by `python bench/bench_langid.py` on tests/fixtures/alt_text_langid.tsv: 728 real alt-texts
 labelled by reading (15 languages + 199 "none"), split in a tune half (cut-offs and the hybrid's
 few parameters were set on it) and a holdout half never used for tuning. Accuracy on the whole
-set at each detector's cut-off (chosen on the tune half), warm captions/s on one core, peak RSS of
-a fresh worker process; see bench/results.md and the README for the full table:
-    hybrid (default)      0.90 (holdout 0.90)   en recall 0.96   none recall 0.83
-    fastText lid.176      0.75                  en recall 0.81   none recall 0.53
-    lingua, 30 languages  0.72                  en recall 0.51   none recall 0.79
-    lingua (all 75)       0.69                  en recall 0.45   none recall 0.80
-    cld3 (LAION's)        0.57                  en recall 0.35   none recall 0.76
+set at each detector's cut-off (chosen on the tune half); speed in captions per CPU second, one
+core, warm, on a shared 2-core machine; RSS a fresh worker adds (full table: README, bench/results.md):
+    hybrid (default)      0.908 (holdout 0.906)  en recall 0.964  none 0.844  ~19,000/s  118 MB
+    fastText lid.176      0.747                  en recall 0.811  none 0.533  ~38,000/s    5 MB
+    lingua, 30 languages  0.721                  en recall 0.514  none 0.794   ~1,500/s  594 MB
+    lingua (all 75)       0.692                  en recall 0.446  none 0.799     ~600/s 1135 MB
+    cld3 (LAION's)        0.570                  en recall 0.345  none 0.764  ~20,000/s    3 MB
 Why the hybrid wins: on alt-text the hard part is not telling German from French but telling a
 word from a name. Every single detector gives "Facebook", "Elon Musk" or "Stansted" a confident
 language and misses short lowercase English ("a red circle": fastText 0.20, lingua splits it over
 75 languages). Word frequencies answer exactly that question: a brand is about as frequent in
-every language's web text, a word is frequent in its own language. Why not lingua: ~1 GB and
-~1,800 captions/s per worker, and worse here.
+every language's web text, a word is frequent in its own language. Without fastText the word
+evidence alone reaches 0.860; fastText alone 0.747; together 0.908. Why not lingua: ~1 GB and
+~600 captions/s per worker, and less accurate here.
 
 Building a detector loads its models, so it is built once per Python worker and cached here
 (`get_detector` is memoised); detectors are never pickled from the driver.
@@ -268,7 +269,7 @@ class HybridDetector:
        they are brand or place names.
     2. File names, slugs ("my-photo_01"), URLs and domains carry no language.
     3. Every remaining word gets a log-likelihood ratio per language: log10 of its frequency in
-       that language's web text (wordfreq) over its mean frequency in all 28 word lists, kept
+       that language's web text (wordfreq) over its mean frequency in all 27 word lists, kept
        where positive. "the" or "Startseite" give strong evidence; "Facebook", "Logo" or "Video",
        about as frequent everywhere, give none; unknown words give none. Capitalised words count
        0.8 (names). The language is the best sum of that evidence plus 0.6 x fastText's
