@@ -222,16 +222,17 @@ _URL = re.compile(r"(?:https?://|www\.)\S+|\b[\w-]+(?:\.[\w-]+)*\.(?:com|org|net
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
 _LETTER = re.compile(r"[^\W\d_]")
 
-# Tuned on the tune half of the evaluation set (bench/bench_langid.py --tune); see HybridDetector.
+# The best of `python bench/bench_langid.py --tune` (a grid search on the tune half of the
+# evaluation set only; the holdout half was not used); see HybridDetector.
 HYBRID_PARAMS = {
     "non_latin_share": 1 / 3,   # a non-Latin script decides when >= this share of the letters
     "ja_in_han": 0.8,           # Han-only text is Japanese when fastText says ja >= this ...
-    "capital_weight": 0.8,      # words starting with a capital count less: they are often names
+    "capital_weight": 1.0,      # weight of capitalised words (names?); the search kept 1.0: no discount
     "fasttext_weight": 0.6,     # weight of fastText's log-probability when choosing the language
     "fasttext_lead": 1.5,       # fastText is asked only when no language leads the evidence by this
     "fasttext_k": 5,            # fastText's best k languages are asked (the others count as 1e-4)
-    "evidence_en": 0.5,         # word evidence (log10 units) English needs to beat "no language"
-    "evidence_other": 1.0,      # ... and any other language
+    "evidence_en": 0.75,        # word evidence (log10 units) English needs to beat "no language"
+    "evidence_other": 1.25,     # ... and any other language
     "unlisted_fasttext": 0.8,   # fastText alone decides a language without word list above this
 }
 
@@ -271,10 +272,10 @@ class HybridDetector:
     3. Every remaining word gets a log-likelihood ratio per language: log10 of its frequency in
        that language's web text (wordfreq) over its mean frequency in all 27 word lists, kept
        where positive. "the" or "Startseite" give strong evidence; "Facebook", "Logo" or "Video",
-       about as frequent everywhere, give none; unknown words give none. Capitalised words count
-       0.8 (names). The language is the best sum of that evidence plus 0.6 x fastText's
-       log-probability (which knows morphology and long texts); it is kept when its evidence
-       reaches 0.5 (English, frequent in alt-text and borrowed everywhere) or 1.0 (others).
+       about as frequent everywhere, give none; unknown words give none. The language is the best
+       sum of that evidence plus 0.6 x fastText's log-probability (which knows morphology and
+       long texts; it is only asked when no language leads by 1.5); it is kept when its evidence
+       reaches 0.75 (English, frequent in alt-text and borrowed everywhere) or 1.25 (others).
     4. When no word is in any list, a language outside the lists (fastText's guess) is taken
        only at fastText probability >= 0.8; the listed languages would have had words.
     Confidence: evidence / (evidence + the bucket's threshold), so 0.5 is the tuned cut-off for
