@@ -43,7 +43,7 @@ def test_default_detector_meets_the_goals_on_real_alt_text(alt_texts, default_de
     assert whole["accuracy"] >= 0.90, whole
     assert whole["en_recall"] >= 0.95 and whole["en_precision"] >= 0.90, whole
     assert whole["none_recall"] >= 0.75, whole
-    # the half never used for tuning stays close (0.906 measured)
+    # the half never used for tuning stays close (0.909 measured)
     assert holdout["accuracy"] >= 0.88 and holdout["en_recall"] >= 0.93, holdout
 
 

@@ -22,18 +22,18 @@ labelled by reading (15 languages + 199 "none"), split in a tune half (cut-offs 
 few parameters were set on it) and a holdout half never used for tuning. Accuracy on the whole
 set at each detector's cut-off (chosen on the tune half); speed in captions per CPU second, one
 core, warm, on a shared 2-core machine; RSS a fresh worker adds (full table: README, bench/results.md):
-    hybrid (default)      0.908 (holdout 0.906)  en recall 0.964  none 0.844  ~19,000/s  118 MB
-    fastText lid.176      0.747                  en recall 0.811  none 0.533  ~38,000/s    5 MB
-    lingua, 30 languages  0.721                  en recall 0.514  none 0.794   ~1,500/s  594 MB
-    lingua (all 75)       0.692                  en recall 0.446  none 0.799     ~600/s 1135 MB
-    cld3 (LAION's)        0.570                  en recall 0.345  none 0.764  ~20,000/s    3 MB
+    hybrid (default)      0.911 (holdout 0.909)  en recall 0.956  none 0.864  ~23,000/s  117 MB
+    fastText lid.176      0.747                  en recall 0.811  none 0.533  ~51,000/s    5 MB
+    lingua, 30 languages  0.721                  en recall 0.514  none 0.794   ~2,000/s  594 MB
+    lingua (all 75)       0.692                  en recall 0.446  none 0.799     ~800/s 1126 MB
+    cld3 (LAION's)        0.570                  en recall 0.345  none 0.764  ~21,000/s    3 MB
 Why the hybrid wins: on alt-text the hard part is not telling German from French but telling a
 word from a name. Every single detector gives "Facebook", "Elon Musk" or "Stansted" a confident
 language and misses short lowercase English ("a red circle": fastText 0.20, lingua splits it over
 75 languages). Word frequencies answer exactly that question: a brand is about as frequent in
 every language's web text, a word is frequent in its own language. Without fastText the word
-evidence alone reaches 0.860; fastText alone 0.747; together 0.908. Why not lingua: ~1 GB and
-~600 captions/s per worker, and less accurate here.
+evidence alone reaches 0.859; fastText alone 0.747; together 0.911. Why not lingua: ~1 GB and
+~800 captions/s per worker, and less accurate here.
 
 Building a detector loads its models, so it is built once per Python worker and cached here
 (`get_detector` is memoised); detectors are never pickled from the driver.
