@@ -9,8 +9,10 @@ Reads the clip_score output (`<scored>`, contract 3) and writes under `<dataset>
 and every row not kept in `<dataset>_rejected` (status below_threshold / not_scored / the earlier
 status), so kept + rejected == input rows.
 
-Language: filter.language_detector (default lingua; see udfs/langid.py for the measured choice);
-a caption whose best guess is below filter.min_language_confidence is "no language".
+Language: filter.language_detector (default hybrid; see udfs/langid.py for the measured choice);
+a caption whose confidence is below filter.min_language_confidence (null: the detector's tuned
+cut-off) is "no language". Every scored row keeps LANGUAGE and language_confidence (rejected rows
+too), and the stats name the detector and the cut-off applied, so a split can be redone offline.
 Thresholds: filter.thresholds (LAION-5B: 0.28 en / 0.26 multi / 0.26 nolang), or all three from
 filter.presets when filter.preset is set (laion400m: 0.30). Kept when score >= threshold.
 English is scored with `similarity`, other buckets with `similarity_multilingual` when present.
@@ -90,8 +92,8 @@ def build_settings(cfg) -> dict:
                           f"got {section.get('language_detector')!r}")
     try:
         # Built once here so a bad code, a missing gcld3 or a broken head fails before any task.
-        langid.get_detector(section["language_detector"], section["min_language_confidence"],
-                            section.get("languages"))
+        detector = langid.get_detector(section["language_detector"], section.get("min_language_confidence"),
+                                       section.get("languages"))
         heads = {k: safety_heads.get_head(section.get(k), storage_options)
                  for k in ("punsafe_head", "pwatermark_head")}
     except (langid.LanguageIdError, safety_heads.HeadLoadError) as exc:
@@ -102,7 +104,10 @@ def build_settings(cfg) -> dict:
     return {
         "thresholds": resolve_thresholds(section),
         "detector": section["language_detector"],
-        "min_language_confidence": float(section["min_language_confidence"]),
+        "min_language_confidence": detector.min_confidence,
+        "min_language_confidence_source": ("filter.min_language_confidence"
+                                           if section.get("min_language_confidence") is not None
+                                           else f"{detector.name} default (udfs.langid.DEFAULT_CUTOFFS)"),
         "languages": list(section["languages"]) if section.get("languages") else None,
         "punsafe_head": section.get("punsafe_head"),
         "pwatermark_head": section.get("pwatermark_head"),
@@ -168,7 +173,8 @@ def _subset_frame(kept):
     return kept.select(
         "SAMPLE_ID", F.col("url").alias("URL"), F.col("text").alias("TEXT"), "HEIGHT", "WIDTH",
         F.col("score").alias("similarity"), "LANGUAGE", "punsafe", "pwatermark",
-        F.col("SAMPLE_ID").alias("hash"), "key", "tar_path", "uid", "image_embedding", "text_embedding")
+        F.col("SAMPLE_ID").alias("hash"), "key", "tar_path", "language_confidence", "uid", "image_embedding",
+        "text_embedding")
 
 
 def write_embeddings(subset_df, root: str, rows: int, settings: dict) -> None:
@@ -260,6 +266,7 @@ def summarize(spark, output: str, rejected: str, settings: dict, input_rows: int
         "thresholds": settings["thresholds"],
         "language_detector": settings["detector"],
         "min_language_confidence": settings["min_language_confidence"],
+        "min_language_confidence_source": settings["min_language_confidence_source"],
         "safety_heads": {"punsafe": settings["punsafe_head"], "pwatermark": settings["pwatermark_head"]},
         "similarity_histogram": {
             "min": float(hist["min"]), "max": float(hist["max"]), "bins": bins,

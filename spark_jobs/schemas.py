@@ -210,6 +210,7 @@ SUBSET = DatasetSpec(
         _l("hash"),             # = SAMPLE_ID: the 64-bit hash of url + text, to join subsets
         _s("key"),              # the sample's key in its webdataset shard
         _s("tar_path"),         # URI of that shard
+        _d("language_confidence"),  # the detector's confidence in LANGUAGE (also in nolang): re-split offline
     ]),
 )
 

@@ -115,7 +115,7 @@ def _read_subsets(spark, dataset: Path, c) -> dict[str, pd.DataFrame]:
     return out
 
 
-@pytest.mark.slow  # shares one stage run (~30 s: lingua's models load in the Python worker)
+@pytest.mark.slow  # shares one stage run
 def test_threshold_and_language_split(spark, filtered):
     dataset, pdf, stats, c = filtered
     subsets = _read_subsets(spark, dataset, c)
@@ -132,7 +132,7 @@ def test_threshold_and_language_split(spark, filtered):
     assert en["similarity"] == pytest.approx(0.35)
 
 
-@pytest.mark.slow  # shares one stage run (~30 s: lingua's models load in the Python worker)
+@pytest.mark.slow  # shares one stage run
 def test_rejected_rows_keep_reason_and_add_up(spark, filtered):
     dataset, pdf, stats, _ = filtered
     rejected = spark.read.parquet(str(dataset) + "_rejected").toPandas().set_index("text")
@@ -155,7 +155,7 @@ def test_rejected_rows_keep_reason_and_add_up(spark, filtered):
                                            "failed_to_download": 1, "failed_to_decode": 1}
 
 
-@pytest.mark.slow  # shares one stage run (~30 s: lingua's models load in the Python worker)
+@pytest.mark.slow  # shares one stage run
 def test_subset_schema_and_ids(spark, filtered):
     dataset, pdf, _, c = filtered
     for name in c.get("filter.subsets").values():
@@ -175,7 +175,7 @@ def test_subset_schema_and_ids(spark, filtered):
         assert (row["WIDTH"], row["HEIGHT"]) == (src["original_width"], src["original_height"])
 
 
-@pytest.mark.slow  # shares one stage run (~30 s: lingua's models load in the Python worker)
+@pytest.mark.slow  # shares one stage run
 def test_safety_head_plumbing(spark, filtered):
     dataset, _, stats, c = filtered
     subsets = pd.concat(_read_subsets(spark, dataset, c).values()).set_index("TEXT")
@@ -187,7 +187,7 @@ def test_safety_head_plumbing(spark, filtered):
     assert stats["safety_heads"]["pwatermark"] is None
 
 
-@pytest.mark.slow  # shares one stage run (~30 s: lingua's models load in the Python worker)
+@pytest.mark.slow  # shares one stage run
 def test_embeddings_layout_is_row_aligned(filtered):
     dataset, pdf, stats, c = filtered
     by_id = {uid_to_int64(u): (i, t) for u, i, t in zip(pdf["uid"], pdf["image_embedding"], pdf["text_embedding"])}
@@ -213,7 +213,7 @@ def test_embeddings_layout_is_row_aligned(filtered):
     assert stats["subsets"][c.get("filter.subsets.multi")]["embedding_parts"] == 2
 
 
-@pytest.mark.slow  # shares one stage run (~30 s: lingua's models load in the Python worker)
+@pytest.mark.slow  # shares one stage run
 def test_stats_histogram_and_languages(filtered):
     _, _, stats, _ = filtered
     hist = stats["similarity_histogram"]
@@ -228,6 +228,23 @@ def test_stats_histogram_and_languages(filtered):
     assert stats["languages"] == {"en": 2, "none": 2, "de": 1, "fr": 1, "ru": 1, "ja": 1}
     written = datasets.read_stats(str(filtered[0]))
     assert written["stage"] == "filter" and written["kept"] == kept
+
+
+@pytest.mark.slow  # shares one stage run
+def test_language_confidence_and_cutoff_are_kept(spark, filtered):
+    """language_confidence is in every subset (nolang too) and the rejected rows, and the stats
+    name the detector and the cut-off it applied, so a split can be redone without re-detecting."""
+    dataset, _, stats, c = filtered
+    cut = stats["min_language_confidence"]
+    assert stats["language_detector"] == c.get("filter.language_detector") == "hybrid"
+    assert cut == 0.5 and "default" in stats["min_language_confidence_source"]
+    subsets = _read_subsets(spark, dataset, c)
+    for bucket in ("en", "multi"):
+        assert (subsets[bucket]["language_confidence"] >= cut).all(), bucket
+    assert (subsets["nolang"]["language_confidence"] < cut).all()
+    rejected = spark.read.parquet(str(dataset) + "_rejected").toPandas()
+    below = rejected[rejected["status"] == "below_threshold"]
+    assert below["language_confidence"].notna().all() and len(below) == 3
 
 
 def test_empty_input(spark, cfg, tmp_path):
@@ -280,7 +297,7 @@ def test_build_settings_rejects_bad_config(cfg):
     with pytest.raises(ConfigError, match="safety head not found"):
         filter_stage.build_settings(cfg.with_overrides(["filter.punsafe_head=/nonexistent/head.npz"]))
     with pytest.raises(ConfigError, match="language_detector"):
-        filter_stage.build_settings(cfg.with_overrides(["filter.language_detector=fasttext"]))
+        filter_stage.build_settings(cfg.with_overrides(["filter.language_detector=langdetect"]))
 
 
 def test_annotate_boundary_without_spark(cfg):

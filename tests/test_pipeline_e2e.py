@@ -113,6 +113,32 @@ def test_clip_filter_keeps_matching_captions_and_drops_mismatched(baseline, samp
     assert not any(by_kind.get("missing", []))
 
 
+def test_english_captions_land_in_laion2b_en_and_its_search_finds_a_red_circle(baseline, sample):
+    """The language split on the demo's own captions: laion2B-en holds >= 90% of the English
+    matching captions the sample planted (no German or French one), file names are in nolang, and
+    the demo's search for "a red circle" in laion2B-en ranks a red circle first."""
+    from spark_jobs import search
+
+    cfg = baseline["cfg"]
+    subsets = cfg.get("filter.subsets")
+    where = {url: subset for subset, url, *_ in subset_rows(baseline["root"], cfg).values()}
+    english = [it for it in sample["items"] if it["kind"] == "match" and it["lang"] == "en"]
+    in_en = [it for it in english if where.get(it["url"]) == subsets["en"]]
+    assert english and len(in_en) >= 0.9 * len(english), [it["alt"] for it in english if it not in in_en]
+    foreign = [it["alt"] for it in sample["items"] if it["lang"] != "en" and it["kind"] in ("match", "mismatch")
+               and where.get(it["url"]) == subsets["en"]]
+    assert not foreign
+    files = [it for it in sample["items"] if it["kind"] == "nolang" and it["url"] in where]
+    assert all(where[it["url"]] == subsets["nolang"] for it in files)
+
+    hits = search.search(cfg, argparse.Namespace(
+        index=str(baseline["root"] / cfg.get("run.datasets.build-index")), subset=subsets["en"],
+        text="a red circle", image=None, embedding=None, k=5, modality="image", json=False))
+    by_url = {it["url"]: it for it in sample["items"]}
+    first = by_url[hits[0]["URL"]]
+    assert (first["color"], first["shape"]) == ("red", "circle"), [by_url[h["URL"]]["alt"] for h in hits]
+
+
 def test_report_renders_every_chart(baseline, tmp_path):
     from reporting.report import build_report
 
