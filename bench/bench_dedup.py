@@ -101,7 +101,10 @@ def task_memory(work: Path, keys_per_shard: int, rows: int = 1_000_000) -> dict:
     gc.collect()
     tracemalloc.start()
     t0 = time.time()
-    for _ in dedup.seen_join_fn(plan)(iter(batches)):
+    keys = ((b.column("_shard"), b.column("_digest"),
+             pa.array((b.column("_rank").to_numpy() == 1) & ~b.column("_failed").to_numpy(zero_copy_only=False)))
+            for b in batches)
+    for _ in dedup.probe_seen(plan, keys):
         pass
     seconds = time.time() - t0
     _, peak = tracemalloc.get_traced_memory()
