@@ -528,7 +528,9 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
                                               f"(generation {failed_gen})"))
                 .when(F.col("_seen"), F.lit(f"pair probably in the seen filter {seen_uri} "
                                             f"(generation {seen_gen})")))
-    tagged = df.withColumn("status", status).withColumn("error_message", message)
+    # Only the columns the two writes need are cached (not the digests, shard and rank columns).
+    tagged = df.select(*DEDUP_REJECTED.schema.fieldNames()[:-3], status.alias("status"),
+                       message.alias("error_message"), "crawl")
     tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         with timer.phase("write"):
