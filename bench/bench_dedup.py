@@ -4,7 +4,7 @@ and the false-positive rate measured in the stage against the configured one.
 Data: generated in the JVM (`spark.range`), wat_pairs schema, two crawls, 20% exact duplicates
 (2M rows on local[2], so a full run stays under ~10 min on a shared machine; --quick: 200k). All runs read the same parquet and write parquet partitioned
 by crawl, so the ratio isolates what the stage adds: key normalisation, SHA-256, the window that
-picks a deterministic representative, the Bloom join in Python tasks and the rejected dataset.
+picks a deterministic representative, the Bloom probe (key columns only, an Arrow UDF) and the rejected dataset.
 """
 
 from __future__ import annotations
