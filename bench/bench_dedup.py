@@ -4,7 +4,7 @@ and the false-positive rate measured in the stage against the configured one.
 Data: generated in the JVM (`spark.range`), wat_pairs schema, two crawls, 20% exact duplicates
 (2M rows on local[2], so a full run stays under ~10 min on a shared machine; --quick: 200k). All runs read the same parquet and write parquet partitioned
 by crawl, so the ratio isolates what the stage adds: key normalisation, SHA-256, the window that
-picks a deterministic representative, the Bloom join in Python tasks and the rejected dataset.
+picks a deterministic representative, the Bloom probe (key columns only, an Arrow UDF) and the rejected dataset.
 """
 
 from __future__ import annotations
@@ -101,7 +101,10 @@ def task_memory(work: Path, keys_per_shard: int, rows: int = 1_000_000) -> dict:
     gc.collect()
     tracemalloc.start()
     t0 = time.time()
-    for _ in dedup.seen_join_fn(plan)(iter(batches)):
+    keys = ((b.column("_shard"), b.column("_digest"),
+             pa.array((b.column("_rank").to_numpy() == 1) & ~b.column("_failed").to_numpy(zero_copy_only=False)))
+            for b in batches)
+    for _ in dedup.probe_seen(plan, keys):
         pass
     seconds = time.time() - t0
     _, peak = tracemalloc.get_traced_memory()

@@ -241,48 +241,59 @@ class _ShardCursor:
         self.shard = self.old = self.new = None
 
 
-def seen_join_fn(plan: ShardPlan | None) -> Callable:
-    """mapInArrow function: append `_seen` (bool): representative rows (rank 1, not failed) whose
-    key the shard probably holds. The others of those rows are added to the shard's new bits."""
-    def fn(batches):
-        import numpy as np
-        import pyarrow as pa
-        cursor = _ShardCursor(plan, writable=True) if plan is not None else None
-        for batch in batches:
-            seen = np.zeros(batch.num_rows, dtype=bool)
-            if cursor is not None and batch.num_rows:
-                shards = batch.column("_shard").to_numpy(zero_copy_only=False)
-                candidate = ((batch.column("_rank").to_numpy(zero_copy_only=False) == 1)
-                             & ~batch.column("_failed").to_numpy(zero_copy_only=False).astype(bool))
-                words = _digest_words(batch.column("_digest"))
-                for shard, a, b in _shard_runs(shards):
-                    cursor.move_to(shard)
-                    idx = a + np.flatnonzero(candidate[a:b])
-                    hit = cursor.old.contains_digests(words[idx])
-                    seen[idx[hit]] = True
-                    cursor.add(words[idx[~hit]])
-            yield batch.append_column("_seen", pa.array(seen))
-        if cursor is not None:
-            cursor.finish()
-    return fn
+def probe_seen(plan: ShardPlan, batches) -> Iterator:
+    """The seen-filter probe over key batches only: (shards, digests, candidate) Arrow arrays in,
+    one bool numpy array (`_seen`) out per batch. Candidates (representative, not failed) whose key
+    the shard probably holds are seen; the other candidates are added to the shard's new bits,
+    which are written when the partition ends."""
+    import numpy as np
+    cursor = _ShardCursor(plan, writable=True)
+    for shard_arr, digest_arr, cand_arr in batches:
+        n = len(shard_arr)
+        seen = np.zeros(n, dtype=bool)
+        if n:
+            shards = shard_arr.to_numpy(zero_copy_only=False)
+            candidate = cand_arr.to_numpy(zero_copy_only=False).astype(bool)
+            words = _digest_words(digest_arr)
+            for shard, a, b in _shard_runs(shards):
+                cursor.move_to(shard)
+                idx = a + np.flatnonzero(candidate[a:b])
+                hit = cursor.old.contains_digests(words[idx])
+                seen[idx[hit]] = True
+                cursor.add(words[idx[~hit]])
+        yield seen
+    cursor.finish()
 
 
-def failed_test_fn(plan: ShardPlan) -> Callable:
-    """mapInArrow function: append `_failed` (bool): the row's URL is probably in the filter."""
+def probe_failed(plan: ShardPlan, batches) -> Iterator:
+    """The failed-URL probe over key batches only: (url shards, url digests) in, `_failed` out."""
+    import numpy as np
+    cursor = _ShardCursor(plan, writable=False)
+    for shard_arr, digest_arr in batches:
+        failed = np.zeros(len(shard_arr), dtype=bool)
+        if len(shard_arr):
+            shards = shard_arr.to_numpy(zero_copy_only=False)
+            words = _digest_words(digest_arr)
+            for shard, a, b in _shard_runs(shards):
+                cursor.move_to(shard)
+                failed[a:b] = cursor.old.contains_digests(words[a:b])
+        yield failed
+
+
+def probe_column(probe: Callable, plan: ShardPlan, *cols):
+    """A bool column computed by `probe` in an iterator Arrow UDF: only the key columns travel to
+    Python (the rows stay in the JVM and are zipped with the result there), and the iterator spans
+    the whole partition, so a shard is loaded once and written once at its end. Nondeterministic:
+    the optimizer must neither duplicate nor move it (it writes the shard's next generation)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
     def fn(batches):
-        import numpy as np
         import pyarrow as pa
-        cursor = _ShardCursor(plan, writable=False)
-        for batch in batches:
-            failed = np.zeros(batch.num_rows, dtype=bool)
-            if batch.num_rows:
-                shards = batch.column("_url_shard").to_numpy(zero_copy_only=False)
-                words = _digest_words(batch.column("_url_digest"))
-                for shard, a, b in _shard_runs(shards):
-                    cursor.move_to(shard)
-                    failed[a:b] = cursor.old.contains_digests(words[a:b])
-            yield batch.append_column("_failed", pa.array(failed))
-    return fn
+        for out in probe(plan, batches):
+            yield pa.array(out, pa.bool_())
+    udf = F.arrow_udf(fn, T.BooleanType(), F.ArrowUDFType.SCALAR_ITER).asNondeterministic()
+    return udf(*cols)
 
 
 def add_keys_fn(plan: ShardPlan) -> Callable:
@@ -442,7 +453,6 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import Window
     from pyspark.sql import functions as F
-    from pyspark.sql import types as T
 
     conf = cfg.section("dedup")
     storage_options = cfg.get("storage.storage_options") or {}
@@ -486,22 +496,25 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
         fn = failed.plan.shard_count
         df = with_key_digest(df, "url", None, "_url_digest", "_url_shard", fn)
         df = shard_partitioning(spark, df, "_url_shard", "_url_part", fn)
-        df = df.mapInArrow(failed_test_fn(failed.plan),
-                           T.StructType([*df.schema.fields, T.StructField("_failed", T.BooleanType())]))
+        df = df.withColumn("_failed", probe_column(probe_failed, failed.plan,
+                                                   F.col("_url_shard"), F.col("_url_digest")))
         df = df.drop("_url_digest", "_url_shard", "_url_part")
     else:
         df = df.withColumn("_failed", F.lit(False))
 
-    # One shuffle: partition i = shard i; the window's (part, digest) clustering is then already
-    # satisfied (part <-> shard is one-to-one), and the Bloom join sees one shard per task.
+    # One shuffle: partition i = shard i; the window's (digest, part) clustering is then already
+    # satisfied (part <-> shard is one-to-one), and the Bloom probe sees one shard per task. The
+    # digest comes first in the window's sort: its 8-byte prefix settles nearly every comparison
+    # (`_part` first, constant in a partition, left every comparison to the full row comparator).
     order = [F.col(c).asc_nulls_last() for c in REPRESENTATIVE_ORDER]
-    w = Window.partitionBy("_part", "_digest").orderBy(*order)
+    w = Window.partitionBy("_digest", "_part").orderBy(*order)
     df = (shard_partitioning(spark, df, "_shard", "_part", shards)
             .withColumn("_rank", F.row_number().over(w))
             .withColumn("_kept_uid", F.first("uid").over(w)))
     if seen is not None:
-        df = df.mapInArrow(seen_join_fn(seen.plan),
-                           T.StructType([*df.schema.fields, T.StructField("_seen", T.BooleanType())]))
+        candidate = (F.col("_rank") == 1) & ~F.col("_failed")
+        df = df.withColumn("_seen", probe_column(probe_seen, seen.plan, F.col("_shard"),
+                                                 F.col("_digest"), candidate))
     else:
         df = df.withColumn("_seen", F.lit(False))
 
@@ -515,7 +528,9 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
                                               f"(generation {failed_gen})"))
                 .when(F.col("_seen"), F.lit(f"pair probably in the seen filter {seen_uri} "
                                             f"(generation {seen_gen})")))
-    tagged = df.withColumn("status", status).withColumn("error_message", message)
+    # Only the columns the two writes need are cached (not the digests, shard and rank columns).
+    tagged = df.select(*DEDUP_REJECTED.schema.fieldNames()[:-3], status.alias("status"),
+                       message.alias("error_message"), "crawl")
     tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         with timer.phase("write"):

@@ -315,3 +315,38 @@ def test_seen_filter_on_s3_through_fsspec(spark, dcfg, tmp_path, moto_s3):
     store = BloomStore("s3://dedup-filters/seen", "pair", cfg.get("storage.storage_options"))
     assert store.current_generation() == 2
     store.verify(store.manifest(2), full=True)
+
+
+def test_key_probes_see_only_key_columns_and_write_the_next_generation(tmp_path):
+    """The Arrow UDF bodies on their own (no Spark): candidates held by the published shard are
+    seen, the other candidates are added to the next generation, non-candidates are left alone."""
+    import numpy as np
+
+    store = BloomStore(str(tmp_path / "seen"), "pair")
+    plan = store.plan(None, store.next_generation(None), fresh=(1, 1000, 0.001))
+    old_keys = [f"old {i}" for i in range(100)]
+    shard = plan.load(0).copy()
+    shard.add(old_keys)
+    plan.write(shard)
+    store.publish(plan, None, 1000, 0.001)
+    plan = store.plan(store.manifest(1), store.next_generation(1))
+
+    keys = old_keys[:40] + [f"new {i}" for i in range(60)]
+    raw = bloom.digests(keys).astype(">u8").tobytes()
+    digests = pa.array([raw[32 * i:32 * (i + 1)] for i in range(len(keys))], pa.binary())
+    candidate = np.ones(len(keys), bool)
+    candidate[[0, 50]] = False          # an old key and a new key that are not representatives
+    batches = [(pa.array(np.zeros(50, np.int32)), digests.slice(0, 50), pa.array(candidate[:50])),
+               (pa.array(np.zeros(50, np.int32)), digests.slice(50), pa.array(candidate[50:]))]
+    seen = np.concatenate(list(dedup.probe_seen(plan, iter(batches))))
+    assert seen[1:40].all() and not seen[0]          # old candidates seen, the non-candidate not
+    assert seen[40:].sum() <= 2                      # new keys: only false positives
+    written = BloomStore(str(tmp_path / "seen"), "pair").plan(None, None, fresh=(1, 1000, 0.001))
+    written.read_entries = [{"path": "gen-000002/shard-00000.bloom"}]
+    new_bits = written.load(0)
+    added = [k for k, s, c in zip(keys[40:], seen[40:], candidate[40:]) if c and not s]
+    assert new_bits.contains(added).all() and new_bits.contains(old_keys).all()
+    assert new_bits.keys_added == 100 + len(added)
+
+    failed = np.concatenate(list(dedup.probe_failed(plan, iter(b[:2] for b in batches))))
+    assert failed[:40].all() and failed[40:].sum() <= 2
