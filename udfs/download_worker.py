@@ -23,7 +23,7 @@ import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-from udfs import fsio
+from udfs import fsio, image_hash
 from udfs.fetch import FetchConfig, Fetcher
 from udfs.resize import ImageRejected, ResizeConfig, process_image
 from udfs.shard_writer import TarShardWriter, iter_samples, write_verified
@@ -37,6 +37,7 @@ METADATA_COLUMNS = (
     ("content_type", "string"), ("original_width", "int32"), ("original_height", "int32"),
     ("width", "int32"), ("height", "int32"), ("bytes", "int64"), ("sha256", "string"),
     ("download_seconds", "float64"), ("retryable", "bool_"), ("attempts", "int32"),
+    ("phash", "int64"),
 )
 MARKER_SUFFIX = "_complete.json"
 
@@ -137,7 +138,8 @@ class ShardJob:
             return rec, None, timings
         timings.update(out.timings)
         rec.update(status="success", error_message=None, original_width=out.original_width,
-                   original_height=out.original_height, width=out.width, height=out.height)
+                   original_height=out.original_height, width=out.width, height=out.height,
+                   phash=image_hash.phash_bytes(body))   # of the original: the image-dedup stage's key
         return rec, out.data, timings
 
     def run(self, shard: int, rows: list[dict], previous_tar: str | None = None) -> dict:

@@ -1,0 +1,292 @@
+"""Image dedup layers: the pure rules (udfs/image_dedup.py) and the `image-dedup` stage on a
+fabricated download output whose groups of copies, and the copy each group keeps, are planted by
+hand."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from udfs import image_dedup as dd
+from udfs.image_hash import to_signed
+
+# --- pure rules ------------------------------------------------------------------------------------
+
+
+def test_band_layout_covers_64_bits_and_pigeonhole_holds():
+    for bands in (1, 2, 3, 4, 5, 7, 8):
+        layout = dd.band_layout(bands)
+        assert sum(w for _, w in layout) == 64
+        covered = set()
+        for shift, width in layout:
+            covered |= set(range(shift, shift + width))
+        assert covered == set(range(64))
+    with pytest.raises(ValueError):
+        dd.band_layout(0)
+    # 4 bands: a pair 3 bits apart always shares a band, whichever bits differ
+    rng = random.Random(0)
+    for _ in range(200):
+        h = rng.getrandbits(64)
+        flipped = h
+        for bit in rng.sample(range(64), 3):
+            flipped ^= 1 << bit
+        assert any(x == y for x, y in zip(dd.band_values(h, 4), dd.band_values(flipped, 4)))
+    # ... but 4 flips, one per band, share none
+    h = 0
+    four = sum(1 << b for b in (0, 16, 32, 48))
+    assert not any(x == y for x, y in zip(dd.band_values(h, 4), dd.band_values(four, 4)))
+
+
+def test_rules_rank_as_the_issue_says():
+    rows = [("2024-05-02", "a"), (None, "0"), ("2024-05-01", "z"), ("2024-05-01", "b")]
+    assert min(rows, key=lambda r: dd.exact_rank(*r)) == ("2024-05-01", "b")
+    big = (640, 480, "2024-06-01", "z")
+    small_early = (320, 240, "2024-01-01", "a")
+    assert min([small_early, big], key=lambda r: dd.near_rank(*r)) == big
+    same_size = [(100, 100, "2024-02-01", "a"), (100, 100, "2024-01-01", "b")]
+    assert min(same_size, key=lambda r: dd.near_rank(*r))[3] == "b"
+
+
+def test_union_find_and_components():
+    labels = dd.components(6, [(1, 2), (4, 5), (2, 3)])
+    assert labels == [0, 1, 1, 1, 4, 4]
+    uf = dd.UnionFind()
+    uf.union("x", "y")
+    assert uf.find("x") == uf.find("y") and uf.find("z") == "z"
+
+
+def test_banded_pairs_find_what_all_pairs_finds_up_to_bands_minus_one():
+    rng = random.Random(5)
+    hashes = []
+    for _ in range(60):
+        base = rng.getrandbits(64)
+        hashes.append(base)
+        for _ in range(rng.randrange(3)):
+            h = base
+            for bit in rng.sample(range(64), rng.randrange(4)):
+                h ^= 1 << bit
+            hashes.append(h)
+    exact = dd.near_pairs(hashes, 3)
+    assert exact and dd.near_pairs(hashes, 3, bands=4) == exact
+    # at distance 8 the bands may miss pairs, never invent them
+    assert set(dd.near_pairs(hashes, 8, bands=4)) <= set(dd.near_pairs(hashes, 8))
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_semdedup_keeps_the_row_nearest_the_centroid_and_names_it():
+    centre = _unit([1.0, 0.0, 0.0])
+    a = _unit([1.0, 0.05, 0.0])          # nearest the centroid
+    a2 = _unit([1.0, 0.09, 0.0])         # a near copy of a, a little farther out
+    b = _unit([0.0, 0.3, 1.0])           # far from everything
+    emb = np.stack([a2, b, a])
+    kept_by, cosine, _ = dd.semdedup_cluster(emb, centre, eps=0.01)
+    assert kept_by.tolist() == [2, -1, -1]
+    assert cosine[0] == pytest.approx(float(a2 @ a), abs=1e-5) and np.isnan(cosine[1])
+
+
+def test_semdedup_greedy_drops_only_rows_close_to_a_kept_row():
+    # x nearest the centroid; y within eps of x (dropped); z within eps of y but not of x (kept,
+    # since its only close neighbour was dropped).
+    centre = _unit([1.0, 0.0])
+    angles = np.radians([0.0, 8.0, 16.0])
+    emb = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    eps = 1 - np.cos(np.radians(10.0))
+    kept_by, _, _ = dd.semdedup_cluster(emb, centre, eps=eps, block=2)
+    assert kept_by.tolist() == [-1, 0, -1]
+
+
+def test_semdedup_blocks_give_the_same_answer():
+    rng = np.random.default_rng(3)
+    base = _unit(rng.normal(size=(40, 8)))
+    emb = _unit(np.concatenate([base, base + 0.02 * rng.normal(size=(40, 8))]))
+    centre = _unit(emb.mean(axis=0))
+    ref = dd.semdedup_cluster(emb, centre, 0.02, block=1000)[0]
+    for block in (1, 7, 33):
+        assert dd.semdedup_cluster(emb, centre, 0.02, block=block)[0].tolist() == ref.tolist()
+    assert (ref >= 0).sum() >= 30
+
+
+# --- the stage -------------------------------------------------------------------------------------
+
+def _flip(h: int, bits) -> int:
+    for b in bits:
+        h ^= 1 << b
+    return h
+
+
+def _row(key, uid, status="success", sha=None, phash=None, w=100, h=100):
+    return {"key": key, "uid": uid, "url": f"http://127.0.0.1/{uid}.jpg", "text": f"caption {uid}",
+            "page_url": None, "shard": 0, "status": status, "error_message": None, "http_status": 200,
+            "content_type": "image/jpeg", "original_width": w, "original_height": h, "width": w, "height": h,
+            "bytes": 9000, "sha256": sha, "download_seconds": 0.1, "retryable": False, "attempts": 1,
+            "phash": None if phash is None else to_signed(phash)}
+
+
+BASE_A = 0x0123456789ABCDEF
+BASE_B = 0xF0F0F0F00F0F0F0F
+FAR = [0x5555555555555555, 0xAAAAAAAAAAAAAAAA, 0x0000FFFF0000FFFF]
+
+
+def _planted():
+    rows = [
+        # exact group: same sha256; e1 has the earliest record_date -> kept
+        _row("000000000", "u-e0", sha="aa" * 32, phash=FAR[0]),
+        _row("000000001", "u-e1", sha="aa" * 32, phash=FAR[0]),
+        _row("000000002", "u-e2", sha="aa" * 32, phash=FAR[0]),
+        # near group A: a chain a0 -2- a1 -4- a2 (a0..a2 6 bits apart); a2 is the largest -> kept
+        _row("000000003", "u-a0", sha="01" * 32, phash=BASE_A, w=200, h=100),
+        _row("000000004", "u-a1", sha="02" * 32, phash=_flip(BASE_A, [1, 17]), w=150, h=150),
+        _row("000000005", "u-a2", sha="03" * 32, phash=_flip(BASE_A, [1, 17, 33, 49, 50, 51]), w=300, h=200),
+        # near group B: same size, both within 3 bits; record dates decide: b1 earlier -> kept
+        _row("000000006", "u-b0", sha="04" * 32, phash=BASE_B),
+        _row("000000007", "u-b1", sha="05" * 32, phash=_flip(BASE_B, [5, 6, 7])),
+        # unrelated, and a near copy of FAR[1] that is a failure (must stay as it is)
+        _row("000000008", "u-x0", sha="06" * 32, phash=FAR[1]),
+        _row("000000009", "u-x1", status="failed_to_download", phash=None),
+        _row("000000010", "u-x2", status="too_small", sha="aa" * 32, phash=None),
+        _row("000000011", "u-x3", sha="07" * 32, phash=FAR[2]),
+        _row("000000012", "u-x4", sha="08" * 32, phash=None),   # success without a hash
+    ]
+    dates = {"u-e0": "2024-05-03T00:00:00Z", "u-e1": "2024-05-01T00:00:00Z", "u-e2": None,
+             "u-b0": "2024-05-09T00:00:00Z", "u-b1": "2024-05-02T00:00:00Z"}
+    return rows, dates
+
+
+def _write_download_output(folder, rows, pairs_folder, dates):
+    from udfs.download_worker import metadata_table
+
+    folder.mkdir(parents=True)
+    pq.write_table(metadata_table(rows[:7]), folder / "00000.parquet")
+    pq.write_table(metadata_table(rows[7:]), folder / "00001.parquet")
+    import pandas as pd
+
+    pairs_folder.mkdir(parents=True)
+    pd.DataFrame({"uid": [r["uid"] for r in rows], "url": [r["url"] for r in rows],
+                  "text": [r["text"] for r in rows],
+                  "record_date": [dates.get(r["uid"]) for r in rows]}).to_parquet(pairs_folder / "p.parquet")
+
+
+def _run_stage(spark, cfg, images, out, pairs=None, overrides=()):
+    from spark_jobs import image_dedup
+    from spark_jobs.config import load_config
+
+    if overrides:
+        cfg = load_config("local", overrides=[f"{k}={v}" for k, v in overrides])
+    return image_dedup.run(spark, cfg, argparse.Namespace(input=str(images), output=str(out),
+                                                          pairs=str(pairs) if pairs else None))
+
+
+def _read(out):
+    import pyarrow.dataset as pads
+
+    return {r["uid"]: r for r in pads.dataset(str(out), format="parquet").to_table().to_pylist()}
+
+
+def test_stage_marks_planted_groups(spark, cfg, tmp_path):
+    rows, dates = _planted()
+    images, pairs, out = tmp_path / "images", tmp_path / "pairs", tmp_path / "dedup"
+    _write_download_output(images, rows, pairs, dates)
+    stats = _run_stage(spark, cfg, images, out, pairs)
+    got = _read(out)
+    assert len(got) == len(rows) and stats["metadata_rows"] == stats["input_rows"] == len(rows)
+    status = {u: r["status"] for u, r in got.items()}
+    assert status == {
+        "u-e0": "duplicate_image", "u-e1": "success", "u-e2": "duplicate_image",
+        "u-a0": "near_duplicate", "u-a1": "near_duplicate", "u-a2": "success",
+        "u-b0": "near_duplicate", "u-b1": "success",
+        "u-x0": "success", "u-x1": "failed_to_download", "u-x2": "too_small", "u-x3": "success",
+        "u-x4": "success"}
+    assert got["u-e0"]["duplicate_of_uid"] == "u-e1" and got["u-e0"]["duplicate_of_key"] == "000000001"
+    assert "u-e1" in got["u-e2"]["error_message"] and "sha256" in got["u-e2"]["error_message"]
+    # distances to the kept row, not to the neighbour that linked them
+    assert got["u-a0"]["phash_distance"] == 6 and got["u-a1"]["phash_distance"] == 4
+    assert got["u-a0"]["error_message"] == "phash distance 6 to kept uid u-a2 (key 000000005)"
+    assert got["u-b0"]["duplicate_of_uid"] == "u-b1" and got["u-b0"]["phash_distance"] == 3
+    assert got["u-x2"]["duplicate_of_uid"] is None      # failures are never dedup candidates
+    assert stats["dropped"] == {"duplicate_image": 2, "near_duplicate": 3}
+    assert stats["output_rows"] == 6 and stats["record_dates"] is True
+    assert stats["layers"]["near"]["no_phash"] == 1
+    assert stats["layers"]["near"]["components"] == 2
+
+
+def test_stage_without_record_dates_orders_by_uid_and_can_be_narrowed(spark, cfg, tmp_path):
+    rows, dates = _planted()
+    images, pairs, out = tmp_path / "images", tmp_path / "pairs", tmp_path / "dedup"
+    _write_download_output(images, rows, pairs, dates)
+    # no pairs: uid order (u-e0 kept); distance 3 with 4 bands: the a0-a2 link (6) is gone but
+    # a0-a1 (2) stays; a1-a2 is 4 bits: not linked
+    stats = _run_stage(spark, cfg, images, out, None, overrides=[("image_dedup.phash_distance", 3)])
+    got = _read(out)
+    assert stats["record_dates"] is False
+    assert got["u-e0"]["status"] == "success" and got["u-e1"]["duplicate_of_uid"] == "u-e0"
+    assert got["u-a2"]["status"] == "success"
+    assert got["u-a1"]["status"] == "success" and got["u-a0"]["duplicate_of_uid"] == "u-a1"
+    assert got["u-b0"]["duplicate_of_uid"] == "u-b0" or got["u-b1"]["duplicate_of_uid"] == "u-b0"
+
+
+def test_stage_disabled_writes_only_stats_and_clip_score_reads_the_download(spark, cfg, tmp_path):
+    from spark_jobs.clip_score import image_dedup_source
+
+    rows, dates = _planted()
+    images, pairs, out = tmp_path / "images", tmp_path / "pairs", tmp_path / "dedup"
+    _write_download_output(images, rows, pairs, dates)
+    stats = _run_stage(spark, cfg, images, out, pairs, overrides=[("image_dedup.enabled", "false")])
+    assert stats["enabled"] is False
+    assert not list(out.glob("*.parquet"))
+    assert image_dedup_source(str(out), None) == (None, str(images))
+    _run_stage(spark, cfg, images, tmp_path / "on", pairs)
+    assert image_dedup_source(str(tmp_path / "on"), None) == (str(tmp_path / "on"), str(images))
+    assert image_dedup_source(str(images), None) == (None, str(images))
+
+
+def test_spark_components_match_union_find_on_random_groups(spark):
+    from spark_jobs.image_dedup import connected_components
+
+    rng = random.Random(11)
+    edges = []
+    n = 300
+    for _ in range(260):
+        a, b = rng.randrange(n), rng.randrange(n)
+        if a != b:
+            edges.append((min(a, b), max(a, b)))
+    # a long chain, the slow case for label propagation
+    edges += [(1000 + i, 1001 + i) for i in range(40)]
+    df = spark.createDataFrame(sorted(set(edges)), "a long, b long")
+    comps, rounds, converged = connected_components(df, 40)
+    got = {r["node"]: r["comp"] for r in comps.collect()}
+    uf = dd.UnionFind()
+    for a, b in edges:
+        uf.union(a, b)
+    expected = {}
+    for group in uf.groups():
+        for item in group:
+            expected[item] = min(group)
+    assert converged and got == expected
+    assert rounds < 20   # pointer jumping: far fewer rounds than the chain's 40 hops
+
+
+def test_download_worker_records_phash(tmp_path):
+    from tests.gen.image_server import ImageServer
+    from tests.gen.photos import jpeg, photo_like
+    from udfs.download_worker import download_shard
+    from udfs.image_hash import hamming, phash
+
+    img = photo_like(1, (400, 300))
+    with ImageServer() as srv:
+        srv.add("/a.jpg", jpeg(img))
+        section = {"thread_count": 2, "allowed_cidrs": "127.0.0.0/8", "min_image_bytes": 100,
+                   "retries": 0, "image_size": 64}
+        download_shard(0, [{"key": "000000000", "url": srv.url("/a.jpg"), "text": "t"}], section, str(tmp_path))
+    meta = pq.read_table(tmp_path / "00000.parquet").to_pylist()[0]
+    assert meta["status"] == "success"
+    assert hamming(meta["phash"], phash(img)) <= 4
+    _ = io  # noqa: F841
