@@ -290,3 +290,110 @@ def test_download_worker_records_phash(tmp_path):
     assert meta["status"] == "success"
     assert hamming(meta["phash"], phash(img)) <= 4
     _ = io  # noqa: F841
+
+
+# --- filter: eval decontamination and SemDeDup ------------------------------------------------------
+
+def _scored_with_phash(folder, records):
+    import pandas as pd
+    import pyarrow as pa
+
+    from tests.test_filter import SCORED_ARROW
+
+    schema = SCORED_ARROW.append(pa.field("phash", pa.int64()))
+    defaults = {"page_url": "http://127.0.0.1/page", "shard": 0, "error_message": None, "http_status": 200,
+                "content_type": "image/jpeg", "original_width": 64, "original_height": 64, "width": 64,
+                "height": 64, "bytes": 10000, "sha256": "0" * 64, "download_seconds": 0.1, "retryable": False,
+                "similarity_multilingual": None, "tar_path": "/nowhere/00000.tar", "phash": None}
+    pdf = pd.DataFrame([{**defaults, **r} for r in records])
+    pdf["phash"] = pd.array([r.get("phash") for r in records], dtype="Int64")   # no float round trip
+    table = pa.Table.from_pandas(pdf[schema.names], preserve_index=False, schema=schema)
+    pq.write_to_dataset(table, str(folder), partition_cols=["status"])
+
+
+def _uid(i, text):
+    from udfs.ids import pair_uid
+
+    return pair_uid(f"http://127.0.0.1/{i}.jpg", text)
+
+
+def test_filter_removes_eval_overlap_and_semantic_duplicates(spark, tmp_path):
+    from spark_jobs import filter as filter_stage
+    from spark_jobs.config import load_config
+    from tests.gen.photos import photo_like
+    from udfs import embeddings
+    from udfs.image_hash import phash_bytes
+
+    rng = np.random.default_rng(7)
+    dim = 16
+    v = _unit(rng.normal(size=dim))
+    vecs = [_unit(v + 0.01 * rng.normal(size=dim)) for _ in range(3)]          # r0..r2: one picture
+    vecs += [_unit(rng.normal(size=dim)) for _ in range(5)]                     # r3..r7: distinct
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    buf = io.BytesIO()
+    photo_like(42).save(buf, "PNG")
+    (eval_dir / "eval_a.png").write_bytes(buf.getvalue())
+    np.save(eval_dir / "embeddings.npy", np.stack([vecs[6] + 0.001 * rng.normal(size=dim)]).astype(np.float32))
+    (eval_dir / "ids.txt").write_text("bench-item-0\n")
+    texts = ["A red bicycle leaning on a brick wall", "A red bike against a brick wall",
+             "Red bicycle parked by the wall", "Fresh bread on a wooden table",
+             "Snowy mountains above a quiet lake", "A cat sleeping on the sofa",
+             "Sailing boats in the harbour at dusk", "Old stone bridge over the river"]
+    records = []
+    for i, (t, e) in enumerate(zip(texts, vecs)):
+        records.append({"key": f"{i:09d}", "uid": _uid(i, t), "url": f"http://127.0.0.1/{i}.jpg", "text": t,
+                        "status": "success", "similarity": 0.9,
+                        "image_embedding": embeddings.encode(e), "text_embedding": embeddings.encode(e),
+                        "phash": to_signed(rng.integers(0, 2**62) * 2 + 1) if i != 5 else
+                        to_signed((phash_bytes(buf.getvalue()) & ((1 << 64) - 1)) ^ 1)})
+    records.append({"key": "000000099", "uid": _uid(99, "gone"), "url": "http://127.0.0.1/99.jpg", "text": "gone",
+                    "status": "failed_to_download", "similarity": None, "image_embedding": None,
+                    "text_embedding": None})
+    scored, out = tmp_path / "scored", tmp_path / "dataset"
+    _scored_with_phash(scored, records)
+    cfg = load_config("local", overrides=[
+        "filter.language_detector=lingua-low", "filter.semdedup.enabled=true", "filter.semdedup.clusters=1",
+        "filter.semdedup.scope=global", "filter.semdedup.eps=0.05", f"filter.eval_images={eval_dir}",
+        "filter.embeddings_per_file=100"])
+    stats = filter_stage.run(spark, cfg, argparse.Namespace(input=str(scored), output=str(out),
+                                                            rejected_output=None))
+    import pyarrow.dataset as pads
+
+    names = {r["uid"]: f"u{int(r['key'])}" for r in records}
+    rej = {names[r["uid"]]: r for r in pads.dataset(str(tmp_path / "dataset_rejected"), format="parquet",
+                                             partitioning="hive").to_table().to_pylist()}
+    assert rej["u5"]["status"] == "eval_overlap"
+    assert rej["u5"]["error_message"] == "eval item eval_a.png: phash distance 1"
+    assert rej["u6"]["status"] == "eval_overlap"
+    msg = rej["u6"]["error_message"]
+    assert msg.startswith("eval item bench-item-0: cosine ") and float(msg.rsplit(" ", 1)[1]) > 0.99
+    # SemDeDup: k = 1, so the centroid is the normalised mean; the copy nearest it is kept
+    mean = _unit(np.mean([embeddings.decode(embeddings.encode(x)) for x in vecs], axis=0))
+    kept = max(range(3), key=lambda i: float(embeddings.decode(embeddings.encode(vecs[i])) @ mean))
+    dropped = sorted(f"u{i}" for i in range(3) if i != kept)
+    assert sorted(u for u, r in rej.items() if r["status"] == "semantic_duplicate") == dropped
+    for u in dropped:
+        msg = rej[u]["error_message"]
+        assert f"kept uid {records[kept]['uid']} " in msg and float(msg.split()[1]) > 0.95
+    assert rej["u99"]["status"] == "failed_to_download"
+    assert stats["kept"] == 4 and stats["balanced"] and stats["input_rows"] == 9
+    assert stats["hygiene"]["eval_overlap"] == 2 and stats["hygiene"]["semantic_duplicate"] == 2
+    assert stats["hygiene"]["eval_items"] == 2
+
+
+def test_eval_set_errors_are_config_errors(tmp_path):
+    from udfs.image_dedup import EvalSetError, load_eval_set
+
+    with pytest.raises(EvalSetError, match="not found"):
+        load_eval_set(str(tmp_path / "nope"))
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "readme.md").write_text("x")
+    with pytest.raises(EvalSetError, match="no images"):
+        load_eval_set(str(tmp_path / "e"))
+    np.save(tmp_path / "e" / "embeddings.npy", np.ones((2, 4), np.float32))
+    with pytest.raises(EvalSetError, match="ids"):
+        load_eval_set(str(tmp_path / "e"))
+    (tmp_path / "e" / "ids.txt").write_text("a\n")
+    with pytest.raises(EvalSetError, match="1 ids"):
+        load_eval_set(str(tmp_path / "e"))

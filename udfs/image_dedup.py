@@ -207,3 +207,114 @@ def semdedup_cluster(emb: np.ndarray, centroid: np.ndarray, eps: float,
                 newly.append(p)
         kept.extend(int(idx[p]) for p in newly)
     return kept_by, cosine, order
+
+
+# --- eval-set decontamination ----------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+EVAL_EMBEDDINGS = "embeddings.npy"
+EVAL_IDS = "ids.txt"
+
+
+class EvalSetError(ValueError):
+    """filter.eval_images points at nothing usable."""
+
+
+class EvalSet:
+    """The eval items a row may not match: pHashes of the folder's images (named by file name) and
+    L2-normalised embeddings from `embeddings.npy` with their names in `ids.txt` (one per line)."""
+
+    def __init__(self, hash_ids: list[str], hashes: np.ndarray, emb_ids: list[str], emb: np.ndarray | None):
+        self.hash_ids, self.hashes, self.emb_ids, self.emb = hash_ids, hashes, emb_ids, emb
+
+    def __len__(self) -> int:
+        return len(self.hash_ids) + len(self.emb_ids)
+
+    def matches(self, phashes, embeddings: np.ndarray | None, max_distance: int,
+                min_cosine: float) -> list[str | None]:
+        """One message per row (None: no overlap). pHash first (nearest item), then embeddings
+        (most similar item). `phashes`: signed hashes or None; `embeddings`: [n, d] or None."""
+        n = len(phashes)
+        out: list[str | None] = [None] * n
+        have = [i for i, h in enumerate(phashes) if h is not None and not (isinstance(h, float) and np.isnan(h))]
+        if have and len(self.hashes):
+            d = hamming_matrix([int(phashes[i]) for i in have], self.hashes)
+            best = d.argmin(axis=1)
+            for row, j, dist in zip(have, best, d[np.arange(len(have)), best]):
+                if dist <= max_distance:
+                    out[row] = f"eval item {self.hash_ids[j]}: phash distance {int(dist)}"
+        if embeddings is not None and self.emb is not None and len(embeddings):
+            if embeddings.shape[1] != self.emb.shape[1]:
+                raise EvalSetError(f"eval embeddings have dimension {self.emb.shape[1]}, "
+                                   f"the rows' image embeddings {embeddings.shape[1]}")
+            sims = embeddings @ self.emb.T
+            best = sims.argmax(axis=1)
+            for row, (j, s) in enumerate(zip(best, sims[np.arange(n), best])):
+                if out[row] is None and s >= min_cosine:
+                    out[row] = f"eval item {self.emb_ids[j]}: cosine {float(s):.4f}"
+        return out
+
+
+def load_eval_set(uri: str, storage_options: dict | None = None) -> EvalSet:
+    from udfs import embeddings, fsio
+    from udfs.image_hash import phash_bytes
+
+    if not fsio.exists(uri, storage_options):
+        raise EvalSetError(f"filter.eval_images: {uri} not found")
+    files = sorted(fsio.expand([fsio.join(uri, "*")], storage_options))
+    hash_ids, hashes = [], []
+    for f in files:
+        name = f.rstrip("/").rsplit("/", 1)[-1]
+        if name.lower().endswith(IMAGE_SUFFIXES):
+            with fsio.open_uri(f, "rb", storage_options) as fh:
+                h = phash_bytes(fh.read())
+            if h is None:
+                raise EvalSetError(f"filter.eval_images: {f} does not decode as an image")
+            hash_ids.append(name)
+            hashes.append(h)
+    emb_ids: list[str] = []
+    emb = None
+    npy = fsio.join(uri, EVAL_EMBEDDINGS)
+    if fsio.exists(npy, storage_options):
+        emb = np.asarray(embeddings.read_npy(npy, storage_options), dtype=np.float32)
+        ids_uri = fsio.join(uri, EVAL_IDS)
+        if not fsio.exists(ids_uri, storage_options):
+            raise EvalSetError(f"filter.eval_images: {npy} needs its ids in {ids_uri} (one per line)")
+        with fsio.open_uri(ids_uri, "rb", storage_options) as fh:
+            emb_ids = [line.strip() for line in fh.read().decode("utf-8").splitlines() if line.strip()]
+        if emb.ndim != 2 or len(emb_ids) != len(emb):
+            raise EvalSetError(f"filter.eval_images: {npy} has shape {emb.shape} but {ids_uri} "
+                               f"{len(emb_ids)} ids")
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    if not hash_ids and not emb_ids:
+        raise EvalSetError(f"filter.eval_images: {uri} holds no images and no {EVAL_EMBEDDINGS}")
+    return EvalSet(hash_ids, as_uint64(hashes) if hashes else np.zeros(0, np.uint64), emb_ids, emb)
+
+
+_EVAL_CACHE: dict[tuple[str, str], EvalSet] = {}
+
+
+def cached_eval_set(uri: str, storage_options: dict | None = None, token: str = "") -> EvalSet:
+    """One load per Python worker and run (`token`)."""
+    if (uri, token) not in _EVAL_CACHE:
+        _EVAL_CACHE.clear()
+        _EVAL_CACHE[(uri, token)] = load_eval_set(uri, storage_options)
+    return _EVAL_CACHE[(uri, token)]
+
+
+_CENTROIDS: dict[str, object] = {}
+
+
+def cached_centroids(uri: str, storage_options: dict | None = None):
+    """A faiss inner-product index over the k-means centroids at `uri`, one per Python worker."""
+    if uri not in _CENTROIDS:
+        _CENTROIDS.clear()
+        import faiss
+
+        from udfs import embeddings
+
+        c = np.ascontiguousarray(embeddings.read_npy(uri, storage_options), dtype=np.float32)
+        index = faiss.IndexFlatIP(c.shape[1])
+        index.add(c)
+        _CENTROIDS[uri] = index
+    return _CENTROIDS[uri]
