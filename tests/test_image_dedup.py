@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import random
 
 import numpy as np
@@ -397,3 +398,69 @@ def test_eval_set_errors_are_config_errors(tmp_path):
     (tmp_path / "e" / "ids.txt").write_text("a\n")
     with pytest.raises(EvalSetError, match="1 ids"):
         load_eval_set(str(tmp_path / "e"))
+
+
+# --- the chain: clipcrawl run ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_chain_copies_end_as_one_row_and_eval_images_are_removed(spark, tmp_path):
+    """Through `clipcrawl run` (wat-extract .. filter, tiny CLIP, every score kept): four copies of
+    one photo under four URLs (two with the same bytes, one re-encoded at q40, one resized to 50%)
+    end as one subset row; two photos whose copies are in the eval folder end as eval_overlap."""
+    import pyarrow.dataset as pads
+
+    from demo.__main__ import PRESET
+    from spark_jobs import run as pipeline
+    from spark_jobs.config import load_config
+    from tests.gen.image_server import ImageServer
+    from tests.gen.photos import jpeg, photo_like
+    from tests.gen.wat_writer import pages_for_images, write_wat
+
+    base = photo_like(500, (400, 300))
+    original = jpeg(base)
+    group = {"/g/a.jpg": original, "/g/b.jpg": original, "/g/c.jpg": jpeg(base, 40),
+             "/g/d.jpg": jpeg(base.resize((200, 150)))}
+    distinct_imgs = {f"/d/{i}.jpg": photo_like(600 + i, (320, 240)) for i in range(6)}
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    for name in ("/d/0.jpg", "/d/1.jpg"):   # the eval set holds PNG copies of two of them
+        distinct_imgs[name].save(eval_dir / (name.strip("/").replace("/", "_")[:-4] + ".png"))
+    root = tmp_path / "run"
+    with ImageServer() as srv:
+        links = []
+        for i, (path, body) in enumerate({**group, **{p: jpeg(im) for p, im in distinct_imgs.items()}}.items()):
+            srv.add(path, body, "image/jpeg")
+            links.append((srv.url(path), f"a photograph of scene number {i}"))
+        pages = pages_for_images(links, page_base=srv.url("/pages/"), per_page=3, seed=1)
+        wat = tmp_path / "crawl-data" / "CC-MAIN-2024-22" / "segments" / "1" / "wat" / "x.warc.wat.gz"
+        write_wat(wat, pages, seed=1)
+        cfg = load_config("local", config_file=str(PRESET), overrides=[
+            f"storage.root={root}", f'run.input=["{wat}"]', "download.allowed_cidrs=127.0.0.0/8",
+            "download.thread_count=4", "clip.batch_size=8", "filter.language_detector=lingua-low",
+            "filter.thresholds.en=-1", "filter.thresholds.multi=-1", "filter.thresholds.nolang=-1",
+            f"filter.eval_images={eval_dir}"])
+        pipeline.run(spark, cfg, argparse.Namespace(input=None, paths_file=None, root=None,
+                                                    from_stage="wat-extract", to_stage="filter", force=[]))
+    kept_urls = []
+    for subset in cfg.get("filter.subsets").values():
+        folder = root / "dataset" / subset
+        if folder.exists() and list(folder.glob("*.parquet")):
+            kept_urls += pads.dataset(str(folder), format="parquet").to_table(columns=["URL"]).column("URL").to_pylist()
+    kept_paths = sorted("/" + u.split("/", 3)[3] for u in kept_urls)
+    group_kept = [p for p in kept_paths if p.startswith("/g/")]
+    assert len(group_kept) == 1 and group_kept[0] != "/g/d.jpg", kept_paths   # the smaller copy never wins
+    assert sorted(p for p in kept_paths if p.startswith("/d/")) == [f"/d/{i}.jpg" for i in range(2, 6)]
+    dedup = {"/" + r["url"].split("/", 3)[3]: r for r in
+             pads.dataset(str(root / "images_dedup"), format="parquet").to_table().to_pylist()}
+    assert sorted(r["status"] for p, r in dedup.items() if p.startswith("/g/")) == [
+        "duplicate_image", "near_duplicate", "near_duplicate", "success"]
+    rejected = {"/" + r["url"].split("/", 3)[3]: r for r in
+                pads.dataset(str(root / "dataset_rejected"), format="parquet", partitioning="hive")
+                .to_table().to_pylist()}
+    for i in (0, 1):
+        assert rejected[f"/d/{i}.jpg"]["status"] == "eval_overlap"
+        assert rejected[f"/d/{i}.jpg"]["error_message"].startswith(f"eval item d_{i}.png: phash distance")
+    filter_stats = json.loads((root / "dataset" / "_stats" / "stats.json").read_text())
+    assert filter_stats["balanced"] and filter_stats["hygiene"]["eval_overlap"] == 2
+    dedup_stats = json.loads((root / "images_dedup" / "_stats" / "stats.json").read_text())
+    assert dedup_stats["dropped"] == {"duplicate_image": 1, "near_duplicate": 2}
