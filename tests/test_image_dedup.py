@@ -464,3 +464,14 @@ def test_chain_copies_end_as_one_row_and_eval_images_are_removed(spark, tmp_path
     assert filter_stats["balanced"] and filter_stats["hygiene"]["eval_overlap"] == 2
     dedup_stats = json.loads((root / "images_dedup" / "_stats" / "stats.json").read_text())
     assert dedup_stats["dropped"] == {"duplicate_image": 1, "near_duplicate": 2}
+    # the report's dedup chart counts the same rows from the written data, and the funnel balances
+    from reporting.report import build_report, collect, dedup_layer_counts
+
+    counts = dedup_layer_counts(str(root), cfg.get("run.datasets"))
+    assert counts["same image bytes (sha256)"] == 1 and counts["pHash near-duplicate"] == 2
+    assert counts["eval-set overlap"] == 2 and counts["semantic duplicate (SemDeDup)"] == 0
+    funnel = {f.stage: f for f in collect(str(root), cfg.get("run.datasets"), cfg.get("filter.subsets"))["funnel"]}
+    assert funnel["image-dedup"].dropped == {"duplicate_image": 1, "near_duplicate": 2}
+    assert all(f.accounted for f in funnel.values())
+    page = build_report(str(root), cfg.get("run.datasets"), cfg.get("filter.subsets"), str(tmp_path / "report"))
+    assert (tmp_path / "report" / "dedup_layers.png").stat().st_size > 5000 and "dedup_layers.png" in open(page).read()
