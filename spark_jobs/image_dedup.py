@@ -123,6 +123,19 @@ def banded_pairs(nodes, distance: int, bands: int):
             .dropDuplicates(["a", "b"]))
 
 
+def largest_bucket(hashes, bands: int) -> int:
+    """Rows in the fullest (band, value) bucket: the join's pairs grow with its square, so a
+    stage whose largest bucket keeps growing needs more bands' bits (fewer, wider bands)."""
+    from pyspark.sql import functions as F
+
+    values = hashes.select(F.explode(F.array(*[
+        F.struct(F.lit(i).alias("band"),
+                 F.shiftrightunsigned("phash", shift).bitwiseAND(F.lit((1 << width) - 1)).alias("value"))
+        for i, (shift, width) in enumerate(band_layout(bands))])).alias("bv"))
+    row = values.groupBy("bv").count().agg(F.max("count").alias("m")).collect()
+    return int(row[0]["m"] or 0) if row else 0
+
+
 def connected_components(edges, max_iterations: int):
     """(node, comp) for every node in `edges` (a, b): comp = the smallest node of its component.
 
@@ -163,13 +176,22 @@ def near_duplicates(rows, distance: int, bands: int, max_iterations: int):
         "key", "uid", "record_date", "phash", "node",
         (F.coalesce("original_width", F.lit(0)).cast("long")
          * F.coalesce("original_height", F.lit(0)).cast("long")).alias("area"))
-    pairs = banded_pairs(nodes, distance, bands).persist()
+    # Rows with the very same hash (blank or template images can share one across millions of
+    # rows) join the component of their smallest node directly; only distinct hashes are banded,
+    # so a popular hash is one row in its buckets instead of a quadratic number of pairs.
+    reps = nodes.groupBy("phash").agg(F.min("node").alias("rep"))
+    same = (nodes.join(reps, "phash").where(F.col("node") != F.col("rep"))
+            .select(F.col("rep").alias("a"), F.col("node").alias("b")))
+    pairs = (banded_pairs(reps.select(F.col("rep").alias("node"), "phash"), distance, bands).select("a", "b")
+             .unionByName(same)).persist()
     n_pairs = pairs.count()
-    counts = {"pairs_verified": n_pairs, "rounds": 0, "converged": True, "components": 0}
+    counts = {"pairs_verified": n_pairs, "rounds": 0, "converged": True, "components": 0,
+              "largest_bucket": largest_bucket(reps.select("phash"), bands)}
     if not n_pairs:
         pairs.unpersist()
         return None, counts
     comps, rounds, converged = connected_components(pairs, max_iterations)
+    pairs.unpersist()
     if not converged:
         log.warning("image-dedup: components did not converge in %d rounds (image_dedup.max_iterations); "
                     "some groups stay split, which keeps extra copies but drops nothing wrongly", rounds)
@@ -264,6 +286,8 @@ def run(spark, cfg, args) -> dict:
             datasets.write_dataset(mark(df, exact, near), output, IMAGE_DEDUP)
     finally:
         df.unpersist()
+        if exact is not None:
+            exact.unpersist()
     with timer.phase("stats"):
         counts = datasets.count_by(spark, output, "status")
     layers["exact"]["rows"] = counts.get(DUPLICATE_IMAGE, 0)

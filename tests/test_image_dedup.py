@@ -156,6 +156,9 @@ def _planted():
         _row("000000010", "u-x2", status="too_small", sha="aa" * 32, phash=None),
         _row("000000011", "u-x3", sha="07" * 32, phash=FAR[2]),
         _row("000000012", "u-x4", sha="08" * 32, phash=None),   # success without a hash
+        # the very same pHash, different bytes (e.g. two blank images): the larger one is kept
+        _row("000000013", "u-z0", sha="09" * 32, phash=0x1111111111111111, w=100, h=100),
+        _row("000000014", "u-z1", sha="0a" * 32, phash=0x1111111111111111, w=120, h=100),
     ]
     dates = {"u-e0": "2024-05-03T00:00:00Z", "u-e1": "2024-05-01T00:00:00Z", "u-e2": None,
              "u-b0": "2024-05-09T00:00:00Z", "u-b1": "2024-05-02T00:00:00Z"}
@@ -205,7 +208,7 @@ def test_stage_marks_planted_groups(spark, cfg, tmp_path):
         "u-a0": "near_duplicate", "u-a1": "near_duplicate", "u-a2": "success",
         "u-b0": "near_duplicate", "u-b1": "success",
         "u-x0": "success", "u-x1": "failed_to_download", "u-x2": "too_small", "u-x3": "success",
-        "u-x4": "success"}
+        "u-x4": "success", "u-z0": "near_duplicate", "u-z1": "success"}
     assert got["u-e0"]["duplicate_of_uid"] == "u-e1" and got["u-e0"]["duplicate_of_key"] == "000000001"
     assert "u-e1" in got["u-e2"]["error_message"] and "sha256" in got["u-e2"]["error_message"]
     # distances to the kept row, not to the neighbour that linked them
@@ -213,10 +216,11 @@ def test_stage_marks_planted_groups(spark, cfg, tmp_path):
     assert got["u-a0"]["error_message"] == "phash distance 6 to kept uid u-a2 (key 000000005)"
     assert got["u-b0"]["duplicate_of_uid"] == "u-b1" and got["u-b0"]["phash_distance"] == 3
     assert got["u-x2"]["duplicate_of_uid"] is None      # failures are never dedup candidates
-    assert stats["dropped"] == {"duplicate_image": 2, "near_duplicate": 3}
-    assert stats["output_rows"] == 6 and stats["record_dates"] is True
+    assert got["u-z0"]["duplicate_of_uid"] == "u-z1" and got["u-z0"]["phash_distance"] == 0
+    assert stats["dropped"] == {"duplicate_image": 2, "near_duplicate": 4}
+    assert stats["output_rows"] == 7 and stats["record_dates"] is True
     assert stats["layers"]["near"]["no_phash"] == 1
-    assert stats["layers"]["near"]["components"] == 2
+    assert stats["layers"]["near"]["components"] == 3
 
 
 def test_stage_without_record_dates_orders_by_uid_and_can_be_narrowed(spark, cfg, tmp_path):
