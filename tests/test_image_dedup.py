@@ -479,3 +479,15 @@ def test_chain_copies_end_as_one_row_and_eval_images_are_removed(spark, tmp_path
     assert all(f.accounted for f in funnel.values())
     page = build_report(str(root), cfg.get("run.datasets"), cfg.get("filter.subsets"), str(tmp_path / "report"))
     assert (tmp_path / "report" / "dedup_layers.png").stat().st_size > 5000 and "dedup_layers.png" in open(page).read()
+
+
+def test_bad_image_dedup_config_is_a_config_error(cfg):
+    from spark_jobs.config import ConfigError
+    from spark_jobs.image_dedup import validate_section
+
+    good = dict(cfg.section("image_dedup"))
+    validate_section(good)
+    for key, value in (("phash_distance", 40), ("bands", 0), ("bands", 65), ("max_iterations", 0),
+                       ("phash_distance", "6")):
+        with pytest.raises(ConfigError, match=f"image_dedup.{key}|bands"):
+            validate_section({**good, key: value})
