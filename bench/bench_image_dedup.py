@@ -215,10 +215,8 @@ def synthetic_hashes(spark, rows: int, copy_fraction: float = 0.1):
     is_copy = F.col("id") < F.lit(n_copy)
     base_id = F.when(is_copy, F.col("id") + F.lit(n_copy)).otherwise(F.col("id"))
     h = F.xxhash64(base_id)
-    flips = (F.shiftleft(F.lit(1).cast("long"), (F.col("id") % 64).cast("int"))
-             .bitwiseXOR(F.when(F.col("id") % 3 > 0, F.shiftleft(F.lit(1).cast("long"),
-                                                               ((F.col("id") * 7 + 3) % 64).cast("int")))
-                         .otherwise(F.lit(0).cast("long"))))
+    flips = F.expr("shiftleft(1L, CAST(id % 64 AS INT)) ^ "
+                   "IF(id % 3 > 0, shiftleft(1L, CAST((id * 7 + 3) % 64 AS INT)), 0L)")
     return ids.select(F.col("id").alias("node"), F.when(is_copy, h.bitwiseXOR(flips)).otherwise(h).alias("phash"))
 
 
