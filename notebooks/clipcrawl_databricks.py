@@ -74,6 +74,15 @@ if dbutils is not None:
 
 # COMMAND ----------
 
+# MAGIC %md ## 3b. Image dedup: same bytes (sha256) and pHash near-duplicates never reach CLIP
+
+# COMMAND ----------
+
+if dbutils is not None:
+    run_cell("image-dedup")
+
+# COMMAND ----------
+
 # MAGIC %md ## 4. CLIP embeddings and similarity (GPU when the cluster has one)
 
 # COMMAND ----------

@@ -19,7 +19,7 @@ import pyarrow.dataset as pads
 
 from udfs import fsio
 
-STAGE_ORDER = ("wat-extract", "dedup", "download", "clip-score", "filter", "build-index")
+STAGE_ORDER = ("wat-extract", "dedup", "download", "image-dedup", "clip-score", "filter", "build-index")
 
 
 @dataclass
@@ -132,7 +132,10 @@ def collect(root: str, datasets: dict[str, str], subsets: dict[str, str],
     # clip-score and filter pass earlier failures through; the funnel shows each stage's input
     # as the rows still alive when it starts, and only the rows it dropped itself.
     scored_status = _by_status(p["clip-score"], storage_options=so)
-    facts["funnel"].append(_downstream("clip-score", dl_status, scored_status))
+    dedup_status = _by_status(p["image-dedup"], storage_options=so) if "image-dedup" in p else {}
+    if dedup_status:   # image-dedup ran (enabled): its drops are its own, not clip-score's
+        facts["funnel"].append(_downstream("image-dedup", dl_status, dedup_status))
+    facts["funnel"].append(_downstream("clip-score", dedup_status or dl_status, scored_status))
 
     subset_counts = {name: _count(os.path.join(p["filter"], name), storage_options=so) for name in subsets.values()}
     facts["subsets"] = subset_counts
@@ -286,6 +289,50 @@ def _opt_out_section(root: str, datasets: dict[str, str], out: Path) -> str:
             "</p><img src='opt_outs.png' alt='opt-outs by source'></section>")
 
 
+DEDUP_LAYERS = (("dedup", "duplicate", "same URL + alt-text"),
+                ("image-dedup", "duplicate_image", "same image bytes (sha256)"),
+                ("image-dedup", "near_duplicate", "pHash near-duplicate"),
+                ("filter", "eval_overlap", "eval-set overlap"),
+                ("filter", "semantic_duplicate", "semantic duplicate (SemDeDup)"))
+
+
+def dedup_layer_counts(root: str, datasets: dict[str, str]) -> dict[str, int]:
+    """Rows each dedup layer removed, counted from the rejected / marked rows of its stage."""
+    where = {"dedup": os.path.join(root, datasets["dedup"]) + "_rejected",
+             "image-dedup": os.path.join(root, datasets["image-dedup"]) if "image-dedup" in datasets else None,
+             "filter": os.path.join(root, datasets["filter"]) + "_rejected"}
+    counts: dict[str, int] = {}
+    cache: dict[str, dict[str, int]] = {}
+    for stage, status, label in DEDUP_LAYERS:
+        if where[stage] is None:
+            continue
+        if stage not in cache:
+            cache[stage] = _by_status(where[stage])
+        counts[label] = cache[stage].get(status, 0)
+    return counts
+
+
+def dedup_layers_chart(root: str, datasets: dict[str, str], out: Path) -> dict[str, str]:
+    """`dedup_layers.png`: one bar per dedup layer, in pipeline order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = dedup_layer_counts(root, datasets)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    labels = list(counts)[::-1]
+    ax.barh(labels, [counts[k] for k in labels], color="#d9480f")
+    for i, k in enumerate(labels):
+        ax.text(counts[k], i, f" {counts[k]}", va="center", fontsize=8)
+    ax.set_xlabel("rows removed")
+    ax.set_title("What each dedup layer removed")
+    fig.tight_layout()
+    fig.savefig(out / "dedup_layers.png", dpi=110)
+    plt.close(fig)
+    return {"dedup_layers": "dedup_layers.png"}
+
+
 def _funnel_table(funnel: list[StageFunnel]) -> str:
     rows = []
     for f in funnel:
@@ -317,6 +364,7 @@ def build_report(root: str, datasets: dict[str, str], subsets: dict[str, str],
     grid_html, facts["image_grids"] = grids.report_section(
         root, datasets, subsets, thresholds, report_section,
         lambda path, columns, files_glob=None: _table(path, columns, files_glob, so), so)
+    charts.update(dedup_layers_chart(root, datasets, out))
     subset_list = "".join(f"<li><code>{html.escape(k)}</code>: {v} pairs</li>" for k, v in facts["subsets"].items())
     captions = {
         "funnel": "Each bar is one stage's input. Green is what the stage kept; the coloured parts are rows it "
@@ -327,12 +375,15 @@ def build_report(root: str, datasets: dict[str, str], subsets: dict[str, str],
         "download_status": "What happened to each URL in the download stage.",
         "image_sizes": "Original dimensions of the images that downloaded successfully.",
         "stage_seconds": "Wall-clock seconds per stage in this run (skipped stages show their earlier time).",
+        "dedup_layers": "Rows removed by each dedup layer, in pipeline order: pair dedup, image bytes, pHash "
+                        "near-duplicates (image-dedup), eval-set overlap and SemDeDup (filter).",
     }
     sections = "".join(
         f"<section><h2>{title}</h2><p>{captions[key]}</p><img src='{charts[key]}' alt='{title}'></section>"
         for key, title in (("funnel", "1. The funnel"), ("similarity", "2. CLIP similarity"),
                            ("languages", "3. Languages"), ("download_status", "4. Download outcomes"),
-                           ("image_sizes", "5. Image sizes"), ("stage_seconds", "6. Time per stage"))
+                           ("image_sizes", "5. Image sizes"), ("stage_seconds", "6. Time per stage"),
+                           ("dedup_layers", "7. Dedup layers"))
         if key in charts)
     sections += _opt_out_section(root, datasets, out)
     page = f"""<!doctype html>

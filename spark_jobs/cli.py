@@ -24,6 +24,7 @@ STAGE_MODULES = (
     "spark_jobs.wat_extract",
     "spark_jobs.dedup",
     "spark_jobs.download",
+    "spark_jobs.image_dedup",
     "spark_jobs.clip_score",
     "spark_jobs.filter",
     "spark_jobs.run",

@@ -31,7 +31,7 @@ import time  # noqa: E402
 
 from spark_jobs import cli, datasets  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
-from spark_jobs.schemas import IMAGES_METADATA, SCORED  # noqa: E402
+from spark_jobs.schemas import IMAGE_DEDUP, IMAGES_METADATA, SCORED  # noqa: E402
 from udfs import embeddings, fsio  # noqa: E402
 
 NAME = "clip-score"
@@ -43,7 +43,7 @@ PART_STATS_DIR = "parts"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="download output folder (<images>/*.parquet + *.tar)")
+    parser.add_argument("--input", required=True, help="download output folder (<images>/*.parquet + *.tar), or the image-dedup output")
     parser.add_argument("--output", required=True, help="scored output folder")
 
 
@@ -75,6 +75,16 @@ def _count_parts(metadata_files: list[str], per_file: int) -> int | None:
     if None in shards:
         return None
     return max(1, len({s // per_file for s in shards}))
+
+
+def image_dedup_source(path: str, storage_options: dict | None) -> tuple[str | None, str]:
+    """(image-dedup dataset or None, download folder) for `--input`: an image-dedup output names
+    the download folder (the tars) in its stats; disabled, it has no dataset of its own."""
+    if datasets.is_complete(path, storage_options):
+        stats = datasets.read_stats(path, storage_options=storage_options)
+        if stats.get("stage") == "image-dedup":
+            return (path if stats.get("enabled") else None), stats["images"]
+    return None, path
 
 
 def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images: str, output: str,
@@ -195,13 +205,17 @@ def run(spark, cfg, args) -> dict:
     per_file = max(1, int(clip_cfg.get("shards_per_embedding_file") or 1))
 
     with timer.phase("read metadata"):
+        deduped, images = image_dedup_source(images, storage_options)
         pattern = fsio.join(images, "*.parquet")
         if not fsio.exists(images, storage_options):
             raise datasets.InputError(f"images folder not found: {images}")
         found = fsio.expand([pattern], storage_options)
         if not found:
             raise datasets.InputError(f"no shard metadata ({pattern}) in {images}: is it a download output?")
-        df = datasets.conform(datasets.read_dataset(spark, pattern, IMAGES_METADATA), IMAGES_METADATA)
+        if deduped:   # the image-dedup output: the same rows, duplicates no longer `success`
+            df = datasets.conform(datasets.read_dataset(spark, deduped, IMAGE_DEDUP), IMAGES_METADATA)
+        else:
+            df = datasets.conform(datasets.read_dataset(spark, pattern, IMAGES_METADATA), IMAGES_METADATA)
         part_col = F.floor(F.coalesce(F.col("shard"), F.lit(-per_file)) / F.lit(per_file))
         n_parts = _count_parts(found, per_file)
         if n_parts is None:   # metadata files not named {shard:05d}.parquet: ask Spark

@@ -29,6 +29,7 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import uuid  # noqa: E402
 
 from spark_jobs import cli, datasets  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
@@ -116,7 +117,35 @@ def build_settings(cfg) -> dict:
         "subsets": dict(subsets),
         "embeddings_per_file": int(section["embeddings_per_file"]),
         "histogram": dict(section["histogram"]),
+        **hygiene_settings(cfg, storage_options),
     }
+
+
+def hygiene_settings(cfg, storage_options) -> dict:
+    """filter.semdedup and the eval set, checked on the driver (the eval set is loaded once here,
+    so a bad folder fails before any task)."""
+    from udfs.image_dedup import EvalSetError, load_eval_set
+
+    section = cfg.section("filter")
+    sd = dict(section.get("semdedup") or {})
+    if sd.get("scope") not in ("subset", "global"):
+        raise ConfigError(f"filter.semdedup.scope must be subset or global, got {sd.get('scope')!r}")
+    if not 0.0 < float(sd.get("eps", 0)) < 1.0:
+        raise ConfigError(f"filter.semdedup.eps must be in (0, 1), got {sd.get('eps')!r}")
+    if int(sd.get("clusters") or 0) < 1:
+        raise ConfigError("filter.semdedup.clusters must be >= 1")
+    eval_uri = section.get("eval_images")
+    eval_items = 0
+    if eval_uri:
+        try:
+            eval_items = len(load_eval_set(eval_uri, storage_options))
+        except EvalSetError as exc:
+            raise ConfigError(str(exc)) from exc
+    cosine = float(section.get("eval_cosine"))
+    if not -1.0 <= cosine <= 1.0:
+        raise ConfigError(f"filter.eval_cosine is a cosine in [-1, 1], got {cosine}")
+    return {"semdedup": sd, "eval_images": eval_uri, "eval_items": eval_items, "eval_cosine": cosine,
+            "eval_phash_distance": int(cfg.get("image_dedup.phash_distance"))}
 
 
 def _annotated_schema():
@@ -165,6 +194,117 @@ def annotate(df, settings: dict):
             yield annotate_batch(pdf, worker_settings)
 
     return df.mapInPandas(run_batches, _annotated_schema())
+
+
+def _mark(annotated, drops, status: str):
+    """Rows of `annotated` still kept whose key is in `drops` (key, message) become `status`."""
+    from pyspark.sql import functions as F
+
+    if drops is None:
+        return annotated
+    joined = annotated.join(drops.select("key", F.col("message").alias("_drop")), "key", "left")
+    hit = F.col("_drop").isNotNull() & (F.col("status") == F.lit("success"))
+    changed = {"status": F.when(hit, F.lit(status)).otherwise(F.col("status")),
+               "error_message": F.when(hit, F.col("_drop")).otherwise(F.col("error_message"))}
+    return joined.select(*[changed[c].alias(c) if c in changed else F.col(c) for c in annotated.columns])
+
+
+def eval_overlap(df, settings: dict):
+    """(key, message) of the success rows whose image matches an eval item: pHash within
+    image_dedup.phash_distance, or image-embedding cosine >= filter.eval_cosine. Every row is
+    compared with every eval item (numpy per Arrow batch; the eval set is loaded once per worker),
+    so nothing is missed: eval sets are small next to the crawl."""
+    from pyspark.sql import functions as F
+
+    if not settings.get("eval_images"):
+        return None
+    uri, so = settings["eval_images"], settings["storage_options"]
+    dist, cos = settings["eval_phash_distance"], settings["eval_cosine"]
+    rows = df.where((F.col("status") == F.lit("success")) & F.col("image_embedding").isNotNull())
+    cols = ["key", "image_embedding"] + (["phash"] if "phash" in df.columns else [])
+    token = uuid.uuid4().hex   # a worker reused by a later run reloads the eval set
+
+    def match(batches):
+        import pandas as pd
+
+        from udfs import embeddings
+        from udfs.image_dedup import cached_eval_set
+
+        eval_set = cached_eval_set(uri, so, token)
+        for pdf in batches:
+            hashes = [None if pd.isna(h) else int(h) for h in pdf["phash"]] if "phash" in pdf else [None] * len(pdf)
+            emb = embeddings.decode_rows(pdf["image_embedding"]) if eval_set.emb is not None else None
+            msgs = eval_set.matches(hashes, emb, dist, cos)
+            keep = [i for i, m in enumerate(msgs) if m is not None]
+            yield pd.DataFrame({"key": pdf["key"].iloc[keep].tolist(), "message": [msgs[i] for i in keep]},
+                               columns=["key", "message"])
+
+    return rows.select(*cols).mapInPandas(match, "key string, message string")
+
+
+def semantic_duplicates(spark, annotated, settings: dict, output: str):
+    """SemDeDup of the kept rows: (key, message) of the semantic duplicates, and the layer's stats.
+
+    Plan: a sample of the kept image embeddings (filter.semdedup.train_rows) trains a spherical
+    k-means (faiss) on the driver; the centroids go to `<output>/_stats/semdedup_centroids.npy`;
+    a mapInPandas assigns every kept row its nearest centroid; `groupBy(scope, cluster)
+    .applyInPandas` runs udfs.image_dedup.semdedup_cluster on each group (scope = the language
+    bucket, or one scope for filter.semdedup.scope=global). One cluster is in one task's memory:
+    at 10M rows and 1000 clusters that is ~10k x 512 floats (20 MB) per group."""
+    import faiss
+    import numpy as np
+    from pyspark.sql import functions as F
+
+    sd = settings["semdedup"]
+    if not sd.get("enabled"):
+        return None, {"enabled": False}
+    kept = annotated.where(F.col("status") == F.lit("success")).select(
+        "key", "uid", "bucket", "image_embedding")
+    n = kept.count()
+    k = max(1, min(int(sd["clusters"]), n // 4))
+    info = {"enabled": True, "eps": float(sd["eps"]), "scope": sd["scope"], "rows": n, "clusters": k}
+    if n < 2:
+        return None, info
+    train_rows = int(sd.get("train_rows") or 256000)
+    sample = kept.select("image_embedding")
+    if n > train_rows:
+        sample = sample.sample(fraction=min(1.0, 1.2 * train_rows / n), seed=int(sd.get("seed") or 0)).limit(train_rows)
+    train = embeddings.decode_rows([r["image_embedding"] for r in sample.collect()])
+    km = faiss.Kmeans(train.shape[1], k, niter=20, seed=int(sd.get("seed") or 0), spherical=True,
+                      max_points_per_centroid=max(1, len(train) // k + 1))
+    km.train(np.ascontiguousarray(train, dtype=np.float32))
+    token = uuid.uuid4().hex   # names this run's centroids: a reused worker must not keep older ones
+    centroids_uri = fsio.join(output, datasets.STATS_DIR, f"semdedup_centroids_{token[:12]}.npy")
+    embeddings.write_npy(centroids_uri, km.centroids, settings["storage_options"])
+    so, eps, scope_global = settings["storage_options"], float(sd["eps"]), sd["scope"] == "global"
+
+    def assign(batches):
+        from udfs.image_dedup import cached_centroids
+
+        index = cached_centroids(centroids_uri, so)
+        for pdf in batches:
+            emb = embeddings.decode_rows(pdf["image_embedding"])
+            _, nearest = index.search(np.ascontiguousarray(emb, dtype=np.float32), 1)
+            pdf = pdf.assign(cluster=nearest[:, 0].astype("int32"),
+                             scope="all" if scope_global else pdf["bucket"].fillna("none"))
+            yield pdf[["key", "uid", "scope", "cluster", "image_embedding"]]
+
+    def dedup(pdf):
+        import pandas as pd
+
+        from udfs.image_dedup import cached_centroids, semantic_message, semdedup_cluster
+
+        centroid = cached_centroids(centroids_uri, so).reconstruct(int(pdf["cluster"].iloc[0]))
+        emb = embeddings.decode_rows(pdf["image_embedding"])
+        kept_by, cosine, _ = semdedup_cluster(emb, centroid, eps)
+        drop = np.flatnonzero(kept_by >= 0)
+        keys, uids = pdf["key"].to_numpy(), pdf["uid"].to_numpy()
+        return pd.DataFrame({"key": keys[drop],
+                             "message": [semantic_message(uids[kept_by[i]], keys[kept_by[i]], cosine[i])
+                                         for i in drop]}, columns=["key", "message"])
+
+    assigned = kept.mapInPandas(assign, "key string, uid string, scope string, cluster int, image_embedding binary")
+    return assigned.groupBy("scope", "cluster").applyInPandas(dedup, "key string, message string"), info
 
 
 def _subset_frame(kept):
@@ -297,7 +437,14 @@ def run(spark, cfg, args) -> dict:
     # rather than "not a filter output" (a no-op on object stores, which have no folders).
     fs, emb_root = fsio.filesystem(fsio.join(output, EMBEDDINGS_DIR), settings["storage_options"])
     fs.makedirs(emb_root, exist_ok=True)
-    annotated = annotate(df, settings).persist(StorageLevel.MEMORY_AND_DISK)
+    base = annotated = annotate(df, settings).persist(StorageLevel.MEMORY_AND_DISK)
+    with timer.phase("eval_overlap"):
+        annotated = _mark(annotated, eval_overlap(df, settings), "eval_overlap")
+    with timer.phase("semdedup"):
+        drops, semdedup_info = semantic_duplicates(spark, annotated, settings, output)
+        annotated = _mark(annotated, drops, "semantic_duplicate")
+    if annotated is not base:   # computed once: every subset and the rejected rows read it
+        annotated = annotated.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         with timer.phase("write_rejected"):
             datasets.write_dataset(annotated.where(F.col("status") != "success"), rejected, FILTER_REJECTED)
@@ -312,8 +459,15 @@ def run(spark, cfg, args) -> dict:
                 write_embeddings(sub, fsio.join(output, EMBEDDINGS_DIR, name), rows, settings)
     finally:
         annotated.unpersist()
+        base.unpersist()
     with timer.phase("stats"):
         stats = summarize(spark, output, rejected, settings, input_rows)
+    stats["hygiene"] = {
+        "eval_overlap": stats["rejected_by_status"].get("eval_overlap", 0),
+        "semantic_duplicate": stats["rejected_by_status"].get("semantic_duplicate", 0),
+        "eval_images": settings["eval_images"], "eval_items": settings["eval_items"],
+        "eval_cosine": settings["eval_cosine"], "eval_phash_distance": settings["eval_phash_distance"],
+        "semdedup": semdedup_info}
     stats.update(input=args.input, rejected_output=rejected, **timer.summary())
     datasets.write_stats(output, NAME, stats, storage_options=settings["storage_options"])
     return stats

@@ -45,7 +45,8 @@ PIPELINE = (
     PipelineStage("wat-extract", "spark_jobs.wat_extract", None),
     PipelineStage("dedup", "spark_jobs.dedup", "wat-extract"),
     PipelineStage("download", "spark_jobs.download", "dedup"),
-    PipelineStage("clip-score", "spark_jobs.clip_score", "download"),
+    PipelineStage("image-dedup", "spark_jobs.image_dedup", "download"),
+    PipelineStage("clip-score", "spark_jobs.clip_score", "image-dedup"),
     PipelineStage("filter", "spark_jobs.filter", "clip-score"),
     PipelineStage("build-index", "spark_jobs.knn_index", "filter"),
 )

@@ -158,12 +158,31 @@ IMAGES_METADATA = DatasetSpec(
         _i("attempts"),         # HTTP attempts made (retries included)
         _i("exif_orientation"),  # EXIF orientation tag of the original (1-8; null: none); stored upright
         _s("opt_out_source"),   # opted_out rows: x_robots_tag | robots_txt | tdmrep | page_meta | opt_out_list
+        _l("phash"),            # 64-bit pHash of the decoded original (udfs.image_hash, signed); null unless success
     ]),
     # columns added after the first release (exif_orientation, opt_out_source) are optional on read:
     # older shards lack them and conform fills nulls
     required=("key", "uid", "url", "text", "page_url", "shard", "status", "error_message", "http_status",
               "content_type", "original_width", "original_height", "width", "height", "bytes", "sha256",
               "download_seconds", "retryable", "attempts"),
+)
+
+
+# --- stage 3b: image_dedup -----------------------------------------------------------------------
+
+IMAGE_DEDUP = DatasetSpec(
+    name="image_dedup",
+    description="image-dedup output: every images_metadata row, duplicates of another image marked "
+                "duplicate_image (same sha256) or near_duplicate (pHash within image_dedup.phash_distance); "
+                "clip-score reads it and takes the tars from the download folder named in its stats",
+    schema=T.StructType([
+        *IMAGES_METADATA.schema.fields,
+        _s("record_date"),        # joined from the download input by uid (null when it has none)
+        _s("duplicate_of_uid"),   # the kept row of the duplicate's group
+        _s("duplicate_of_key"),
+        _i("phash_distance"),     # near_duplicate: Hamming distance to the kept row's pHash
+    ]),
+    required=("key", "uid", "url", "text", "status", "shard"),
 )
 
 
@@ -186,6 +205,7 @@ FILTER_INPUT = DatasetSpec(
         T.StructField("original_height", T.IntegerType(), True),
         T.StructField("width", T.IntegerType(), True),
         T.StructField("height", T.IntegerType(), True),
+        _l("phash"),            # eval decontamination compares it with the eval images' pHash
     ]),
     # SCORED (stage 4) guarantees these; the others are filled with nulls when absent.
     required=("uid", "key", "url", "text", "status", "similarity", "image_embedding", "text_embedding"),

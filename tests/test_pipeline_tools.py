@@ -50,14 +50,15 @@ def test_run_selects_stage_ranges_and_builds_stage_inputs():
     from spark_jobs import run
 
     names = [s.name for s in run.selected_stages("dedup", "clip-score")]
-    assert names == ["dedup", "download", "clip-score"]
+    assert names == ["dedup", "download", "image-dedup", "clip-score"]
     with pytest.raises(ConfigError):
         run.selected_stages("filter", "dedup")
     cfg = load_config("local")
     args = argparse.Namespace(input=["a.wat.gz"], paths_file=None)
     first = run.stage_argv(cfg, args, "/r", run.PIPELINE[0])
     assert first == ["--output", "/r/wat_pairs", "--input", "a.wat.gz"]
-    assert run.stage_argv(cfg, args, "/r", run.PIPELINE[3]) == ["--input", "/r/images", "--output", "/r/scored"]
+    assert run.stage_argv(cfg, args, "/r", run.PIPELINE[3]) == ["--input", "/r/images", "--output", "/r/images_dedup"]
+    assert run.stage_argv(cfg, args, "/r", run.PIPELINE[4]) == ["--input", "/r/images_dedup", "--output", "/r/scored"]
     with pytest.raises(ConfigError, match="no crawl input"):
         run.stage_argv(cfg, argparse.Namespace(input=None, paths_file=None), "/r", run.PIPELINE[0])
 

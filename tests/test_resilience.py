@@ -65,7 +65,7 @@ def test_a_failed_download_task_is_retried_and_the_output_is_unchanged(spark, cf
 
 # --- bad data at every stage boundary ----------------------------------------------------------
 
-PARQUET_STAGES = ("dedup", "download", "clip-score", "filter", "build-index")
+PARQUET_STAGES = ("dedup", "download", "image-dedup", "clip-score", "filter", "build-index")
 
 
 def _cli(stage: str, inp: Path, out: Path, capsys) -> tuple[int, str]:

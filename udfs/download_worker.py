@@ -51,6 +51,7 @@ METADATA_COLUMNS = (
     ("download_seconds", "float64"), ("retryable", "bool_"), ("attempts", "int32"),
     ("exif_orientation", "int32"),
     ("opt_out_source", "string"),
+    ("phash", "int64"),
 )
 ROBOTS_AUDIT_DIR = ("_stats", "robots")
 MARKER_SUFFIX = "_complete.json"
@@ -191,7 +192,8 @@ class ShardJob:
             return rec, None, timings
         timings.update(out.timings)
         rec.update(status="success", error_message=None, original_width=out.original_width,
-                   original_height=out.original_height, width=out.width, height=out.height)
+                   original_height=out.original_height, width=out.width, height=out.height,
+                   phash=out.phash)   # of the decoded original, upright: the image-dedup stage's key
         rec["exif_orientation"] = out.exif_orientation   # stored upright; this was the original's tag
         return rec, out.data, timings
 
