@@ -1,4 +1,7 @@
-"""Configuration: `conf/base.yaml`, then a profile, then `--config FILE`, then `--set key=value`.
+"""Configuration: `conf/base.yaml`, then a profile, then `--config FILE|PRESET`, then `--set key=value`.
+
+The files are package resources (`conf_dir`): the same loading works from a checkout, an
+installed wheel or a `--py-files` zip, from any working directory.
 
 One resolved, read-only mapping is built once by the CLI and handed to every stage; nothing
 reads config at import time or from environment variables. Overrides of unknown keys are
@@ -13,7 +16,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-PROFILES = ("local", "emr", "dataproc", "databricks")
+PROFILES = ("local", "emr", "dataproc", "databricks", "standalone")
 
 # Sections whose keys are free-form (their keys may themselves contain dots).
 FREEFORM_SECTIONS = ("spark.conf", "storage.storage_options")

@@ -79,19 +79,29 @@ def get_spark(cfg: Config, app_name: str | None = None):
     remote = remote_url(cfg)
     if remote:
         # spark.master and static settings (driver memory, JVM options) belong to the server;
-        # pyspark's Connect builder applies what it can as session confs and skips the rest.
+        # only session (spark.sql.*) settings are sent.
         builder = builder.remote(remote)
     else:
         lighten_numpy_converters()
         master = cfg.get("spark.master")
-        if master:
+        if master and os.environ.get("PYSPARK_GATEWAY_PORT"):
+            # A driver started by spark-submit (or the pyspark shell) already has its master;
+            # the command line wins over the profile.
+            log.info("spark.master %s ignored: this driver was started by spark-submit", master)
+        elif master:
             builder = builder.master(master)
             # Local Python workers must run the interpreter that has our dependencies (the venv),
             # not whatever `python3` is first on PATH.
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
             os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    skipped = []
     for key, value in (cfg.get("spark.conf") or {}).items():
+        if remote and not key.startswith("spark.sql."):
+            skipped.append(key)   # static or application settings: the server's own
+            continue
         builder = builder.config(key, str(value))
+    if skipped:
+        log.info("spark connect: %s left to the server (not session settings)", ", ".join(sorted(skipped)))
     spark = builder.getOrCreate()
     if is_connect(spark):
         # No log-level API over Connect: the server's log4j settings apply.
