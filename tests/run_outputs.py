@@ -12,8 +12,10 @@ import pyarrow.dataset as pads
 def _rows(folder: Path, columns: list[str], digits: dict | None = None) -> list[tuple]:
     if not folder.exists():
         return []
-    table = pads.dataset(str(folder), format="parquet", partitioning="hive",
-                         exclude_invalid_files=True).to_table(columns=columns)
+    dataset = pads.dataset(str(folder), format="parquet", partitioning="hive", exclude_invalid_files=True)
+    if not dataset.files:   # a dataset with no rows (Spark writes only _SUCCESS)
+        return []
+    table = dataset.to_table(columns=columns)
     out = []
     for r in table.to_pylist():
         out.append(tuple(round(r[c], digits[c]) if digits and c in digits and r[c] is not None else r[c]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -86,6 +87,76 @@ def test_scorer_loads_the_model_on_the_tasks_gpu(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         list(scorer(iter([frame])))
     assert asked == ["cuda:5"]
+
+
+# --- packaging: requirements, and config read from the zip and the wheel ----------------------------
+
+def _requirement_lines(path: Path) -> list[str]:
+    return [ln.split("#")[0].strip() for ln in path.read_text().splitlines() if ln.split("#")[0].strip()]
+
+
+def test_cluster_requirements_are_the_runtime_requirements():
+    """requirements-cluster.txt pins what requirements.txt pins (same specifiers) and is what the
+    wheel declares; pyspark and the Connect client are extras, not node requirements."""
+    import runpy
+
+    import setuptools
+
+    cluster = _requirement_lines(REPO / "requirements-cluster.txt")
+    assert set(cluster) <= set(_requirement_lines(REPO / "requirements.txt"))
+    captured = {}
+    real_setup = setuptools.setup
+    setuptools.setup = lambda **kw: captured.update(kw)
+    try:
+        runpy.run_path(str(REPO / "setup.py"), run_name="setup")
+    finally:
+        setuptools.setup = real_setup
+    assert captured["install_requires"] == cluster
+    assert captured["extras_require"]["spark"] == ["pyspark==4.3.0"]
+    assert {r.split("==")[0] for r in captured["extras_require"]["connect"]} == {
+        "grpcio", "grpcio-status", "googleapis-common-protos", "protobuf", "zstandard"}
+
+
+CONFIG_PROBE = ("import json, spark_jobs, spark_jobs.config as c; "
+                "cfg = c.load_config('standalone', 'conf/presets/tiny_clip.yaml'); "
+                "print(json.dumps({'module': spark_jobs.__file__, 'conf': str(c.conf_dir()), 'presets': c.presets(), "
+                "'threshold': cfg.get('filter.thresholds.en'), 'batch': c.load_config('emr', 'tiny_clip').get('clip.batch_size'), "
+                "'image_size': cfg.get('download.image_size')}))")
+
+
+def _probe_config(python: Path, path_entry: Path, cwd: Path) -> dict:
+    env = spark_daemons.base_env(PYTHONPATH=str(path_entry))
+    proc = subprocess.run([str(python), "-c", CONFIG_PROBE], capture_output=True, text=True, cwd=str(cwd),
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_config_and_presets_load_from_the_zip_and_the_wheel(node_python, tmp_path):
+    """From another working directory, with only the zip (or only the unpacked wheel) on the path,
+    base.yaml, the profiles and the presets are read as package resources."""
+    import zipfile
+
+    from spark_jobs import package
+
+    expected = {"presets": ["tiny_clip"], "threshold": 0.7, "batch": 32, "image_size": 256}
+    zipped = package.build(tmp_path / "dist")["zip"]
+    out = _probe_config(node_python, Path(zipped), tmp_path)
+    assert out["module"].startswith(zipped) and out["conf"].startswith(zipped)
+    assert {k: out[k] for k in expected} == expected
+
+    wheel_dir = tmp_path / "wheel"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(wheel_dir), str(REPO)], capture_output=True, text=True, timeout=600,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = wheel_dir.glob("clipcrawl-*.whl")
+    installed = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(installed)
+    out = _probe_config(node_python, installed, tmp_path)
+    assert out["conf"] == str(installed / "spark_jobs" / "conf")
+    assert {k: out[k] for k in expected} == expected
 
 
 # --- the standalone cluster ------------------------------------------------------------------------
