@@ -144,8 +144,9 @@ def _not_done(done: set[int]):
 # Rows are ranked inside buckets of their sort key's first characters, each bucket starting where
 # the buckets before it end: the ranks are a function of the data alone, so the counting job and
 # the download job agree whatever partitions Spark picks (a global sort's range bounds are sampled
-# anew by each job). Hex keys give up to 16**4 buckets (~30k rows each for 2B rows).
-BUCKET_CHARS = 4
+# anew by each job). Hex keys give up to 16**3 buckets (~500k rows each for 2B rows), which
+# keeps the map of bucket starts handed to Spark small.
+BUCKET_CHARS = 3
 
 
 def _plan_fresh(spark, args, section, storage_options, done: set[int]):
@@ -168,17 +169,22 @@ def _plan_fresh(spark, args, section, storage_options, done: set[int]):
     # Python UDF before the sort (missing uids are computed by the shard task).
     keyed = df.withColumn("_order", F.expr("coalesce(uid, lpad(hex(xxhash64(url, text)), 16, '0'))")) \
               .withColumn("_bucket", F.expr(f"substring(_order, 1, {BUCKET_CHARS})"))
-    counts = keyed.groupBy("_bucket").agg(F.count("*").alias("_n"))
-    total = int(counts.agg(F.sum("_n").alias("t")).first()["t"] or 0)
+    counts = sorted((r["_bucket"], int(r["_n"])) for r in
+                    keyed.groupBy("_bucket").agg(F.count("*").alias("_n")).collect())
+    total = sum(n for _, n in counts)
     plan = {"mode": "fresh", "input": args.input, "rows": total, "shard_size": size}
     check_plan(args.output, plan, storage_options)
     num_shards = math.ceil(total / size) if total else 0
 
-    before = Window.orderBy("_bucket").rowsBetween(Window.unboundedPreceding, -1)
-    starts = counts.select("_bucket", F.coalesce(F.sum("_n").over(before), F.expr("0L")).alias("_start"))
+    # Each bucket's first rank, from the counts the driver already has (Python's str order is
+    # Spark's binary order of UTF-8): a literal map, so the download job does not recount.
+    starts, first = [], 0
+    for bucket, n in counts:
+        starts.append(f"'{bucket.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}', {first}L")
+        first += n
+    start_of = f"element_at(map({', '.join(starts)}), _bucket)" if starts else "0L"
     within = Window.partitionBy("_bucket").orderBy("_order", "url", "text", "page_url")
-    ranked = (keyed.join(F.broadcast(starts), "_bucket")
-              .withColumn("_rank", F.col("_start") + F.row_number().over(within) - F.expr("1L")))
+    ranked = keyed.withColumn("_rank", F.expr(start_of) + F.row_number().over(within) - F.expr("1L"))
     rows = (ranked.select(F.expr(f"CAST(_rank DIV {size} AS INT)").alias("shard"),
                           F.struct("uid", "url", "text", "page_url",
                                    F.expr(f"CAST(_rank % {size} AS INT)").alias("position")).alias("row"))
