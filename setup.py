@@ -1,5 +1,6 @@
 """clipcrawl: LAION-style CLIP-filtered image-text datasets from Common Crawl, on Spark."""
 
+import re
 from pathlib import Path
 
 from setuptools import setup
@@ -7,16 +8,32 @@ from setuptools import setup
 HERE = Path(__file__).parent
 
 
-def requirements() -> list[str]:
-    """Runtime dependencies: requirements.txt up to the test/lint section."""
-    reqs = []
-    for line in (HERE / "requirements.txt").read_text().splitlines():
-        line = line.strip()
-        if line.startswith("# tests"):
-            break
-        if line and not line.startswith("#"):
-            reqs.append(line)
-    return reqs
+def _lines(name: str) -> list[str]:
+    """Requirement lines of a requirements file (comments, inline ones too, and blanks dropped)."""
+    out = []
+    for line in (HERE / name).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def _named(lines: list[str], *names: str) -> list[str]:
+    def name_of(line: str) -> str:
+        return re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0].lower().replace("_", "-")
+
+    return [ln for ln in lines if name_of(ln) in names]
+
+
+# Runtime dependencies of the stages: requirements-cluster.txt (what a cluster node needs, without
+# pyspark, which the cluster provides). Off a cluster: `clipcrawl[spark]`, and `[connect]` for the
+# Spark Connect client; the versions are requirements.txt's.
+REQUIREMENTS = _lines("requirements-cluster.txt")
+EXTRAS = {
+    "spark": _named(_lines("requirements.txt"), "pyspark"),
+    "connect": _named(_lines("requirements.txt"), "grpcio", "grpcio-status", "googleapis-common-protos",
+                      "protobuf", "zstandard"),
+}
 
 
 setup(
@@ -30,6 +47,7 @@ setup(
     # conf/ ships inside the package so a wheel or --py-files zip finds base.yaml and the profiles.
     package_dir={"spark_jobs.conf": "conf"},
     package_data={"spark_jobs.conf": ["*.yaml", "presets/*.yaml", "gpu/*.sh"], "serving": ["static/*.html"]},
-    install_requires=requirements(),
+    install_requires=REQUIREMENTS,
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["clipcrawl=spark_jobs.cli:main"]},
 )

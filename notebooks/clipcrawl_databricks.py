@@ -6,23 +6,29 @@
 # MAGIC `clipcrawl` package (build it with `make package`, upload `dist/clipcrawl-*.whl`, install it on
 # MAGIC the cluster or with `%pip` below). This notebook holds no pipeline logic of its own.
 # MAGIC
-# MAGIC Use a GPU cluster (e.g. g5.xlarge workers, ML GPU runtime) for the clip-score cell; the other
-# MAGIC stages are CPU-bound and run on any cluster.
+# MAGIC Compute: every stage uses only DataFrame APIs that Spark Connect has, so the notebook runs on
+# MAGIC serverless compute and on standard (shared) access mode clusters, which are Spark Connect
+# MAGIC sessions, as well as on dedicated (single user) clusters. Use a GPU cluster (e.g. g5.xlarge
+# MAGIC workers, ML GPU runtime, dedicated access mode) for the clip-score cell; elsewhere it runs on
+# MAGIC CPU. On serverless and standard access mode, use a Unity Catalog volume
+# MAGIC (`/Volumes/<catalog>/<schema>/<volume>/...`) as the root rather than `dbfs:/`.
 
 # COMMAND ----------
 
-# MAGIC %pip install /dbfs/FileStore/clipcrawl/clipcrawl-0.1.0-py3-none-any.whl
+# MAGIC %pip install /Volumes/main/default/clipcrawl/clipcrawl-0.1.0-py3-none-any.whl
 
 # COMMAND ----------
 
 dbutils = globals().get("dbutils")  # noqa: F821 - provided by Databricks
 if dbutils is not None:
-    dbutils.widgets.text("root", "dbfs:/clipcrawl/CC-MAIN-2024-22")
+    dbutils.widgets.text("root", "/Volumes/main/default/clipcrawl/CC-MAIN-2024-22")
     dbutils.widgets.text("paths_file", "s3://commoncrawl/crawl-data/CC-MAIN-2024-22/wat.paths.gz")
+    dbutils.widgets.text("config", "")  # optional: a YAML file of overrides, or a preset name (tiny_clip)
     ROOT = dbutils.widgets.get("root")
-    PATHS_FILE = dbutils.widgets.get("paths_file")
+    PATHS_FILE = dbutils.widgets.get("paths_file") or None
+    CONFIG = dbutils.widgets.get("config") or None
 else:  # outside Databricks (tests import this file): harmless defaults
-    ROOT, PATHS_FILE = "./clipcrawl-data", None
+    ROOT, PATHS_FILE, CONFIG = "./clipcrawl-data", None, None
 
 # COMMAND ----------
 
@@ -31,7 +37,7 @@ from spark_jobs.config import load_config
 from spark_jobs.run import STAGE_NAMES, run_stage
 
 setup_logging("INFO")
-cfg = load_config("databricks", overrides=[f"storage.root={ROOT}"])
+cfg = load_config("databricks", CONFIG, overrides=[f"storage.root={ROOT}"])
 print("stages:", ", ".join(STAGE_NAMES))
 
 # COMMAND ----------
@@ -42,10 +48,12 @@ print("stages:", ", ".join(STAGE_NAMES))
 
 
 def run_cell(stage_name, **kwargs):
-    """Run (or skip, if complete) one stage and show its stats."""
-    from pyspark.sql import SparkSession
+    """Run (or skip, if complete) one stage on the notebook's session and show its stats."""
+    session = globals().get("spark")  # the notebook's session on Databricks (classic or Connect)
+    if session is None:
+        from spark_jobs.session import get_spark
 
-    session = SparkSession.getActiveSession()
+        session = get_spark(cfg, "notebook")
     result = run_stage(session, cfg, stage_name, ROOT, **kwargs)
     print(f"{stage_name}: {result['status']} in {result['seconds']}s -> {result['output']}")
     return result

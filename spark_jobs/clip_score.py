@@ -110,8 +110,7 @@ def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images
         except ImportError:  # pragma: no cover - only outside Spark
             ctx = None
         pid = ctx.partitionId() if ctx is not None else 0
-        resources = ctx.resources() if ctx is not None else {}
-        gpus = list(resources["gpu"].addresses) if "gpu" in resources else None
+        gpus = assigned_gpus(ctx)
         threads = clip_cfg.get("torch_threads") or (ctx.cpus() if ctx is not None else None)
 
         frames = [b for b in batches if len(b)]
@@ -125,14 +124,15 @@ def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images
                 import torch
 
                 torch.set_num_threads(int(threads))
-            model = clip_model.cached_clip(main["model"], main["pretrained"], clip_cfg.get("device", "auto"),
-                                           clip_cfg.get("precision", "auto"), gpus, storage_options)
+            device = task_device(clip_cfg.get("device", "auto"), gpus)
+            model = clip_model.cached_clip(main["model"], main["pretrained"], device,
+                                           clip_cfg.get("precision", "auto"), None, storage_options)
             if multi is not None:
-                multi_model = clip_model.cached_clip(multi["model"], multi["pretrained"],
-                                                     clip_cfg.get("device", "auto"),
-                                                     clip_cfg.get("precision", "auto"), gpus, storage_options)
+                multi_model = clip_model.cached_clip(multi["model"], multi["pretrained"], device,
+                                                     clip_cfg.get("precision", "auto"), None, storage_options)
             part_stats["model_load_seconds"] = round(time.perf_counter() - t0, 3)
             part_stats["device"] = model.device
+        part_stats["gpu_addresses"] = gpus
 
         def read_samples(uri):
             return shard_writer.iter_samples(uri, storage_options)
@@ -164,6 +164,24 @@ def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images
         log.info("clip-score partition %d: %d rows in %.1fs", pid, len(frame), part_stats["seconds"])
 
     return score_partitions
+
+
+def assigned_gpus(ctx) -> list[str] | None:
+    """The GPU addresses Spark assigned to this task (`spark.task.resource.gpu.amount` with the
+    executor's discovery script), from `TaskContext.resources()`; None without GPU scheduling."""
+    resources = ctx.resources() if ctx is not None else {}
+    gpu = resources.get("gpu")
+    addresses = [str(a).strip() for a in gpu.addresses] if gpu is not None else []
+    return addresses or None
+
+
+def task_device(requested: str, gpus: list[str] | None, has_cuda: bool | None = None) -> str:
+    """The torch device of this task: with `auto`, the first GPU Spark assigned ("cuda:3"), not
+    "cuda:0" by habit, so tasks sharing a multi-GPU executor each use their own GPU; the CPU when
+    the worker sees no CUDA."""
+    from udfs.clip_model import select_device
+
+    return select_device(requested, gpus, has_cuda)
 
 
 class _NoModel:

@@ -1,4 +1,7 @@
-"""Configuration: `conf/base.yaml`, then a profile, then `--config FILE`, then `--set key=value`.
+"""Configuration: `conf/base.yaml`, then a profile, then `--config FILE|PRESET`, then `--set key=value`.
+
+The files are package resources (`conf_dir`): the same loading works from a checkout, an
+installed wheel or a `--py-files` zip, from any working directory.
 
 One resolved, read-only mapping is built once by the CLI and handed to every stage; nothing
 reads config at import time or from environment variables. Overrides of unknown keys are
@@ -13,7 +16,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-PROFILES = ("local", "emr", "dataproc", "databricks")
+PROFILES = ("local", "emr", "dataproc", "databricks", "standalone")
 
 # Sections whose keys are free-form (their keys may themselves contain dots).
 FREEFORM_SECTIONS = ("spark.conf", "storage.storage_options")
@@ -23,16 +26,48 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix (unknown key, bad value, missing profile)."""
 
 
-def conf_dir() -> Path:
-    """The folder holding base.yaml and the profiles: the source tree's `conf/`, or the copy
-    packaged as `spark_jobs/conf` inside a wheel / --py-files zip."""
+def conf_dir():
+    """The folder holding base.yaml, the profiles and presets/, as an `importlib.resources`
+    Traversable: the source tree's `conf/` beside the package (a checkout), else the copy packaged
+    as `spark_jobs.conf` inside a wheel or a `--py-files` zip. Read it with `.read_text()`, never
+    `open(path)`: inside a zip there is no path."""
+    from importlib import resources
+
     source_tree = Path(__file__).resolve().parent.parent / "conf"
-    if (source_tree / "base.yaml").exists():
+    if (source_tree / "base.yaml").is_file():
         return source_tree
-    packaged = Path(__file__).resolve().parent / "conf"
-    if (packaged / "base.yaml").exists():
+    try:
+        packaged = resources.files("spark_jobs.conf")
+    except ModuleNotFoundError:
+        packaged = None
+    if packaged is not None and (packaged / "base.yaml").is_file():
         return packaged
-    raise ConfigError(f"cannot find conf/base.yaml (looked in {source_tree} and {packaged})")
+    raise ConfigError(f"cannot find conf/base.yaml (looked in {source_tree} and in the spark_jobs.conf "
+                      f"package resources{' at ' + str(packaged) if packaged is not None else ''})")
+
+
+def presets() -> list[str]:
+    """Names of the packaged presets (conf/presets/<name>.yaml), usable as `--config <name>`."""
+    folder = conf_dir() / "presets"
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def packaged_preset(name: str):
+    """The packaged preset that `--config NAME` means, or None: a bare name (`tiny_clip`) or the
+    source tree's spelling (`conf/presets/tiny_clip.yaml`), so README commands also work where only
+    the wheel or the zip is installed."""
+    text = str(name).replace("\\", "/")
+    stem = text[:-5] if text.endswith(".yaml") else text
+    if "/" in stem:
+        head, stem = stem.rsplit("/", 1)
+        if not head.endswith("presets"):
+            return None
+    if not stem:
+        return None
+    candidate = conf_dir() / "presets" / f"{stem}.yaml"
+    return candidate if candidate.is_file() else None
 
 
 def _deep_merge(base: dict, override: Mapping) -> dict:
@@ -44,10 +79,14 @@ def _deep_merge(base: dict, override: Mapping) -> dict:
     return base
 
 
-def _load_yaml(path: Path | str) -> dict:
+def _load_yaml(path) -> dict:
+    """A YAML mapping from a user's file (path) or a packaged resource (Traversable)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        if isinstance(path, (str, Path)):
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        else:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
     except yaml.YAMLError as exc:
@@ -142,7 +181,8 @@ def load_config(profile: str = "local", config_file: str | None = None,
     tree = _load_yaml(folder / "base.yaml")
     _deep_merge(tree, _load_yaml(folder / f"{profile}.yaml"))
     if config_file:
-        user = _load_yaml(config_file)
+        preset = None if Path(config_file).is_file() else packaged_preset(config_file)
+        user = _load_yaml(preset if preset is not None else config_file)
         # A user file may only set keys the base config knows (free-form sections excepted).
         for key, value in _flatten(user):
             _apply_override(tree, key, value)

@@ -95,8 +95,15 @@ def partition_dirs_beside_sidecars(path: str) -> list[str] | None:
 def _read_parquet(spark: SparkSession, path: str) -> DataFrame:
     parts = partition_dirs_beside_sidecars(path)
     if parts is None:
-        return spark.read.parquet(path)
-    return spark.read.option("basePath", path).parquet(*parts)
+        return _analyzed(spark.read.parquet(path))
+    return _analyzed(spark.read.option("basePath", path).parquet(*parts))
+
+
+def _analyzed(df: DataFrame) -> DataFrame:
+    """Spark Connect analyses a read lazily, so a missing, empty or corrupt input would only fail
+    at the first action; asking for the schema makes it fail here, as a classic session does."""
+    df.schema  # noqa: B018 - the call is the point
+    return df
 
 
 def spark_paths(pattern: str, storage_options: dict | None = None) -> list[str]:
@@ -125,7 +132,7 @@ def read_dataset(spark: SparkSession, path: str, spec: DatasetSpec) -> DataFrame
     if not (files if is_glob else fsio.exists(path)):
         raise InputError(f"input dataset '{spec.name}' not found at {path}")
     try:
-        df = spark.read.parquet(*files) if is_glob else _read_parquet(spark, path)
+        df = _analyzed(spark.read.parquet(*files)) if is_glob else _read_parquet(spark, path)
     except Exception as exc:  # noqa: BLE001 - Spark raises AnalysisException subclasses
         message = str(exc)
         if _no_data(exc):

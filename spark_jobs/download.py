@@ -107,37 +107,60 @@ def check_plan(output: str, plan: dict, storage_options: dict | None) -> None:
 
 def _shard_task(section: dict, output: str, storage_options: dict | None, digits: int,
                 retry_from: str | None, fault: dict | None = None):
-    """The mapPartitionsWithIndex function: one partition holds one shard's rows."""
+    """The per-shard function: (shard, its rows) -> the shard's stats as JSON. It runs as a plain
+    (pickled-row) Python UDF over one row per shard, so the driver never imports pandas or pyarrow
+    (every Arrow UDF does, ~85 MB; see session.lighten_numpy_converters)."""
 
-    def run_partition(_index, items):
+    def run_shard(shard, items):
         from udfs.download_worker import ShardJob, make_key, shard_name
         from udfs.ids import pair_uid
 
-        rows, shard = [], None
-        for shard, payload in items:
-            if retry_from is None:
-                position, row = payload
-                row = dict(row, key=make_key(shard, position, digits))
+        shard = int(shard)
+        if retry_from is None:
+            rows = []
+            for item in sorted(items, key=lambda r: r["position"]):   # rank order: uid order
+                row = {k: item[k] for k in ("uid", "url", "text", "page_url")}
+                row["key"] = make_key(shard, item["position"], digits)
                 if not row.get("uid"):
                     row["uid"] = pair_uid(row.get("url") or "", row.get("text") or "")
-            else:
-                prev = payload
+                rows.append(row)
+        else:
+            rows = []
+            for item in sorted(items, key=lambda r: r["key"]):
+                prev = item.asDict()
                 fetch = prev.get("status") != "success" and bool(prev.get("retryable"))
                 row = {k: prev.get(k) for k in ("key", "uid", "url", "text", "page_url")}
                 row.update(action="fetch" if fetch else "carry", previous=prev)
-            rows.append(row)
-        if shard is None:
-            return iter(())
+                rows.append(row)
         previous_tar = fsio.join(retry_from, shard_name(shard) + ".tar") if retry_from else None
         stats = ShardJob(section, output, storage_options).run(shard, rows, previous_tar)
         # Resilience tests: the task dies after its files are written; Spark's retry rewrites them.
         faults.maybe_fail(fault, NAME)
-        return iter([json.dumps(stats)])
+        return json.dumps(stats)
 
-    return run_partition
+    return run_shard
 
 
-def _plan_fresh(spark, args, section, storage_options):
+def _not_done(done: set[int]):
+    """SQL condition keeping the rows of shards still to do (a string: F.lit/isin would import
+    pandas into the driver)."""
+    from pyspark.sql import functions as F
+
+    if not done:
+        return F.expr("true")
+    return F.expr(f"NOT shard IN ({', '.join(str(s) for s in sorted(done))})")
+
+
+# Rows are ranked inside buckets of their sort key's first characters, each bucket starting where
+# the buckets before it end: the ranks are a function of the data alone, so the counting job and
+# the download job agree whatever partitions Spark picks (a global sort's range bounds are sampled
+# anew by each job). Hex keys give up to 16**3 buckets (~500k rows each for 2B rows), which
+# keeps the map of bucket starts handed to Spark small.
+BUCKET_CHARS = 3
+
+
+def _plan_fresh(spark, args, section, storage_options, done: set[int]):
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     if not args.input:
@@ -153,26 +176,33 @@ def _plan_fresh(spark, args, section, storage_options):
     # A total order, so that rank -> shard is the same in every run. The uid (a hash) comes first,
     # or, for inputs without uids, Spark's xxhash64 of (url, text): either spreads each domain over
     # all shards, which keeps the per-domain cap from serialising a shard, and neither needs a
-    # Python UDF before the sort (missing uids are computed by the shard task). Ranks are
-    # zipWithIndex's, done by hand so that the per-partition counts also give the total (one job
-    # fewer than count() + zipWithIndex()).
-    order = F.expr("coalesce(uid, lpad(hex(xxhash64(url, text)), 16, '0'))")  # SQL: no F.lit
-    ordered = df.orderBy(order, "url", "text", "page_url").rdd
-    sizes = ordered.mapPartitions(lambda it: [sum(1 for _ in it)]).collect()
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    total = sum(sizes)
+    # Python UDF before the sort (missing uids are computed by the shard task).
+    keyed = df.withColumn("_order", F.expr("coalesce(uid, lpad(hex(xxhash64(url, text)), 16, '0'))")) \
+              .withColumn("_bucket", F.expr(f"substring(_order, 1, {BUCKET_CHARS})"))
+    counts = sorted((r["_bucket"], int(r["_n"])) for r in
+                    keyed.groupBy("_bucket").agg(F.count("*").alias("_n")).collect())
+    total = sum(n for _, n in counts)
     plan = {"mode": "fresh", "input": args.input, "rows": total, "shard_size": size}
     check_plan(args.output, plan, storage_options)
+    num_shards = math.ceil(total / size) if total else 0
 
-    def rank(pi, rows):
-        for i, row in enumerate(rows, starts[pi]):
-            yield i // size, (i % size, row.asDict())
+    # Each bucket's first rank, from the counts the driver already has (Python's str order is
+    # Spark's binary order of UTF-8): a literal map, so the download job does not recount.
+    starts, first = [], 0
+    for bucket, n in counts:
+        starts.append(f"'{bucket.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}', {first}L")
+        first += n
+    start_of = f"element_at(map({', '.join(starts)}), _bucket)" if starts else "0L"
+    within = Window.partitionBy("_bucket").orderBy("_order", "url", "text", "page_url")
+    ranked = keyed.withColumn("_rank", F.expr(start_of) + F.row_number().over(within) - F.expr("1L"))
+    rows = (ranked.select(F.expr(f"CAST(_rank DIV {size} AS INT)").alias("shard"),
+                          F.struct("uid", "url", "text", "page_url",
+                                   F.expr(f"CAST(_rank % {size} AS INT)").alias("position")).alias("row"))
+            .where(_not_done(done)))
+    return rows, num_shards, total
 
-    keyed = ordered.mapPartitionsWithIndex(rank)
-    return keyed, math.ceil(total / size) if total else 0, total
 
-
-def _plan_retry(spark, args, section, storage_options):
+def _plan_retry(spark, args, section, storage_options, done: set[int]):
     from pyspark.sql import functions as F
 
     prev = args.retry_failed
@@ -190,8 +220,8 @@ def _plan_retry(spark, args, section, storage_options):
     log.info("retry-failed: %d of %d previous rows are retryable failures", retry, total)
     plan = {"mode": "retry", "input": prev, "rows": total, "shard_size": section["shard_size"]}
     check_plan(args.output, plan, storage_options)
-    keyed = df.rdd.map(lambda r: (r["shard"], r.asDict()))
-    return keyed, shards, total
+    rows = df.select("shard", F.struct(*df.columns).alias("row")).where(_not_done(done))
+    return rows, shards, total
 
 
 def run(spark, cfg, args) -> dict:
@@ -205,25 +235,25 @@ def run(spark, cfg, args) -> dict:
     size = section["shard_size"]
     digits = key_digits(size)
     with timer.phase("plan"):
-        if args.retry_failed:
-            keyed, num_shards, total = _plan_retry(spark, args, section, storage_options)
-        else:
-            keyed, num_shards, total = _plan_fresh(spark, args, section, storage_options)
         done = completed_shards(output, storage_options)
+        plan = _plan_retry if args.retry_failed else _plan_fresh
+        rows, num_shards, total = plan(spark, args, section, storage_options, done)
         todo = num_shards - len(done & set(range(num_shards)))
         log.info("download: %d rows in %d shards of %d; %d shards already complete, %d to do",
                  total, num_shards, size, num_shards - todo, todo)
     shard_stats: list[dict] = []
     if todo:
         with timer.phase("download"):
-            done_b = frozenset(done)
-            task = _shard_task(section, output, storage_options, digits, args.retry_failed,
-                               faults.fault_spec(cfg))
-            results = (keyed.filter(lambda kv: kv[0] not in done_b)
-                       .partitionBy(num_shards, lambda shard: shard)
-                       .mapPartitionsWithIndex(task)
-                       .collect())
-            shard_stats = [json.loads(s) for s in results]
+            from pyspark.sql import functions as F
+
+            task = F.udf(_shard_task(section, output, storage_options, digits, args.retry_failed,
+                                     faults.fault_spec(cfg)), "string", useArrow=False).asNondeterministic()
+            # One partition per shard, partition i = shard i (as the RDD's partitionBy did): a task
+            # downloads exactly one shard, and a retried task redoes that shard alone.
+            per_shard = (rows.repartitionById(num_shards, "shard")
+                         .groupBy("shard").agg(F.collect_list("row").alias("rows")))
+            results = per_shard.select(task("shard", "rows").alias("stats")).collect()
+            shard_stats = [json.loads(r["stats"]) for r in results]
     with timer.phase("stats"):
         stats = summarize(spark, output, total, num_shards, storage_options)
     stats.update(shards_skipped=num_shards - todo, shards_written=len(shard_stats),

@@ -56,6 +56,12 @@ def run(spark, cfg, args) -> dict:
         from spark_jobs.session import get_spark
 
         spark = get_spark(cfg, NAME)  # autofaiss finds the active session
+    if params.distributed:
+        from spark_jobs.session import is_connect
+
+        if is_connect(spark):
+            raise ConfigError("index.distributed needs a classic Spark session: autofaiss's distributed "
+                              "build uses RDDs, which Spark Connect does not have (build on the driver instead)")
     try:
         subsets = knn.find_subsets(args.input, storage_options)
     except knn.EmbeddingLayoutError as exc:

@@ -4,8 +4,10 @@ Writes into DIST (default `dist/`):
 - `clipcrawl-pyfiles.zip`: the importable packages (spark_jobs with conf/ inside it, udfs, and the
   optional serving/reporting packages), for `--py-files`;
 - `jobs/<stage>.py`: the entry scripts, for `spark-submit dist/jobs/<stage>.py ARGS`;
-- `requirements-cluster.txt`: the runtime dependencies, for a bootstrap/init action to pip install.
-The wheel itself is built by `pip wheel` in the Makefile.
+- `requirements-cluster.txt`: the runtime dependencies, for a bootstrap/init action to pip install
+  on every node when the zip is used (the wheel declares the same packages itself).
+The wheel itself is built by `pip wheel` in the Makefile. Nothing in dist/ depends on the working
+directory: config, profiles and presets are read as package resources (spark_jobs.config).
 """
 
 from __future__ import annotations
@@ -47,9 +49,7 @@ def build(dist: Path) -> dict:
         src = REPO / (module.replace(".", "/") + ".py")
         shutil.copy2(src, jobs / src.name)
         scripts.append(str(jobs / src.name))
-    runtime_section = (REPO / "requirements.txt").read_text().split("# tests")[0]
-    runtime = [ln.strip() for ln in runtime_section.splitlines() if ln.strip() and not ln.startswith("#")]
-    (dist / "requirements-cluster.txt").write_text("\n".join(runtime) + "\n")
+    shutil.copyfile(REPO / "requirements-cluster.txt", dist / "requirements-cluster.txt")
     return {"zip": str(zip_path), "files_in_zip": files, "entry_scripts": scripts}
 
 

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from spark_jobs import cli
+from spark_jobs import cli, session
 from spark_jobs.config import Config, ConfigError
 from spark_jobs.datasets import is_complete, read_stats
 from udfs import fsio
@@ -129,8 +129,8 @@ def run_stage(spark, cfg: Config, stage_name: str, root: str, inputs: list[str] 
     stage_args = parse_stage_args(module, stage_argv(cfg, crawl_args, root, stage))
     log.info("%s: started -> %s", stage.name, output)
     t0 = time.time()
-    spark.sparkContext.setJobGroup(stage.name, f"clipcrawl {stage.name}")
-    stats = module.run(spark, cfg, stage_args) or {}
+    with session.stage_jobs(spark, stage.name):
+        stats = module.run(spark, cfg, stage_args) or {}
     seconds = round(time.time() - t0, 2)
     log.info("%s: finished in %.1fs (%s)", stage.name, seconds, _row_summary(stats))
     return {"status": "ran", "output": output, "seconds": seconds, "stats": stats}

@@ -1,12 +1,18 @@
 """The one place a SparkSession is obtained.
 
 On EMR, Dataproc and Databricks the session (and its master, memory and GPU settings) belongs to
-the cluster, so an active session is reused as it is. Only when `spark.master` is set (the local
-profile, tests) is a session built here.
+the cluster, so an active session is reused as it is. `spark.remote` (or the standard
+`SPARK_REMOTE` variable) gives a Spark Connect session instead: the client/server mode of Spark 4,
+and what Databricks serverless and shared-access compute hand a notebook. Otherwise a session is
+built here when `spark.master` is set (the local profile, tests).
+
+Stages use only APIs both kinds of session have; the few session-level calls that differ (log
+level, job descriptions) live here, behind `is_connect`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -48,28 +54,77 @@ def lighten_numpy_converters() -> list[str]:
     return changed
 
 
+def is_connect(spark) -> bool:
+    """A Spark Connect session (pyspark.sql.connect), which has no SparkContext, RDDs or py4j."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def remote_url(cfg: Config) -> str | None:
+    """The Spark Connect URL: `spark.remote` from the config, else `SPARK_REMOTE` (pyspark's own
+    variable, which its builder would read anyway), else None for a classic session."""
+    return cfg.get("spark.remote") or os.environ.get("SPARK_REMOTE") or None
+
+
 def get_spark(cfg: Config, app_name: str | None = None):
-    """The active session, else a new one named `<spark.app_name>-<app_name>`."""
+    """The active session, else a new one named `<spark.app_name>-<app_name>`: a Spark Connect
+    session when `remote_url` gives one, else a classic one."""
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    lighten_numpy_converters()
 
     prefix = cfg.get("spark.app_name") or "clipcrawl"
     builder = SparkSession.builder.appName(f"{prefix}-{app_name}" if app_name else prefix)
-    master = cfg.get("spark.master")
-    if master:
-        builder = builder.master(master)
-        # Local Python workers must run the interpreter that has our dependencies (the venv),
-        # not whatever `python3` is first on PATH.
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    remote = remote_url(cfg)
+    if remote:
+        # spark.master and static settings (driver memory, JVM options) belong to the server;
+        # only session (spark.sql.*) settings are sent.
+        builder = builder.remote(remote)
+    else:
+        lighten_numpy_converters()
+        master = cfg.get("spark.master")
+        if master and os.environ.get("PYSPARK_GATEWAY_PORT"):
+            # A driver started by spark-submit (or the pyspark shell) already has its master;
+            # the command line wins over the profile.
+            log.info("spark.master %s ignored: this driver was started by spark-submit", master)
+        elif master:
+            builder = builder.master(master)
+            # Local Python workers must run the interpreter that has our dependencies (the venv),
+            # not whatever `python3` is first on PATH.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    skipped = []
     for key, value in (cfg.get("spark.conf") or {}).items():
+        if remote and not key.startswith("spark.sql."):
+            skipped.append(key)   # static or application settings: the server's own
+            continue
         builder = builder.config(key, str(value))
+    if skipped:
+        log.info("spark connect: %s left to the server (not session settings)", ", ".join(sorted(skipped)))
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
-    log.info("spark session %s (master=%s, version=%s)", spark.sparkContext.appName,
-             spark.sparkContext.master, spark.version)
+    if is_connect(spark):
+        # No log-level API over Connect: the server's log4j settings apply.
+        log.info("spark connect session at %s (server version %s)", remote, spark.version)
+    else:
+        spark.sparkContext.setLogLevel("WARN")
+        log.info("spark session %s (master=%s, version=%s)", spark.sparkContext.appName,
+                 spark.sparkContext.master, spark.version)
     return spark
+
+
+@contextlib.contextmanager
+def stage_jobs(spark, stage: str):
+    """Label the Spark jobs of one stage: a job tag (`clipcrawl-<stage>`, shown in the UI's job
+    list and usable with `spark.interruptTag`) on both kinds of session, plus the job description
+    on a classic one (Connect has no API for descriptions; the server sets its own)."""
+    tag = f"clipcrawl-{stage}"
+    spark.addTag(tag)
+    if not is_connect(spark):
+        spark.sparkContext.setJobDescription(f"clipcrawl {stage}")
+    try:
+        yield
+    finally:
+        spark.removeTag(tag)
+        if not is_connect(spark):
+            spark.sparkContext.setJobDescription(None)

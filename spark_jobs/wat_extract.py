@@ -103,6 +103,25 @@ def _partition_extractor(opts, storage_options):
     return extract
 
 
+def _extracted(spark, files: list[str], slices: int, extractor):
+    """The staged rows of all files, by DataFrame operations only (Spark Connect has no RDDs):
+    `spark.range` numbers the files into `slices` partitions of consecutive files, as
+    the former RDD parallelize did, and a Python table function (plain pickled rows, no Arrow, so
+    the driver imports neither pandas nor pyarrow) runs `extractor` over each file's path."""
+    from pyspark.sql import functions as F
+
+    schema = _staging_schema()
+    names = list(files)
+
+    class ExtractFile:
+        def eval(self, index: int):
+            yield from extractor(iter([names[index]]))
+
+    extract = F.udtf(ExtractFile, returnType=schema, useArrow=False)
+    ids = spark.range(0, len(names), 1, slices)
+    return ids.lateralJoin(extract(F.col("id").outer())).select(*schema.fieldNames())
+
+
 def resolve_inputs(cfg, args, storage_options) -> list[str]:
     """Input files from --input (globs expanded) and --paths-file, in order, without duplicates.
 
@@ -173,10 +192,7 @@ def run(spark, cfg, args) -> dict:
     log.info("%d input files (%s, reader %s)", len(files), opts.fmt, opts.reader)
     per_task = max(1, int(section.get("files_per_task", 1)))
     slices = max(1, -(-len(files) // per_task))
-    rdd = spark.sparkContext.parallelize(files, slices).mapPartitions(
-        _partition_extractor(opts, storage_options))
-    # Rows are built with the declared types, so Spark's per-row Python type check is skipped.
-    staged = spark.createDataFrame(rdd, _staging_schema(), verifySchema=False).persist(
+    staged = _extracted(spark, files, slices, _partition_extractor(opts, storage_options)).persist(
         StorageLevel.DISK_ONLY)
     try:
         with timer.phase("extract + write pairs"):

@@ -95,3 +95,67 @@ def moto_s3():
     yield MotoS3(f"http://{host}:{port}")
     server.stop()
     mp.undo()
+
+
+# --- the demo sample, one local run of it, and Spark's own servers --------------------------------
+# (tests/test_cluster.py, test_connect.py, test_notebook.py compare their runs with this local one)
+
+DEMO_IMAGES = 24
+DEMO_OVERRIDES = [
+    "download.shard_size=6",          # several shards, so shards land on both workers
+    "download.thread_count=4",
+    "clip.batch_size=8",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_server():
+    from tests.gen.image_server import ImageServer
+
+    with ImageServer() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def demo_sample(demo_server, tmp_path_factory):
+    from demo.sample import build_sample
+
+    return build_sample(demo_server, tmp_path_factory.mktemp("demo_sample"), n_images=DEMO_IMAGES,
+                        n_files=2, seed=11)
+
+
+def demo_run_config(root: Path, sample: dict, extra=()):
+    """The demo's config (local profile, tiny CLIP preset) at test size."""
+    from demo.__main__ import demo_config
+
+    return demo_config(root, sample["wat_files"], [*DEMO_OVERRIDES, *extra])
+
+
+@pytest.fixture(scope="session")
+def local_demo_run(spark, demo_sample, tmp_path_factory):
+    """`clipcrawl run` of the demo sample in local[*] (the suite's session): the reference."""
+    import argparse
+
+    from spark_jobs import run as pipeline
+
+    root = tmp_path_factory.mktemp("local_demo_run") / "run"
+    cfg = demo_run_config(root, demo_sample)
+    summary = pipeline.run(spark, cfg, argparse.Namespace(
+        input=None, paths_file=None, root=None, from_stage="wat-extract", to_stage="build-index", force=[]))
+    assert all(s["status"] == "ran" for s in summary["stages"].values()), summary
+    return {"root": root, "cfg": cfg}
+
+
+@pytest.fixture(scope="session")
+def connect_server(tmp_path_factory):
+    """The Spark Connect server shipped inside pyspark (local mode, 127.0.0.1, a free port). Its
+    Python workers import this checkout (PYTHONPATH), as a cluster's would import the installed
+    wheel. Stopped at the end of the session, also when its start fails."""
+    from tests.spark_daemons import ConnectServer
+
+    server = ConnectServer(tmp_path_factory.mktemp("connect_server"), pythonpath=str(REPO))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
