@@ -69,7 +69,10 @@ def validate_section(section: dict, storage_options: dict | None = None) -> None
     for key in ("shard_size", "thread_count"):
         if not isinstance(section.get(key), int) or section[key] < 1:
             raise ConfigError(f"download.{key} must be a positive integer, got {section.get(key)!r}")
-    for key in ("opt_out_list", "blocked_sha256"):
+    if not isinstance(section.get("blocked_phash_distance", 4), int) or not 0 <= section.get("blocked_phash_distance", 4) <= 32:
+        raise ConfigError(f"download.blocked_phash_distance must be an integer 0..32, "
+                          f"got {section.get('blocked_phash_distance')!r}")
+    for key in ("opt_out_list", "blocked_sha256", "blocked_phash"):
         if section.get(key) and not fsio.exists(section[key], storage_options):
             raise ConfigError(f"download.{key}: {section[key]} not found")
 

@@ -535,3 +535,34 @@ def test_unresolvable_or_guarded_host_is_a_download_failure_not_an_opt_out(serve
                                                                   ("blocked_address", None)]
     assert stats["consent"]["robots_txt_blocked"] == 2 and "opted_out" not in stats["status_dict"]
     assert len(server.request_log()) == before
+
+
+def test_phash_blocklist_drops_listed_content_and_its_near_copies(server, cfg, tmp_path):
+    """download.blocked_phash: the listed photo and a resized, re-encoded copy of it are never
+    written (blocked_content, hash and distance named); an unrelated photo is kept. The listed
+    hash is computed here from the full-size original, not by the download path."""
+    import io
+
+    from PIL import Image
+
+    from tests.gen.photos import jpeg, photo_like
+    from udfs import image_hash
+
+    listed = photo_like(seed=41, size=(480, 360))
+    copy = listed.resize((400, 300), Image.Resampling.BILINEAR)
+    server.add("/listed.jpg", jpeg(listed, quality=90))
+    server.add("/copy.jpg", jpeg(copy, quality=50))
+    server.add("/other.jpg", jpeg(photo_like(seed=42, size=(480, 360)), quality=90))
+    want = image_hash.to_hex(image_hash.phash(Image.open(io.BytesIO(jpeg(listed, quality=90)))))
+    lst = tmp_path / "blocked_phash.txt"
+    lst.write_text(f"# partner list\n{want}\nnot-a-hash\n")
+    out = tmp_path / "out"
+    stats, meta = run_shard(section_for(cfg, blocked_phash=str(lst), blocked_phash_distance=6), out,
+                            rows_for(server, [("r404.test", "/listed.jpg"), ("r404.test", "/copy.jpg"),
+                                              ("r404.test", "/other.jpg")]))
+    assert [r["status"] for r in meta] == ["blocked_content", "blocked_content", "success"]
+    for r in meta[:2]:
+        assert "download.blocked_phash" in r["error_message"] and want.removeprefix("0x") in r["error_message"]
+        assert r["phash"] is None
+    assert [s["__key__"] for s in iter_samples(str(out / "00000.tar"))] == [meta[2]["key"]]
+    assert image_hash.hamming(meta[2]["phash"], int(want, 16)) > 6

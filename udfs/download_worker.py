@@ -35,7 +35,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from udfs import fsio
 from udfs.fetch import FetchConfig, Fetcher
-from udfs.opt_out import OptOutList, Sha256Blocklist
+from udfs.opt_out import OptOutList, PhashBlocklist, Sha256Blocklist
 from udfs.resize import ImageRejected, ResizeConfig, process_image
 from udfs.robots import ConsentConfig, Decision, HostPolicies
 from udfs.shard_writer import TarShardWriter, iter_samples, write_verified
@@ -129,6 +129,9 @@ class ShardJob:
                              if section.get("opt_out_list") else None)
         self.blocked_sha256 = (Sha256Blocklist.load(section["blocked_sha256"], self.storage_options)
                                if section.get("blocked_sha256") else None)
+        self.blocked_phash = (PhashBlocklist.load(section["blocked_phash"],
+                                                  int(section.get("blocked_phash_distance", 4)), self.storage_options)
+                              if section.get("blocked_phash") else None)
         self.policies = HostPolicies(ConsentConfig.from_section(section), self._fetch_document,
                                      cache_key=self.fetcher.config.user_agent)
         self.fetcher.gate = self._gate
@@ -191,6 +194,14 @@ class ShardJob:
                        original_height=rej.height)
             return rec, None, timings
         timings.update(out.timings)
+        hit = self.blocked_phash.match(out.phash) if self.blocked_phash is not None else None
+        if hit is not None:
+            # the decoded pixels and the encoded output stay in memory and are dropped here
+            rec.update(status="blocked_content", original_width=out.original_width,
+                       original_height=out.original_height,
+                       error_message=(f"pHash within {hit[1]} bits of {hit[0]} in download.blocked_phash "
+                                      f"({self.blocked_phash.source})"))
+            return rec, None, timings
         rec.update(status="success", error_message=None, original_width=out.original_width,
                    original_height=out.original_height, width=out.width, height=out.height,
                    phash=out.phash)   # of the decoded original, upright: the image-dedup stage's key

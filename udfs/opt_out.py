@@ -121,6 +121,9 @@ class OptOutList:
         return None
 
 
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
 class Sha256Blocklist:
     """A set of SHA-256 hex digests of content that must never be stored."""
 
@@ -144,3 +147,46 @@ class Sha256Blocklist:
 
     def __contains__(self, digest: str) -> bool:
         return digest in self.digests
+
+
+class PhashBlocklist:
+    """64-bit perceptual hashes (hex, one per line) of content that must never be stored: a decoded
+    image within `max_distance` bits of one is dropped like a listed SHA-256, so a re-encoded or
+    resized copy of listed content is caught too (the pHash of udfs.image_hash)."""
+
+    def __init__(self, lines=(), source: str = "", max_distance: int = 4):
+        import numpy as np
+
+        from udfs import image_hash
+
+        self.source = source
+        self.max_distance = int(max_distance)
+        self.invalid_lines = 0
+        values = []
+        for line in lines:
+            text = line.strip().lower().removeprefix("0x")
+            if _HEX16.fullmatch(text):
+                values.append(image_hash.to_signed(int(text, 16)))
+            else:
+                self.invalid_lines += 1
+        self.hashes = image_hash.as_uint64(np.array(values, dtype=np.int64))
+
+    @classmethod
+    def load(cls, uri: str, max_distance: int, storage_options: dict | None = None) -> "PhashBlocklist":
+        return _cached(f"phash-{int(max_distance)}", uri, storage_options,
+                       lambda u, so: cls(_lines(u, so), u, max_distance))
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def match(self, phash: int | None) -> tuple[str, int] | None:
+        """(the listed hash in hex, its distance) of the nearest listed hash within max_distance."""
+        if phash is None or not len(self.hashes):
+            return None
+        from udfs import image_hash
+
+        d = image_hash.hamming_matrix([phash], self.hashes)[0]
+        best = int(d.argmin())
+        if d[best] > self.max_distance:
+            return None
+        return f"{int(self.hashes[best]):016x}", int(d[best])
