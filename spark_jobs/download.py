@@ -122,7 +122,7 @@ def _shard_task(section: dict, output: str, storage_options: dict | None, digits
         if retry_from is None:
             rows = []
             for item in sorted(items, key=lambda r: r["position"]):   # rank order: uid order
-                row = {k: item[k] for k in ("uid", "url", "text", "page_url")}
+                row = {k: item[k] for k in ("uid", "url", "text", "page_url", "page_opt_out")}
                 row["key"] = make_key(shard, item["position"], digits)
                 if not row.get("uid"):
                     row["uid"] = pair_uid(row.get("url") or "", row.get("text") or "")
@@ -199,7 +199,7 @@ def _plan_fresh(spark, args, section, storage_options, done: set[int]):
     within = Window.partitionBy("_bucket").orderBy("_order", "url", "text", "page_url")
     ranked = keyed.withColumn("_rank", F.expr(start_of) + F.row_number().over(within) - F.expr("1L"))
     rows = (ranked.select(F.expr(f"CAST(_rank DIV {size} AS INT)").alias("shard"),
-                          F.struct("uid", "url", "text", "page_url",
+                          F.struct("uid", "url", "text", "page_url", "page_opt_out",
                                    F.expr(f"CAST(_rank % {size} AS INT)").alias("position")).alias("row"))
             .where(_not_done(done)))
     return rows, num_shards, total
