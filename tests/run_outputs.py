@@ -48,8 +48,10 @@ def stage_counts(root: Path, cfg, stages) -> dict[str, dict]:
 def pipeline_outputs(root: Path, cfg, first: str = "wat-extract") -> dict:
     """Every stage's data from `first` on: kept and rejected rows, download outcomes, scores,
     the subsets and the kNN indices' ids."""
-    names = cfg.get("run.datasets")
-    stages = list(names)[list(names).index(first):]
+    from spark_jobs.run import STAGE_NAMES
+
+    names = cfg.get("run.datasets")   # folders; also holds `export`, which is not a chain stage
+    stages = list(STAGE_NAMES)[list(STAGE_NAMES).index(first):]
     out: dict = {"counts": stage_counts(root, cfg, stages)}
     if "wat-extract" in stages:
         out["wat_pairs"] = _rows(root / names["wat-extract"], ["uid", "url", "text", "page_url", "crawl"])
