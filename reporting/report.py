@@ -259,7 +259,7 @@ def _charts(facts: dict[str, Any], thresholds: dict[str, float], out: Path) -> d
 OPT_OUT_SOURCES = ("page_meta", "opt_out_list", "robots_txt", "tdmrep", "x_robots_tag")
 
 
-def _opt_out_section(root: str, datasets: dict[str, str], out: Path) -> str:
+def _opt_out_section(root: str, datasets: dict[str, str], out: Path, storage_options: dict | None = None) -> str:
     """A chart of the download's opted_out rows per opt_out_source (every source shown, zeros
     included, so that an empty chart says "nothing opted out" rather than "not checked")."""
     import matplotlib
@@ -267,8 +267,8 @@ def _opt_out_section(root: str, datasets: dict[str, str], out: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = _by_status(os.path.join(root, datasets["download"]), "*.parquet", column="opt_out_source",
-                        where=("status", "opted_out"))
+    counts = _by_status(fsio.join(root, datasets["download"]), "*.parquet", column="opt_out_source",
+                        where=("status", "opted_out"), storage_options=storage_options)
     sources = list(OPT_OUT_SOURCES) + sorted(set(counts) - set(OPT_OUT_SOURCES))
     fig, ax = plt.subplots(figsize=(7, 3.2))
     values = [counts.get(src, 0) for src in sources]
@@ -296,30 +296,31 @@ DEDUP_LAYERS = (("dedup", "duplicate", "same URL + alt-text"),
                 ("filter", "semantic_duplicate", "semantic duplicate (SemDeDup)"))
 
 
-def dedup_layer_counts(root: str, datasets: dict[str, str]) -> dict[str, int]:
+def dedup_layer_counts(root: str, datasets: dict[str, str], storage_options: dict | None = None) -> dict[str, int]:
     """Rows each dedup layer removed, counted from the rejected / marked rows of its stage."""
-    where = {"dedup": os.path.join(root, datasets["dedup"]) + "_rejected",
-             "image-dedup": os.path.join(root, datasets["image-dedup"]) if "image-dedup" in datasets else None,
-             "filter": os.path.join(root, datasets["filter"]) + "_rejected"}
+    where = {"dedup": fsio.join(root, datasets["dedup"]) + "_rejected",
+             "image-dedup": fsio.join(root, datasets["image-dedup"]) if "image-dedup" in datasets else None,
+             "filter": fsio.join(root, datasets["filter"]) + "_rejected"}
     counts: dict[str, int] = {}
     cache: dict[str, dict[str, int]] = {}
     for stage, status, label in DEDUP_LAYERS:
         if where[stage] is None:
             continue
         if stage not in cache:
-            cache[stage] = _by_status(where[stage])
+            cache[stage] = _by_status(where[stage], storage_options=storage_options)
         counts[label] = cache[stage].get(status, 0)
     return counts
 
 
-def dedup_layers_chart(root: str, datasets: dict[str, str], out: Path) -> dict[str, str]:
+def dedup_layers_chart(root: str, datasets: dict[str, str], out: Path,
+                       storage_options: dict | None = None) -> dict[str, str]:
     """`dedup_layers.png`: one bar per dedup layer, in pipeline order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = dedup_layer_counts(root, datasets)
+    counts = dedup_layer_counts(root, datasets, storage_options)
     fig, ax = plt.subplots(figsize=(7, 3.2))
     labels = list(counts)[::-1]
     ax.barh(labels, [counts[k] for k in labels], color="#d9480f")
@@ -364,7 +365,7 @@ def build_report(root: str, datasets: dict[str, str], subsets: dict[str, str],
     grid_html, facts["image_grids"] = grids.report_section(
         root, datasets, subsets, thresholds, report_section,
         lambda path, columns, files_glob=None: _table(path, columns, files_glob, so), so)
-    charts.update(dedup_layers_chart(root, datasets, out))
+    charts.update(dedup_layers_chart(root, datasets, out, so))
     subset_list = "".join(f"<li><code>{html.escape(k)}</code>: {v} pairs</li>" for k, v in facts["subsets"].items())
     captions = {
         "funnel": "Each bar is one stage's input. Green is what the stage kept; the coloured parts are rows it "
@@ -385,7 +386,7 @@ def build_report(root: str, datasets: dict[str, str], subsets: dict[str, str],
                            ("image_sizes", "5. Image sizes"), ("stage_seconds", "6. Time per stage"),
                            ("dedup_layers", "7. Dedup layers"))
         if key in charts)
-    sections += _opt_out_section(root, datasets, out)
+    sections += _opt_out_section(root, datasets, out, so)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>clipcrawl run report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#212529}}

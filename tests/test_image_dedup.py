@@ -442,7 +442,7 @@ def test_chain_copies_end_as_one_row_and_eval_images_are_removed(spark, tmp_path
             f"storage.root={root}", f'run.input=["{wat}"]', "download.allowed_cidrs=127.0.0.0/8",
             "download.thread_count=4", "clip.batch_size=8", "filter.language_detector=lingua-low",
             "filter.thresholds.en=-1", "filter.thresholds.multi=-1", "filter.thresholds.nolang=-1",
-            f"filter.eval_images={eval_dir}"])
+            f"filter.eval_images={eval_dir}", "image_dedup.near=true"])   # the preset turns it off for shapes
         pipeline.run(spark, cfg, argparse.Namespace(input=None, paths_file=None, root=None,
                                                     from_stage="wat-extract", to_stage="filter", force=[]))
     kept_urls = []
