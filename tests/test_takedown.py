@@ -490,7 +490,8 @@ def test_rerun_of_the_pipeline_does_not_restore_them(taken, chain, server, spark
         assert infos["nb_vectors"] == before - gone
         ids = pq.read_table(root / "indices" / subset / "ids.parquet").to_pylist()
         assert not {_row_uid(r) for r in ids} & taken["uids_gone"]
-    _assert_only_tombstones(root, taken, ("images", "wat_pairs", "pairs_dedup", "scored", "dataset_rejected"))
+    _assert_only_tombstones(root, taken, ("images", "wat_pairs", "pairs_dedup", "images_dedup", "scored",
+                                          "dataset_rejected"))
 
 
 # --- on s3 (moto on 127.0.0.1) -------------------------------------------------------------------
