@@ -254,12 +254,7 @@ class KnnService:
     def embedding(self, indice_name: Any, raw_id: Any, modality: Any = "image") -> dict:
         """The stored embedding of one row (for "search similar": send it as embedding_input)."""
         subset = self.subset(indice_name)
-        try:
-            index_id = int(raw_id)
-        except (TypeError, ValueError):
-            raise ApiError(400, "id must be an integer") from None
-        if not 0 <= index_id < subset.size:
-            raise ApiError(404, f"id {index_id} out of range for {subset.name!r}")
+        index_id = _row_id(subset, raw_id)
         modality = modality or "image"
         if modality not in knn.INDEX_FILES:
             raise ApiError(400, f"modality must be 'image' or 'text', got {modality!r}")
@@ -307,12 +302,7 @@ class KnnService:
     # -- thumbnails --------------------------------------------------------------------------
     def thumbnail(self, indice_name: Any, raw_id: Any) -> tuple[bytes, str]:
         subset = self.subset(indice_name)
-        try:
-            index_id = int(raw_id)
-        except (TypeError, ValueError):
-            raise ApiError(400, "id must be an integer") from None
-        if not 0 <= index_id < subset.size:
-            raise ApiError(404, f"id {index_id} out of range for {subset.name!r}")
+        index_id = _row_id(subset, raw_id)
         row = subset.lookup(np.asarray([index_id]))[0]
         if not row.get("tar_path") or not row.get("key"):
             raise ApiError(404, f"id {index_id} has no image in a shard")
@@ -382,3 +372,14 @@ def _deduplicate(rows: list[dict]) -> list[dict]:
         seen_pairs.append((r.get("TEXT"), r["score"]))
         out.append(r)
     return out
+
+
+def _row_id(subset, raw_id: Any) -> int:
+    """An index row id from a request: 400 when not an integer, 404 when outside the subset."""
+    try:
+        index_id = int(raw_id)
+    except (TypeError, ValueError):
+        raise ApiError(400, "id must be an integer") from None
+    if not 0 <= index_id < subset.size:
+        raise ApiError(404, f"id {index_id} out of range for {subset.name!r}")
+    return index_id
