@@ -131,17 +131,23 @@ def demo_run_config(root: Path, sample: dict, extra=()):
     return demo_config(root, sample["wat_files"], [*DEMO_OVERRIDES, *extra])
 
 
-@pytest.fixture(scope="session")
-def local_demo_run(spark, demo_sample, tmp_path_factory):
-    """`clipcrawl run` of the demo sample in local[*] (the suite's session): the reference."""
+def run_chain(spark, cfg, force=()) -> dict:
+    """`clipcrawl run` from wat-extract to build-index on `cfg` (the whole chain the tests compare)."""
     import argparse
 
     from spark_jobs import run as pipeline
 
+    return pipeline.run(spark, cfg, argparse.Namespace(input=None, paths_file=None, root=None,
+                                                       from_stage="wat-extract", to_stage="build-index",
+                                                       force=list(force)))
+
+
+@pytest.fixture(scope="session")
+def local_demo_run(spark, demo_sample, tmp_path_factory):
+    """`clipcrawl run` of the demo sample in local[*] (the suite's session): the reference."""
     root = tmp_path_factory.mktemp("local_demo_run") / "run"
     cfg = demo_run_config(root, demo_sample)
-    summary = pipeline.run(spark, cfg, argparse.Namespace(
-        input=None, paths_file=None, root=None, from_stage="wat-extract", to_stage="build-index", force=[]))
+    summary = run_chain(spark, cfg)
     assert all(s["status"] == "ran" for s in summary["stages"].values()), summary
     return {"root": root, "cfg": cfg}
 

@@ -23,6 +23,7 @@ import pytest
 
 from demo.__main__ import PRESET
 from demo.sample import build_sample
+from tests.conftest import run_chain
 from tests.gen.image_server import ImageServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,12 +56,9 @@ def run_config(root: Path, sample: dict, extra=()):
 
 @pytest.fixture(scope="module")
 def baseline(spark, sample, tmp_path_factory):
-    from spark_jobs import run as pipeline
-
     root = tmp_path_factory.mktemp("baseline") / "run"
     cfg = run_config(root, sample)
-    summary = pipeline.run(spark, cfg, argparse.Namespace(
-        input=None, paths_file=None, root=None, from_stage="wat-extract", to_stage="build-index", force=[]))
+    summary = run_chain(spark, cfg)
     return {"root": root, "cfg": cfg, "summary": summary}
 
 

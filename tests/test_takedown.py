@@ -160,14 +160,13 @@ def chain(spark, server, tmp_path_factory):
     """wat-extract .. build-index once, then a pristine copy for the kill test."""
     from demo.__main__ import demo_config
     from demo.sample import build_sample
-    from spark_jobs import run as pipeline
+    from tests.conftest import run_chain
 
     base = tmp_path_factory.mktemp("takedown")
     sample = build_sample(server, base / "sample", n_images=N_IMAGES, n_files=2, seed=7)
     root = base / "run"
     cfg = demo_config(root, sample["wat_files"], CHAIN_OVERRIDES)
-    pipeline.run(spark, cfg, argparse.Namespace(input=None, paths_file=None, root=None,
-                                                from_stage="wat-extract", to_stage="build-index", force=[]))
+    run_chain(spark, cfg)
     pristine = base / "pristine"
     shutil.copytree(root, pristine)
     return {"root": root, "pristine": pristine, "cfg": cfg, "base": base}
@@ -466,16 +465,14 @@ def test_killed_takedown_leaves_old_or_new_files_and_the_next_run_finishes(taken
 def test_rerun_of_the_pipeline_does_not_restore_them(taken, chain, server, spark):
     """Redo download (its shards that held the items lose their completion marker, so they are
     fetched again) and every stage after it: the block store keeps the items out."""
-    from spark_jobs import run as pipeline
+    from tests.conftest import run_chain
 
     root = chain["root"]
     shards = {int(k[:5]) for k in taken["keys_gone"]}
     for shard in shards:
         (root / "images" / f"{shard:05d}_complete.json").unlink()
     seen_before = len(server.requests)
-    pipeline.run(spark, chain["cfg"], argparse.Namespace(
-        input=None, paths_file=None, root=None, from_stage="wat-extract", to_stage="build-index",
-        force=["download"]))
+    run_chain(spark, chain["cfg"], force=["download"])
     fetched = {p for p, _ in server.requests[seen_before:]}
     assert fetched, "the shards without a marker should have been downloaded again"
     assert not {u.split(str(server.port), 1)[1] for u in taken["urls_gone"]} & fetched
