@@ -291,3 +291,23 @@ def test_body_that_does_not_decode_is_a_rejected_row(tmp_path):
             assert out.records_damaged == 2
             assert out.damage_reasons == {"ce_gzip_failed": 1, "ce_gzip_corrupt": 1}
             _rows_balance(out, rows)
+
+
+def test_decode_failure_is_judged_on_documents_and_compressed_bodies():
+    """A JPEG stored decoded under `Content-Encoding: gzip` is the archive convention (raw), not
+    damage; a text/html body of binary bytes, or any body with the gzip magic that does not
+    inflate, is damage (failed)."""
+    from udfs import http_message as h
+
+    jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01" + bytes(range(256)) * 4
+    ce = [("Content-Encoding", "gzip")]
+    img = h.parse_response(wq.http_response(jpeg, [("Content-Type", "image/jpeg"), *ce]))
+    assert img.quirks == ("ce_gzip_raw",) and img.body == jpeg
+    html_bin = h.parse_response(wq.http_response(jpeg, [("Content-Type", "text/html"), *ce]))
+    assert html_bin.quirks == ("ce_gzip_failed",)
+    bad_gzip = b"\x1f\x8b\x08\x00" + b"\x00" * 64
+    assert h.parse_response(wq.http_response(bad_gzip, [("Content-Type", "image/png"), *ce])
+                            ).quirks == ("ce_gzip_failed",)
+    ja = "<p>東京の夜景</p>".encode("iso2022_jp")      # ESC bytes: still text
+    assert h.parse_response(wq.http_response(ja, [("Content-Type", "text/html"), *ce])
+                            ).quirks == ("ce_gzip_raw",)

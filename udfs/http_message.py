@@ -65,7 +65,9 @@ def parse_response(block: bytes) -> HttpResponse:
         if key not in headers:
             headers[key] = value.strip().decode("latin-1")
     body = _undo_transfer_encoding(body, headers.get("transfer-encoding"), quirks)
-    body = _undo_content_encoding(body, headers.get("content-encoding"), quirks)
+    ctype = (headers.get("content-type") or "text/html").lower()
+    textual = "html" in ctype or "xml" in ctype or ctype.startswith("text/")
+    body = _undo_content_encoding(body, headers.get("content-encoding"), quirks, textual)
     return HttpResponse(status, headers, body, tuple(quirks))
 
 
@@ -107,12 +109,16 @@ def dechunk(body: bytes) -> bytes | None:
     return b"".join(parts)
 
 
-def _undo_content_encoding(body: bytes, ce: str | None, quirks: list) -> bytes:
+def _undo_content_encoding(body: bytes, ce: str | None, quirks: list, textual: bool = True
+                           ) -> bytes:
+    """Undo `ce` when it fits the stored body. `textual`: the Content-Type says the body is a
+    document, so a body that neither decodes nor is text is damaged (an image's stored bytes
+    are not judged, only compressed-looking ones)."""
     if not body or not ce:
         return body
     if "," in ce:     # `gzip, br`: applied in order, undone in reverse
         for enc in reversed([e for e in ce.split(",") if e.strip()]):
-            body = _undo_content_encoding(body, enc, quirks)
+            body = _undo_content_encoding(body, enc, quirks, textual)
         return body
     enc = ce.strip().lower()
     if enc in ("identity", "none", ""):
@@ -135,7 +141,8 @@ def _undo_content_encoding(body: bytes, ce: str | None, quirks: list) -> bytes:
     if out is None:
         # the stored body is decoded already (quirk `_raw`), or it does not decode and is no
         # text either (`_failed`: a damaged record, also a rejected row)
-        quirks.append(f"ce_{name}_{'raw' if looks_like_text(body) else 'failed'}")
+        damaged = _compressed_magic(body) or (textual and not looks_like_text(body))
+        quirks.append(f"ce_{name}_{'failed' if damaged else 'raw'}")
         return body
     quirks.append(f"ce_{name}_decoded")
     if corrupt:
@@ -143,11 +150,15 @@ def _undo_content_encoding(body: bytes, ce: str | None, quirks: list) -> bytes:
     return out
 
 
+def _compressed_magic(body: bytes) -> bool:
+    return body[:2] == b"\x1f\x8b" or body[:4] == b"\x28\xb5\x2f\xfd"
+
+
 def looks_like_text(body: bytes) -> bool:
     """True when the first bytes can be a document (markup or text in any charset): no gzip or
     zstd magic, and control bytes other than whitespace (and ISO-2022's ESC) under 5%."""
     head = body[:512]
-    if head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd":
+    if _compressed_magic(head):
         return False
     controls = len(head) - len(head.translate(None, _CONTROL_BYTES))
     return controls * 20 < max(1, len(head))
