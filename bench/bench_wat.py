@@ -115,6 +115,40 @@ def stage_decompress_read(path: Path) -> None:
             rec.reader.read()
 
 
+def stage_isal_read(path: Path) -> None:
+    """The ISA-L lever of issue 17: igzip decompresses, FastWARC reads the uncompressed stream."""
+    from fastwarc.warc import ArchiveIterator
+    from isal import igzip
+
+    with open(path, "rb") as fh, igzip.IGzipFile(fileobj=fh) as plain:
+        for rec in ArchiveIterator(plain, parse_http=False, stream_detect=False, fsspec_args=False):
+            rec.reader.read()
+
+
+def stage_isal_threaded_read(path: Path) -> None:
+    """The same with decompression ahead in a second thread (igzip_threaded, one worker)."""
+    from fastwarc.warc import ArchiveIterator
+    from isal import igzip_threaded
+
+    with igzip_threaded.open(str(path), "rb", threads=1) as plain:
+        for rec in ArchiveIterator(plain, parse_http=False, stream_detect=False, fsspec_args=False):
+            rec.reader.read()
+
+
+def stage_isal_only(path: Path) -> None:
+    from isal import igzip
+
+    with open(path, "rb") as fh, igzip.IGzipFile(fileobj=fh) as plain:
+        while plain.read(1 << 20):
+            pass
+
+
+def cpu_and_wall(fn, *args) -> tuple[float, float]:
+    t0, w0 = time.process_time(), time.perf_counter()
+    fn(*args)
+    return time.process_time() - t0, time.perf_counter() - w0
+
+
 def stage_json(path: Path) -> None:
     from fastwarc.warc import ArchiveIterator
 
@@ -134,6 +168,14 @@ def stage_links(path: Path) -> None:
     with open(path, "rb") as fh:
         for rec in ArchiveIterator(fh, parse_http=False, fsspec_args=False):
             wat.wat_links(rec.reader.read())
+
+
+def _has_isal() -> bool:
+    try:
+        import isal  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def cpu(fn, *args):
@@ -163,6 +205,14 @@ def run(work: Path, quick: bool) -> list[dict]:
         keep("decompress_read", *cpu(stage_decompress_read, path))
         keep("json", *cpu(stage_json, path))
         keep("links", *cpu(stage_links, path))
+        if _has_isal():
+            keep("isal_read", *cpu(stage_isal_read, path))
+            keep("isal_only", *cpu(stage_isal_only, path))
+            c, w = cpu_and_wall(stage_isal_threaded_read, path)
+            keep("isal_threaded_read", c)
+            keep("isal_threaded_read_wall", w)
+            c, w = cpu_and_wall(stage_decompress_read, path)
+            keep("decompress_read_wall", w)
     keep("ours_warcio", *cpu(ours, path, "warcio"))
 
     records, pairs = results["ours"]
@@ -192,7 +242,7 @@ def run(work: Path, quick: bool) -> list[dict]:
     figures = [
         {"name": "records/s per core (ours, FastWARC reader)", "value": round(rps), "unit": "records/s",
          "peer": "cc2dataset-style loop (FastWARC + json)", "peer_value": round(ref_rps),
-         "ratio": round(rps / ref_rps, 3), "goal": ">= 1.0",
+         "ratio": round(rps / ref_rps, 3), "goal": ">= 1.5 (issue 17; issue 12: >= 1.0)",
          "note": f"{mb:.0f} MB WAT, {records} records; best of {reps} CPU times"},
         {"name": "pairs/s per core (ours)", "value": round(pps), "unit": "pairs/s",
          "peer": "cc2dataset-style loop", "peer_value": round(ref_pps),
@@ -201,7 +251,7 @@ def run(work: Path, quick: bool) -> list[dict]:
                  f"the reference {ref_pairs} (absolute http URLs only, any non-empty alt)"},
         {"name": "CPU time vs gzip -dc floor", "value": round(best["ours"], 3), "unit": "s",
          "peer": "gzip -dc > /dev/null", "peer_value": round(best["gzip"], 3),
-         "ratio": round(best["ours"] / best["gzip"], 3), "goal": "<= 1.5",
+         "ratio": round(best["ours"] / best["gzip"], 3), "goal": "<= 1.0 (issue 17)",
          "note": f"ours {mb / best['ours']:.0f} MB/s vs gzip {mb / best['gzip']:.0f} MB/s compressed; "
                  f"time: {share_note}"},
         {"name": "records/s per core (warcio reader)", "value": round(records / best["ours_warcio"]),
@@ -209,6 +259,27 @@ def run(work: Path, quick: bool) -> list[dict]:
          "ratio": round(best["ours"] / best["ours_warcio"], 3), "goal": "(info: default is the faster)",
          "note": "same rows; warcio parses headers in Python over our zlib layer"},
     ]
+    # What bounds the two ratios above: FastWARC + orjson alone, no link work at all
+    floor = best["json"]
+    figures.append(
+        {"name": "bound: FastWARC records + orjson parse only, vs gzip -dc", "value": round(floor, 3),
+         "unit": "s", "peer": "gzip -dc > /dev/null", "peer_value": round(best["gzip"], 3),
+         "ratio": round(floor / best["gzip"], 3), "goal": "(info: ours cannot go below this)",
+         "note": f"every payload must be JSON-parsed (an invalid one is a rejected row); at zero "
+                 f"cost for links and rows ours would be {ref_records / floor / ref_rps:.2f}x the "
+                 f"reference loop; decompress + records alone {best['decompress_read']:.3f} s"})
+    if "isal_read" in best:
+        figures.append(
+            {"name": "ISA-L lever: igzip + FastWARC over the plain stream (CPU)",
+             "value": round(best["isal_read"], 3), "unit": "s",
+             "peer": "FastWARC reading the gzip itself", "peer_value": round(best["decompress_read"], 3),
+             "ratio": round(best["decompress_read"] / best["isal_read"], 3),
+             "goal": "(lever: kept if it wins on the whole parser)",
+             "note": f"igzip alone {best['isal_only']:.3f} s; decompress-ahead thread "
+                     f"(igzip_threaded) CPU {best['isal_threaded_read']:.3f} s, wall "
+                     f"{best['isal_threaded_read_wall']:.3f} s vs FastWARC wall "
+                     f"{best['decompress_read_wall']:.3f} s; the share of decompression in ours: "
+                     f"{best['decompress_read'] / total:.0%}"})
     real = real_archive_row(reps)
     if real is not None:
         figures.append(real)

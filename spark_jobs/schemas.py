@@ -67,6 +67,7 @@ WAT_REJECTED = DatasetSpec(
         # link: one image link (missing_url, bad_url, not_http, missing_alt, empty_alt,
         # alt_too_short); record: a whole record (invalid_json, missing_fields, bad_html) or a
         # record lost to damage (garbage_before_record, bad_gzip_member, bad_record_header, ...)
+        # or read despite damage (bad_record: lying Content-Length, body that does not decode)
         _s("level"),
         _s("crawl"),
     ]),
@@ -105,6 +106,10 @@ WAT_FILE_OUTCOMES = DatasetSpec(
         _s("reader_used"),              # fastwarc | warcio | tolerant | fastwarc+tolerant
         _s("archive_format"),           # warc | arc
         _s("compression"),              # gzip | zstd | none
+        # records read although damaged (lying Content-Length, body that does not decode), each
+        # also a rejected row with status bad_record
+        _l("records_damaged"),
+        T.StructField("damage_reasons", T.MapType(T.StringType(), T.LongType()), True),
     ]),
 )
 

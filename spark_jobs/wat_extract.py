@@ -238,16 +238,22 @@ def _stats_from_data(spark, output: str, rejected_out: str, outcomes_path: str) 
     sums = {c: sum(int(o.get(c) or 0) for o in outcomes) for c in (
         "records_read", "metadata_records", "html_records", "links_seen", "records_non_utf8",
         "compressed_bytes", "records_lost", "bytes_skipped", "records_bad_date",
-        "records_charset_detected", "records_not_html")}
+        "records_charset_detected", "records_not_html", "records_rejected", "records_damaged")}
     maps = {c: _sum_maps(o.get(c) for o in outcomes)
-            for c in ("records_by_type", "lost_reasons", "quirks")}
+            for c in ("records_by_type", "lost_reasons", "quirks", "damage_reasons")}
+    # lost records with a rejected row: those of files that were read, one row per record up to
+    # MAX_EVENTS per file (a file with nothing readable has only its outcome)
+    from udfs.warc_records import MAX_EVENTS
+
+    lost_with_rows = sum(min(int(o.get("records_lost") or 0), MAX_EVENTS) for o in outcomes
+                         if int(o.get("records_read") or 0) > 0)
     files_by_status = Counter(o["status"] for o in outcomes)
     problems = sorted(({"source_file": o["source_file"], "status": o["status"],
                         "error": o["error_message"]} for o in outcomes if o["status"] != "ok"),
                       key=lambda p: p["source_file"])
     pairs_kept = sum(kept_by_crawl.values())
     link_rejects = rejected_by_level.get("link", 0)
-    return {
+    out = {
         "files": {"total": len(outcomes), "ok": files_by_status.get("ok", 0),
                   "partial": files_by_status.get("partial", 0),
                   "failed": files_by_status.get("failed", 0)},
@@ -278,10 +284,20 @@ def _stats_from_data(spark, output: str, rejected_out: str, outcomes_path: str) 
         "records_bad_date": sums["records_bad_date"],
         "records_charset_detected": sums["records_charset_detected"],
         "quirks": maps["quirks"],
-        "input_rows": sums["links_seen"],
+        # read although damaged (lying Content-Length, body that does not decode): each is one
+        # rejected row with status bad_record (its pairs, if any, are kept)
+        "records_damaged": sums["records_damaged"],
+        "damage_reasons": maps["damage_reasons"],
+        "damaged_in_rejected": rejected_by_reason.get("bad_record", 0),
+        # the stage's input units, counted by the file outcomes: image links seen, plus records
+        # rejected whole, read despite damage, or lost; kept + rejected rows must equal them
+        "input_rows": (sums["links_seen"] + sums["records_rejected"] + sums["records_damaged"]
+                       + lost_with_rows),
         "output_rows": pairs_kept,
         "rejected_rows": sum(rejected_by_reason.values()),
     }
+    out["balanced"] = out["output_rows"] + out["rejected_rows"] == out["input_rows"]
+    return out
 
 
 def _sum_maps(maps) -> dict:

@@ -3,6 +3,7 @@ byte for byte by tests/gen/warc_quirks.py (expected pairs declared by constructi
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
@@ -210,3 +211,103 @@ def test_charset_order_header_bom_meta_detection():
     jis = "<p>東京の夜景と高層ビル</p>".encode("iso2022_jp")
     assert charsets.decode_html(jis).codec == "iso2022_jp"
     assert charsets.decode_html(b"<p>plain ascii</p>").source == "utf8"
+
+
+# --- damaged records: read, and also one rejected row each (issue 12) --------------------------------
+
+def _bad_rows(rows):
+    return [r for r in rows if isinstance(r, wat.Rejected) and r.status == "bad_record"]
+
+
+def _rows_balance(out, rows):
+    """Every rejected row is a link reject, a record rejected whole, a damaged record or a lost
+    record: the outcome's counts add up to the rows written."""
+    rejected = [r for r in rows if isinstance(r, wat.Rejected)]
+    assert len(rejected) == (out.pairs_rejected + out.records_rejected + out.records_damaged
+                             + out.records_lost)
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("name", ["lying_length", "lying_length_gz"])
+def test_lying_content_length_is_a_rejected_row(quirk_files, name, reader):
+    """Records 2 and 4 (pages 21 and 23) of the file declare a wrong Content-Length: both are read
+    by resync (their pairs kept) and each is one bad_record row naming the record."""
+    case = quirk_files[name]
+    out, pairs, rows = run(case.path, reader)
+    assert out.status == "ok" and Counter(pairs) == Counter(case.pairs)
+    bad = _bad_rows(rows)
+    assert [r.page_url for r in bad] == ["https://www.example.org/dir/page21.html",
+                                         "https://www.example.org/dir/page23.html"]
+    assert all(r.level == "record" and r.record_id.startswith("<urn:uuid:") for r in bad)
+    assert all(r.error_message.startswith("content_length_mismatch: Content-Length ") for r in bad)
+    declared = [m.group(1) for m in (re.search(r"Content-Length (\d+)", r.error_message) for r in bad)]
+    assert declared == [str(int(d)) for d in re.findall(
+        rb"Content-Length: (\d+)", _plain_bytes(case.path))[2:5:2]]
+    assert out.records_damaged == 2 and out.damage_reasons == {"content_length_mismatch": 2}
+    _rows_balance(out, rows)
+
+
+def _plain_bytes(path):
+    import gzip
+
+    data = open(path, "rb").read()
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def test_body_that_does_not_decode_is_a_rejected_row(tmp_path):
+    """Content-Encoding gzip over: a body with the gzip magic that does not inflate (no text
+    either), a gzip stream corrupt after a full flush (the part before it decodes), and a plain
+    HTML body (the ClueWeb convention: a quirk, not damage)."""
+    import random
+    import zlib
+
+    rng = random.Random(3)
+    p90, p91a, p91b, p92 = (wq.page(90, wq.ALTS_EN), wq.page(91, wq.ALTS_EN[:2]),
+                            wq.page(191, wq.ALTS_EN[2:]), wq.page(92, wq.ALTS_EN[1:]))
+    garbage = b"\x1f\x8b\x08\x00" + bytes(rng.randrange(256) for _ in range(400))
+    # page 91's images in the first half, flushed; the second half's deflate data corrupted
+    half1 = p91a.html.replace(b"</body></html>", b"")
+    half2 = b"<p>" + b"x" * 50 + b"</p>" + p91b.html.split(b"<body>")[1]
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    first = c.compress(half1) + c.flush(zlib.Z_FULL_FLUSH)
+    second = bytearray(c.compress(half2) + c.flush())
+    for i in range(2, len(second) - 8):
+        second[i] = rng.randrange(256)
+    ce = ("Content-Encoding", "gzip")
+    recs = [wq.warcinfo(),
+            wq.warc_record("response", p90.url, wq.http_response(garbage, [wq._ct(), ce])),
+            wq.warc_record("response", p91a.url, wq.http_response(first + bytes(second), [wq._ct(), ce])),
+            wq.warc_record("response", p92.url, wq.http_response(p92.html, [wq._ct(), ce]))]
+    for gz in (False, True):
+        path = wq.write(tmp_path / f"bad-body{int(gz)}.warc", recs, gz=gz)
+        for reader in READERS:
+            out, pairs, rows = run(str(path), reader)
+            assert out.status == "ok" and out.records_read == 4
+            assert Counter(pairs) == Counter(p91a.pairs + p92.pairs)
+            bad = _bad_rows(rows)
+            assert [(r.page_url, r.error_message.split(":")[0]) for r in bad] == [
+                (p90.url, "ce_gzip_failed"), (p91a.url, "ce_gzip_corrupt")]
+            assert out.quirks.get("ce_gzip_raw") == 1
+            assert out.records_damaged == 2
+            assert out.damage_reasons == {"ce_gzip_failed": 1, "ce_gzip_corrupt": 1}
+            _rows_balance(out, rows)
+
+
+def test_decode_failure_is_judged_on_documents_and_compressed_bodies():
+    """A JPEG stored decoded under `Content-Encoding: gzip` is the archive convention (raw), not
+    damage; a text/html body of binary bytes, or any body with the gzip magic that does not
+    inflate, is damage (failed)."""
+    from udfs import http_message as h
+
+    jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01" + bytes(range(256)) * 4
+    ce = [("Content-Encoding", "gzip")]
+    img = h.parse_response(wq.http_response(jpeg, [("Content-Type", "image/jpeg"), *ce]))
+    assert img.quirks == ("ce_gzip_raw",) and img.body == jpeg
+    html_bin = h.parse_response(wq.http_response(jpeg, [("Content-Type", "text/html"), *ce]))
+    assert html_bin.quirks == ("ce_gzip_failed",)
+    bad_gzip = b"\x1f\x8b\x08\x00" + b"\x00" * 64
+    assert h.parse_response(wq.http_response(bad_gzip, [("Content-Type", "image/png"), *ce])
+                            ).quirks == ("ce_gzip_failed",)
+    ja = "<p>東京の夜景</p>".encode("iso2022_jp")      # ESC bytes: still text
+    assert h.parse_response(wq.http_response(ja, [("Content-Type", "text/html"), *ce])
+                            ).quirks == ("ce_gzip_raw",)

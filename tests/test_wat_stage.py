@@ -203,3 +203,30 @@ def test_real_archives_stage_run_accounts_for_every_record(spark, cfg, tmp_path)
     partial = [o for o in outcomes if o.status == "partial"]
     assert len(partial) == 1 and partial[0].error_message.startswith("bad_gzip_member")
     assert all(sum(o.records_by_type.values()) == o.records_read for o in outcomes)
+
+
+@pytest.mark.slow
+def test_damaged_records_are_rejected_rows_and_the_stats_balance(spark, cfg, tmp_path):
+    """Records read despite a lying Content-Length (2 in each synthetic lying-length file, 1 in
+    warcio's example-trunc.warc) are bad_record rows of the rejected dataset; with a lost gzip
+    member beside them, kept + rejected rows equal the input units the file outcomes count."""
+    from tests.gen import warc_quirks as wq
+
+    quirks = wq.quirk_files(tmp_path / "quirks")
+    trunc = REPO / "tests" / "fixtures" / "warcio" / "example-trunc.warc"
+    out = str(tmp_path / "pairs")
+    args = stage_args("--format", "warc", "--input", quirks["lying_length"].path,
+                      quirks["lying_length_gz"].path, quirks["garbage_gz"].path, str(trunc),
+                      "--output", out)
+    stats = wat_extract.run(spark, small(cfg), args)
+    assert stats["records_damaged"] == 5 and stats["damaged_in_rejected"] == 5
+    assert stats["damage_reasons"] == {"content_length_mismatch": 5}
+    assert stats["records_lost"] == 1 and stats["lost_in_rejected"] == 1
+    assert stats["balanced"] is True
+    assert stats["output_rows"] + stats["rejected_rows"] == stats["input_rows"]
+    bad = spark.read.parquet(datasets.rejected_path(out)).where("status = 'bad_record'").collect()
+    assert len(bad) == 5 and all(r.level == "record" and r.record_id for r in bad)
+    assert sorted(r.page_url for r in bad if "lying-length" in r.source_file) == sorted(
+        ["https://www.example.org/dir/page21.html", "https://www.example.org/dir/page23.html"] * 2)
+    outcomes = spark.read.parquet(datasets.stats_path(out, "file_outcomes")).collect()
+    assert sorted(o.records_damaged for o in outcomes) == [0, 1, 2, 2]

@@ -65,7 +65,9 @@ def parse_response(block: bytes) -> HttpResponse:
         if key not in headers:
             headers[key] = value.strip().decode("latin-1")
     body = _undo_transfer_encoding(body, headers.get("transfer-encoding"), quirks)
-    body = _undo_content_encoding(body, headers.get("content-encoding"), quirks)
+    ctype = (headers.get("content-type") or "text/html").lower()
+    textual = "html" in ctype or "xml" in ctype or ctype.startswith("text/")
+    body = _undo_content_encoding(body, headers.get("content-encoding"), quirks, textual)
     return HttpResponse(status, headers, body, tuple(quirks))
 
 
@@ -107,21 +109,26 @@ def dechunk(body: bytes) -> bytes | None:
     return b"".join(parts)
 
 
-def _undo_content_encoding(body: bytes, ce: str | None, quirks: list) -> bytes:
+def _undo_content_encoding(body: bytes, ce: str | None, quirks: list, textual: bool = True
+                           ) -> bytes:
+    """Undo `ce` when it fits the stored body. `textual`: the Content-Type says the body is a
+    document, so a body that neither decodes nor is text is damaged (an image's stored bytes
+    are not judged, only compressed-looking ones)."""
     if not body or not ce:
         return body
     if "," in ce:     # `gzip, br`: applied in order, undone in reverse
         for enc in reversed([e for e in ce.split(",") if e.strip()]):
-            body = _undo_content_encoding(body, enc, quirks)
+            body = _undo_content_encoding(body, enc, quirks, textual)
         return body
     enc = ce.strip().lower()
     if enc in ("identity", "none", ""):
         return body
+    corrupt = []
     if enc in ("gzip", "x-gzip", "deflate"):
         if body[:2] == b"\x1f\x8b":
-            out = _inflate(body, 31)
+            out = _inflate(body, 31, corrupt=corrupt)
         elif enc == "deflate":
-            out = _inflate(body, 15) if body[:1] == b"\x78" else _inflate(body, -15)
+            out = _inflate(body, 15 if body[:1] == b"\x78" else -15, corrupt=corrupt)
         else:
             out = None
     elif enc == "br":
@@ -130,22 +137,60 @@ def _undo_content_encoding(body: bytes, ce: str | None, quirks: list) -> bytes:
         out = _zstd(body)
     else:
         out = None
+    name = enc.replace("-", "_")[:12]
     if out is None:
-        quirks.append(f"ce_{enc.replace('-', '_')[:12]}_raw")   # the stored body is decoded already
+        # the stored body is decoded already (quirk `_raw`), or it does not decode and is no
+        # text either (`_failed`: a damaged record, also a rejected row)
+        damaged = _compressed_magic(body) or (textual and not looks_like_text(body))
+        quirks.append(f"ce_{name}_{'failed' if damaged else 'raw'}")
         return body
-    quirks.append(f"ce_{enc.replace('-', '_')[:12]}_decoded")
+    quirks.append(f"ce_{name}_decoded")
+    if corrupt:
+        quirks.append(f"ce_{name}_corrupt")    # inflated up to a corruption: a damaged record
     return out
 
 
-def _inflate(body: bytes, wbits: int, step: int = 1 << 12) -> bytes | None:
-    """Inflated body; a stream that turns corrupt (or ends) midway keeps what inflated before,
-    None when nothing did."""
+def _compressed_magic(body: bytes) -> bool:
+    return body[:2] == b"\x1f\x8b" or body[:4] == b"\x28\xb5\x2f\xfd"
+
+
+def looks_like_text(body: bytes) -> bool:
+    """True when the first bytes can be a document (markup or text in any charset): no gzip or
+    zstd magic, and control bytes other than whitespace (and ISO-2022's ESC) under 5%."""
+    head = body[:512]
+    if _compressed_magic(head):
+        return False
+    controls = len(head) - len(head.translate(None, _CONTROL_BYTES))
+    return controls * 20 < max(1, len(head))
+
+
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 12, 13, 27)) + b"\x7f"
+
+
+def _inflate(body: bytes, wbits: int, corrupt: list | None = None, step: int = 64
+             ) -> bytes | None:
+    """Inflated body; a stream that turns corrupt (noted in `corrupt`) or ends midway keeps
+    what inflated before, None when nothing did. One call for a sound stream; a corrupt one is
+    inflated again `step` bytes at a time, and the step that fails byte by byte."""
+    try:
+        return zlib.decompressobj(wbits).decompress(body, MAX_DECODED) or None
+    except zlib.error:
+        pass
     d = zlib.decompressobj(wbits)
     parts, size = [], 0
     for i in range(0, len(body), step):
+        saved = d.copy()
         try:
             out = d.decompress(body[i:i + step], MAX_DECODED - size)
         except zlib.error:
+            if corrupt is not None:
+                corrupt.append(i)
+            d = saved
+            for j in range(i, min(i + step, len(body))):    # keep the output before the fault
+                try:
+                    parts.append(d.decompress(body[j:j + 1]))
+                except zlib.error:
+                    break
             break
         parts.append(out)
         size += len(out)

@@ -36,6 +36,14 @@ MAX_HEADER = 1 << 16          # a record header longer than this is garbage
 MAX_RESYNC_SCAN = 64 << 20    # how far past a lying Content-Length the next header is looked for
 MAX_SKIPPED_IN_MEMORY = 8 << 20   # an unwanted record longer than this is streamed past
 MAX_EVENTS = 1000             # lost records reported one by one (the counts are always complete)
+# quirks of udfs.http_message that mean the body did not decode (ce_gzip_failed, ce_br_corrupt)
+DAMAGE_SUFFIXES = ("_failed", "_corrupt")
+DAMAGE_MESSAGES = {
+    "failed": "Content-Encoding {} does not decode the stored body, which is not plain text "
+              "either: read as stored",
+    "corrupt": "Content-Encoding {}: the stored body turns corrupt midway: read as far as it "
+               "decoded",
+}
 
 
 class Record(NamedTuple):
@@ -66,6 +74,11 @@ class ReadLog:
         self.truncated = False                # the input ended inside a gzip member / a record
         self.messages: list[str] = []         # first few problems, for the file's error_message
         self.events: list[tuple[str, str]] = []   # (reason, message) per record lost (capped)
+        self.start = 0                        # file offset where the reader began
+        # problems of the record just read that did not stop it being read (a Content-Length that
+        # lies, a body that does not decode): the extractor turns them into one rejected row
+        # (status bad_record) for that record and clears the list
+        self.damage: list[tuple[str, str]] = []
 
     def lose(self, reason: str, message: str, n: int = 1) -> None:
         self.lost[reason] = self.lost.get(reason, 0) + n
@@ -76,6 +89,21 @@ class ReadLog:
 
     def quirk(self, name: str, n: int = 1) -> None:
         self.quirks[name] = self.quirks.get(name, 0) + n
+        if name.endswith(DAMAGE_SUFFIXES) and name.startswith("ce_"):
+            # udfs.http_message: a body that does not decode (ce_<encoding>_failed / _corrupt)
+            cut = name.rfind("_")
+            self.damage.append((name, DAMAGE_MESSAGES[name[cut + 1:]].format(name[3:cut])))
+
+    def damaged(self, reason: str, message: str) -> None:
+        """The record being read is damaged but read (see `damage`)."""
+        self.damage.append((reason, message))
+
+    def where(self, offset: int) -> str:
+        """A record's place for messages: its file offset, or inside compressed data the
+        uncompressed offset from where reading began."""
+        if self.compression == "none":
+            return f"at byte {offset}"
+        return f"at uncompressed byte {offset} of the {self.compression} data from file byte {self.start}"
 
 
 # --- decompression --------------------------------------------------------------------------------
@@ -353,6 +381,9 @@ def read_records(raw, wanted: frozenset, log: ReadLog, chunk_size: int = 1 << 20
     records are parsed but not yielded (resuming after a reader that already gave them);
     `offset` is where `raw` stands in the file (for messages)."""
     b = _Buffer(open_chunks(raw, log, chunk_size, offset))
+    log.start = offset
+    if log.compression == "none":
+        b.base = offset          # record offsets are file offsets
     b.ensure(16)
     start = bytes(b.buf[b.pos:b.pos + 16]).lstrip(b"\r\n\t ")
     if start.startswith(b"filedesc://"):
@@ -368,6 +399,8 @@ def read_records(raw, wanted: frozenset, log: ReadLog, chunk_size: int = 1 << 20
         n += 1
         if n > skip:
             yield rec
+        else:
+            log.damage.clear()      # a record a previous reader gave already
 
 
 def _skip_blank(b: _Buffer) -> None:
@@ -429,7 +462,11 @@ def _next_warc_record(b: _Buffer, wanted: frozenset, log: ReadLog) -> Record | N
                 _lose_tail(log, offset)
             elif not _record_follows(b, b.pos):
                 quirks.append("content_length_mismatch")
-                b.skip_to(_NEXT_WARC)
+                skipped = b.skip_to(_NEXT_WARC)
+                log.damaged("content_length_mismatch",
+                            f"Content-Length {length} of the record {log.where(offset)} does "
+                            f"not end at a record boundary: {skipped} more bytes to the next record "
+                            f"header, read by resync")
         else:
             b.ensure(length + 16)
             after = body_start + length
@@ -443,12 +480,17 @@ def _next_warc_record(b: _Buffer, wanted: frozenset, log: ReadLog) -> Record | N
                 # Content-Length lies (the block runs to the next record header), or the stream
                 # ends inside this block (it is kept as far as it goes)
                 nxt = b.find(_NEXT_WARC, body_start, MAX_RESYNC_SCAN)
+                end = nxt + 1 if nxt >= 0 else len(b.buf)
                 if nxt >= 0 or len(b.buf) >= after or not _cut_at_end(b, log, b"\n\n"):
                     quirks.append("content_length_mismatch")
+                    log.damaged("content_length_mismatch",
+                                f"Content-Length {length} of the record {log.where(offset)} "
+                                f"does not end at a record boundary: its block runs to "
+                                f"{'the next record header' if nxt >= 0 else 'the end'} "
+                                f"({end - body_start} bytes), read by resync")
                 else:
                     quirks.append("truncated_record")
                     _lose_tail(log, offset)
-                end = nxt + 1 if nxt >= 0 else len(b.buf)
                 block = bytes(b.buf[body_start:end]).rstrip(b"\r\n")
                 b.pos = end
         for q in quirks:
@@ -598,6 +640,9 @@ def _arc_records(b: _Buffer, wanted: frozenset, log: ReadLog, skip: int) -> Iter
                 _lose_tail(log, offset)
             else:
                 quirks = ("content_length_mismatch",)
+                log.damaged("content_length_mismatch",
+                            f"ARC length {length} of the record {log.where(offset)} runs past the "
+                            f"end of the file: read as far as it goes")
             log.quirk(quirks[0])
         if url.startswith("filedesc:"):
             rec_type = "warcinfo"
@@ -609,6 +654,8 @@ def _arc_records(b: _Buffer, wanted: frozenset, log: ReadLog, skip: int) -> Iter
         n += 1
         if n > skip:
             yield Record(rec_type, headers, block if rec_type in wanted else None, offset, quirks)
+        else:
+            log.damage.clear()
 
 
 def _arc_resync(b: _Buffer, log: ReadLog) -> None:

@@ -120,6 +120,10 @@ class FileOutcome:
     records_bad_date: int = 0          # unparsable WARC-Date: kept, record_date null
     records_charset_detected: int = 0  # HTML decoded with a detected (undeclared) charset
     quirks: dict = field(default_factory=dict)         # quirk -> records (see udfs.warc_records)
+    # records read although damaged (a Content-Length that lies, read by resync; a body that does
+    # not decode): each is also one rejected row (level record, status bad_record)
+    records_damaged: int = 0
+    damage_reasons: dict = field(default_factory=dict)  # reason -> records
     reader_used: str | None = None     # fastwarc | warcio | tolerant | fastwarc+tolerant
     archive_format: str | None = None  # warc | arc
     compression: str | None = None     # gzip | zstd | none
@@ -569,8 +573,11 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
     by_type: dict[str, int] = {}
     min_len, max_len, pair_uid = rules.min_alt_length, rules.max_alt_length, ids.pair_uid
     valid_date = warc_records.valid_date
+    damage = state.log.damage      # problems of the record just read (udfs.warc_records.ReadLog)
     try:
         for rec in _READER_FUNCS[opts.reader](raw, want, state, opts.chunk_size):
+            if damage and (rec.payload is None or is_wat):
+                yield _damaged_row(out, damage, rec.headers, source_file, crawl)
             if rec.payload is None:    # records of other types are only counted
                 rtype = rec.rec_type
                 by_type[rtype] = by_type.get(rtype, 0) + 1
@@ -594,6 +601,8 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
                     found = html_links(body, target, ctype)
                     if found.charset == "detected":
                         out.records_charset_detected += 1
+                if damage:       # the reader's and the HTTP layer's problems: one row per record
+                    yield _damaged_row(out, damage, headers, source_file, crawl)
                 unescape = False
             page_url = found.page_url
             if page_url and page_url[0] == "<":   # a WAT written from a WARC with <URI> values
@@ -654,6 +663,8 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
         if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)) or is_transient(exc):
             raise
         _fail(out, "unreadable", f"{type(exc).__name__}: {str(exc)[:300]}", by_type)
+    if damage:   # a reader that stopped inside a damaged record
+        yield _damaged_row(out, damage, None, source_file, crawl)
     if out.metadata_records:
         by_type[want] = by_type.get(want, 0) + out.metadata_records
     _finish(out, state, by_type)
@@ -665,6 +676,24 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
                            crawl)
     out.seconds = round(time.perf_counter() - t0, 4)
     yield out
+
+
+def _damaged_row(out: FileOutcome, damage: list, headers, source_file: str, crawl: str
+                 ) -> Rejected:
+    """The rejected row (status bad_record) of one record read despite `damage`, which is
+    counted in `out` and cleared. The record's pairs, if any, are kept."""
+    out.records_damaged += 1
+    reasons = out.damage_reasons
+    for reason, _ in damage:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    record_id = target = None
+    if headers is not None:
+        record_id = headers.get("WARC-Record-ID")
+        target, _ = warc_records.clean_uri(headers.get("WARC-Target-URI"))
+    message = "; ".join(f"{reason}: {text}" for reason, text in damage)[:1000]
+    damage.clear()
+    return Rejected(None, None, target, source_file, record_id, "bad_record", message, "record",
+                    crawl)
 
 
 def _target_uri(headers, log: warc_records.ReadLog) -> str | None:
