@@ -50,11 +50,12 @@ def make_source(root: Path, shards: int, per_shard: int, seed: int = 0) -> int:
                 sid = rng.getrandbits(63)
                 rows.append({"SAMPLE_ID": sid, "URL": f"https://img.example/{key}.jpg", "TEXT": text, "HEIGHT": 256,
                              "WIDTH": 256, "similarity": 0.3, "LANGUAGE": "en", "punsafe": None, "pwatermark": None,
-                             "hash": sid, "key": key, "tar_path": str(path)})
+                             "hash": sid, "key": key, "tar_path": str(path), "language_confidence": 0.9})
     schema = pa.schema([("SAMPLE_ID", pa.int64()), ("URL", pa.string()), ("TEXT", pa.string()),
                         ("HEIGHT", pa.int32()), ("WIDTH", pa.int32()), ("similarity", pa.float64()),
                         ("LANGUAGE", pa.string()), ("punsafe", pa.float64()), ("pwatermark", pa.float64()),
-                        ("hash", pa.int64()), ("key", pa.string()), ("tar_path", pa.string())])
+                        ("hash", pa.int64()), ("key", pa.string()), ("tar_path", pa.string()),
+                        ("language_confidence", pa.float64())])
     half = len(rows) // 2
     pq.write_table(pa.Table.from_pylist(rows[:half], schema=schema), subset / "part-00000.parquet")
     pq.write_table(pa.Table.from_pylist(rows[half:], schema=schema), subset / "part-00001.parquet")
