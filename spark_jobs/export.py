@@ -199,7 +199,8 @@ def index_sources(spark, tars: list[str], storage_options):
             yield pa.RecordBatch.from_pydict(out, schema=arrow)
 
     tar_df = spark.createDataFrame([(i, t) for i, t in enumerate(tars)], "tar_id int, tar_path string")
-    return tar_df.repartitionByRange(max(1, len(tars)), "tar_id").mapInArrow(index_batches, index_schema)
+    # round-robin: one tar per task without the sampling job a range partitioning runs first
+    return tar_df.repartition(max(1, len(tars))).mapInArrow(index_batches, index_schema)
 
 
 def _result_schema():
