@@ -293,6 +293,7 @@ def test_parquet_format_has_the_hugging_face_image_layout(spark, chain, tmp_path
     assert len(files) == stats["shards"] and not list(out.glob("*.tar"))
     rows = subset_table(chain["dataset"] / en)
     stored = stored_images(rows)
+    recorded = stored_hashes(chain)
     by_key = {r["key"]: r for r in rows}
     seen = []
     for f in files:
@@ -302,6 +303,7 @@ def test_parquet_format_has_the_hugging_face_image_layout(spark, chain, tmp_path
         assert features["image"] == {"_type": "Image"}
         for r in table.to_pylist():
             assert r["image"]["bytes"] == stored[r["key"]]
+            assert hashlib.sha256(r["image"]["bytes"]).hexdigest() == recorded[r["key"]]["stored_sha256"]
             assert r["image"]["path"] == f"{r['key']}.jpg"
             assert {c: r[c] for c in export_shards.LAION_COLUMNS} == {c: by_key[r["key"]][c]
                                                                         for c in export_shards.LAION_COLUMNS}
