@@ -4,8 +4,9 @@ functions in its tasks, the tests and the benchmark call them directly.
 Two steps, because a shuffled subset draws every output shard's samples from many source shards:
 1. `index_tar`: the member table of one download tar (name, data offset, size), read from the tar
    headers alone (a local tar is read by seeking from header to header, not through its data);
-2. `write_shard`: one output shard, its samples read from the source tars by (offset, size) range
-   reads in output order, a chunk at a time, then copied as stored: the image is never re-encoded.
+2. `write_shard`: one output shard, its images copied as stored from the source tars by (offset,
+   size): local files inside the kernel (copy_file_range, sources in offset order), remote ones by
+   range reads a chunk at a time. The image is never re-encoded.
 
 Output, under `<output>/`:
 - webdataset: `{shard:05d}.tar` with `KEY.<ext>` (the image bytes as downloaded and resized; ext as
