@@ -24,8 +24,8 @@ How it runs, on DataFrame APIs Spark Connect also has: (1) one task per source t
 members from the tar headers (mapInArrow); (2) the selected rows are joined to that index (rows
 not found are the missing images); (3) each row gets its place in the order as a column (row_number
 within range buckets of the sort key, plus the bucket's offset) and so its shard; (4) one
-applyInArrow group per shard reads its images from the source tars by byte range and writes the
-shard and then its marker.
+applyInArrow group per shard copies its images from the source tars by byte range (local files:
+inside the kernel) and writes the shard, fsyncs it, then writes its marker.
 """
 
 if __package__ in (None, ""):  # run as `spark-submit spark_jobs/export.py`: make the repo importable
@@ -199,7 +199,8 @@ def index_sources(spark, tars: list[str], storage_options):
             yield pa.RecordBatch.from_pydict(out, schema=arrow)
 
     tar_df = spark.createDataFrame([(i, t) for i, t in enumerate(tars)], "tar_id int, tar_path string")
-    return tar_df.repartitionByRange(max(1, len(tars)), "tar_id").mapInArrow(index_batches, index_schema)
+    # round-robin: one tar per task without the sampling job a range partitioning runs first
+    return tar_df.repartition(max(1, len(tars))).mapInArrow(index_batches, index_schema)
 
 
 def _result_schema():

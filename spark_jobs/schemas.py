@@ -164,6 +164,7 @@ IMAGES_METADATA = DatasetSpec(
         _i("exif_orientation"),  # EXIF orientation tag of the original (1-8; null: none); stored upright
         _s("opt_out_source"),   # opted_out rows: x_robots_tag | robots_txt | tdmrep | page_meta | opt_out_list
         _l("phash"),            # 64-bit pHash of the decoded original (udfs.image_hash, signed); null unless success
+        _s("stored_sha256"),    # of the bytes stored in the tar as KEY.<ext> (after resize); null unless success
     ]),
     # columns added after the first release (exif_orientation, opt_out_source) are optional on read:
     # older shards lack them and conform fills nulls

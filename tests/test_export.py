@@ -77,6 +77,16 @@ def stored_images(rows: list[dict]) -> dict[str, bytes]:
     return out
 
 
+def stored_hashes(chain) -> dict[str, str]:
+    """key -> stored_sha256 of every success row of the download metadata (pyarrow, not Spark)."""
+    out = {}
+    for path in sorted(glob.glob(str(chain["root"] / chain["cfg"].get("run.datasets.download") / "*.parquet"))):
+        for r in pq.read_table(path, columns=["key", "status", "sha256", "stored_sha256"]).to_pylist():
+            if r["status"] == "success":
+                out[r["key"]] = r
+    return out
+
+
 def read_export(folder: Path) -> list[dict]:
     """Every sample of the exported tars, in shard order: {key: ..., ext: bytes}."""
     samples = []
@@ -107,11 +117,18 @@ def test_run_export_writes_every_subset_row_with_its_stored_bytes(chain):
     samples = read_export(chain["export"])
     assert sorted(s["key"] for s in samples) == sorted(r["key"] for r in rows)
     stored = stored_images(rows)
+    recorded = stored_hashes(chain)
     by_key = {r["key"]: r for r in rows}
     for s in samples:
         row = by_key[s["key"]]
-        # the image is the stored download bytes, not a re-encode
-        assert hashlib.sha256(s["jpg"]).hexdigest() == hashlib.sha256(stored[s["key"]]).hexdigest()
+        # the image is the stored download bytes, not a re-encode: its hash is the one download
+        # recorded for the bytes it wrote (the original-bytes sha256 differs: download resized them)
+        digest = hashlib.sha256(s["jpg"]).hexdigest()
+        assert digest == recorded[s["key"]]["stored_sha256"]
+        assert digest == hashlib.sha256(stored[s["key"]]).hexdigest()
+    assert any(recorded[s["key"]]["sha256"] != recorded[s["key"]]["stored_sha256"] for s in samples)
+    for s in samples:
+        row = by_key[s["key"]]
         assert s["txt"].decode() == row["TEXT"]
         meta = json.loads(s["json"])
         assert meta == {c: row[c] for c in export_shards.LAION_COLUMNS}
@@ -276,6 +293,7 @@ def test_parquet_format_has_the_hugging_face_image_layout(spark, chain, tmp_path
     assert len(files) == stats["shards"] and not list(out.glob("*.tar"))
     rows = subset_table(chain["dataset"] / en)
     stored = stored_images(rows)
+    recorded = stored_hashes(chain)
     by_key = {r["key"]: r for r in rows}
     seen = []
     for f in files:
@@ -285,6 +303,7 @@ def test_parquet_format_has_the_hugging_face_image_layout(spark, chain, tmp_path
         assert features["image"] == {"_type": "Image"}
         for r in table.to_pylist():
             assert r["image"]["bytes"] == stored[r["key"]]
+            assert hashlib.sha256(r["image"]["bytes"]).hexdigest() == recorded[r["key"]]["stored_sha256"]
             assert r["image"]["path"] == f"{r['key']}.jpg"
             assert {c: r[c] for c in export_shards.LAION_COLUMNS} == {c: by_key[r["key"]][c]
                                                                         for c in export_shards.LAION_COLUMNS}

@@ -52,6 +52,7 @@ METADATA_COLUMNS = (
     ("exif_orientation", "int32"),
     ("opt_out_source", "string"),
     ("phash", "int64"),
+    ("stored_sha256", "string"),
 )
 ROBOTS_AUDIT_DIR = ("_stats", "robots")
 MARKER_SUFFIX = "_complete.json"
@@ -204,7 +205,8 @@ class ShardJob:
             return rec, None, timings
         rec.update(status="success", error_message=None, original_width=out.original_width,
                    original_height=out.original_height, width=out.width, height=out.height,
-                   phash=out.phash)   # of the decoded original, upright: the image-dedup stage's key
+                   phash=out.phash,   # of the decoded original, upright: the image-dedup stage's key
+                   stored_sha256=hashlib.sha256(out.data).hexdigest())   # the bytes the tar holds
         rec["exif_orientation"] = out.exif_orientation   # stored upright; this was the original's tag
         return rec, out.data, timings
 

@@ -4,8 +4,9 @@ functions in its tasks, the tests and the benchmark call them directly.
 Two steps, because a shuffled subset draws every output shard's samples from many source shards:
 1. `index_tar`: the member table of one download tar (name, data offset, size), read from the tar
    headers alone (a local tar is read by seeking from header to header, not through its data);
-2. `write_shard`: one output shard, its samples read from the source tars by (offset, size) range
-   reads in output order, a chunk at a time, then copied as stored: the image is never re-encoded.
+2. `write_shard`: one output shard, its images copied as stored from the source tars by (offset,
+   size): local files inside the kernel (copy_file_range, sources in offset order), remote ones by
+   range reads a chunk at a time. The image is never re-encoded.
 
 Output, under `<output>/`:
 - webdataset: `{shard:05d}.tar` with `KEY.<ext>` (the image bytes as downloaded and resized; ext as
@@ -20,12 +21,16 @@ Output, under `<output>/`:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import tarfile
 import time
 import uuid
+
+import orjson
 
 from udfs import fsio
 from udfs.shard_writer import split_key, verify_size
@@ -175,6 +180,13 @@ class RangeReader:
         self.storage_options = storage_options
         self._fds: dict[str, int] = {}
 
+    def fd(self, uri: str) -> int:
+        """A read handle on a local source tar, opened once per task."""
+        fd = self._fds.get(uri)
+        if fd is None:
+            fd = self._fds[uri] = os.open(fsio.filesystem(uri)[1], os.O_RDONLY)
+        return fd
+
     def read(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
         out: list[bytes | None] = [None] * len(ranges)
         remote: dict[str, list[int]] = {}
@@ -182,10 +194,7 @@ class RangeReader:
             if fsio.is_remote(uri):
                 remote.setdefault(uri, []).append(i)
                 continue
-            fd = self._fds.get(uri)
-            if fd is None:
-                fd = self._fds[uri] = os.open(fsio.filesystem(uri)[1], os.O_RDONLY)
-            out[i] = os.pread(fd, size, offset)
+            out[i] = os.pread(self.fd(uri), size, offset)
         for uri, idx in remote.items():
             fs, path = fsio.filesystem(uri, self.storage_options)
             got = fs.cat_ranges([path] * len(idx), [ranges[i][1] for i in idx],
@@ -209,25 +218,33 @@ def _json_value(value):
     return None if isinstance(value, float) and value != value else value  # NaN -> null
 
 
-_FLOAT_COLUMNS = tuple(c for c, t in COLUMN_TYPES.items() if t == "float64")
+def sample_json(row: dict) -> bytes:
+    """KEY.json: the LAION columns, keys sorted, UTF-8; NaN is written as null (orjson does that)."""
+    return orjson.dumps({c: row.get(c) for c in LAION_COLUMNS}, option=orjson.OPT_SORT_KEYS)
 
 
-def sample_record(row: dict) -> dict:
-    record = {c: row.get(c) for c in LAION_COLUMNS}
-    for c in _FLOAT_COLUMNS:   # only these can hold NaN, which JSON cannot
-        record[c] = _json_value(record[c])
-    return record
+def _pad(size: int) -> bytes:
+    return _ZEROS[:-size % _BLOCK]
 
 
-def sample_files(row: dict, image: bytes) -> list[tuple[str, bytes]]:
-    """The members of one webdataset sample, image first (webdataset groups by key, any order)."""
-    return [(row["ext"], image), ("txt", (row.get("TEXT") or "").encode("utf-8")),
-            ("json", json.dumps(sample_record(row), sort_keys=True, ensure_ascii=False).encode("utf-8"))]
+def _sidecars(row: dict) -> bytes:
+    """The caption and JSON members of one sample (headers, data, padding), which follow its image."""
+    key, txt, js = row["key"], (row.get("TEXT") or "").encode("utf-8"), sample_json(row)
+    return b"".join((ustar_header(f"{key}.txt", len(txt)), txt, _pad(len(txt)),
+                     ustar_header(f"{key}.json", len(js)), js, _pad(len(js))))
+
+
+def _trailer(end: int) -> bytes:
+    """Two zero blocks, then zeros to a whole tar record (what tarfile writes on close)."""
+    end += 2 * _BLOCK
+    return bytes(2 * _BLOCK + (-end % _RECORD))
 
 
 class _AtomicOut:
-    """A file that appears under its name only when complete: a hidden local sibling renamed on
-    close; on an object store the upload becomes visible on close. Its size is then verified."""
+    """A file that appears under its name only when complete: a hidden local sibling, flushed to disk
+    (the marker written next says the shard is complete) and renamed on close; on an object store the
+    upload becomes visible on close. Its size is then verified. A context manager: an exception
+    inside removes the partial file."""
 
     def __init__(self, uri: str, storage_options: dict | None = None):
         self.uri, self.storage_options = uri, storage_options
@@ -235,11 +252,12 @@ class _AtomicOut:
         self.remote = fsio.is_remote(uri)
         if self.remote:
             self.target = self.path
+            self.fh = self.fs.open(self.target, "wb")
         else:
             folder = os.path.dirname(self.path) or "."
             os.makedirs(folder, exist_ok=True)
             self.target = os.path.join(folder, f".{os.path.basename(self.path)}.{uuid.uuid4().hex}.tmp")
-        self.fh = self.fs.open(self.target, "wb")
+            self.fh = open(self.target, "wb")
         self.count = 0
 
     def write(self, data: bytes) -> None:
@@ -247,6 +265,9 @@ class _AtomicOut:
         self.count += len(data)
 
     def close(self) -> int:
+        if not self.remote:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
         self.fh.close()
         if not self.remote:
             os.replace(self.target, self.path)
@@ -260,6 +281,16 @@ class _AtomicOut:
                 self.fs.rm(self.target)
         except Exception:  # noqa: BLE001 - already failing: keep the original error
             pass
+
+    def __enter__(self) -> "_AtomicOut":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
 
 
 def _ustar_constants() -> tuple[bytes, bytes, int]:
@@ -288,24 +319,81 @@ def ustar_header(name: str, size: int) -> bytes:
     return b"".join((raw.ljust(100, b"\0"), _MIDDLE, size_field, _AFTER_SIZE[:12], b"%06o\0 " % checksum, _TAIL))
 
 
-class TarWriter:
-    """USTAR members written directly (header, data, padding): tarfile's format, fixed metadata."""
+# errno of a copy_file_range the kernel or filesystem does not do: copy through user space instead
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
 
-    def __init__(self, out: _AtomicOut):
-        self.out = out
 
-    def add_all(self, members: list[tuple[str, bytes]]) -> None:
-        """Members in order, as one write (a chunk of samples: one system call, not three per sample)."""
+class _RangeCopier:
+    """Copies byte ranges between local files inside the kernel (os.copy_file_range: no copy through
+    Python), falling back to pread/pwrite where the kernel or filesystem refuses."""
+
+    def __init__(self):
+        self.in_kernel = hasattr(os, "copy_file_range")
+
+    def copy(self, src: int, dst: int, size: int, src_offset: int, dst_offset: int, uri: str) -> None:
+        done = 0
+        while done < size:
+            n = 0
+            if self.in_kernel:
+                try:
+                    n = os.copy_file_range(src, dst, size - done, src_offset + done, dst_offset + done)
+                except OSError as exc:
+                    if exc.errno not in _NO_COPY_FILE_RANGE:
+                        raise
+                    self.in_kernel = False
+                    continue
+            else:
+                data = os.pread(src, min(size - done, 1 << 20), src_offset + done)
+                n = os.pwrite(dst, data, dst_offset + done) if data else 0
+            if n <= 0:
+                raise ExportReadError(f"{uri}: could not read {size} bytes at offset {src_offset}")
+            done += n
+
+
+def _write_tar_local(out: _AtomicOut, rows: list[dict], reader: RangeReader) -> int:
+    """A shard whose sources and output are local files: a copy, not a re-encode.
+
+    All member sizes are known (the image sizes from the index), so the layout is fixed first: the
+    bytes between two images (the image's padding, its txt and json members, the next header) are
+    written with one pwrite each, in output order; then the images are copied into their places
+    inside the kernel, sorted by source tar and offset, so each source is read front to back once.
+    Returns the image bytes."""
+    fd = out.fh.fileno()
+    copies = []
+    pos, gap = 0, b""
+    for row in rows:
+        size = int(row["size"])
+        gap += ustar_header(f"{row['key']}.{row['ext']}", size)
+        os.pwrite(fd, gap, pos)
+        pos += len(gap)
+        copies.append((row["tar_path"], int(row["offset"]), size, pos))
+        pos += size
+        gap = _pad(size) + _sidecars(row)
+    gap += _trailer(pos + len(gap))
+    os.pwrite(fd, gap, pos)
+    out.count = pos + len(gap)
+    copier = _RangeCopier()
+    copies.sort()
+    for uri, offset, size, at in copies:
+        copier.copy(reader.fd(uri), fd, size, offset, at, uri)
+    return sum(c[2] for c in copies)
+
+
+def _write_tar_chunks(out: _AtomicOut, rows: list[dict], reader: RangeReader, chunk: int) -> int:
+    """A shard with a remote source or output: images read by range a chunk at a time (concurrent
+    requests on s3), each chunk's members written as one buffer. Returns the image bytes."""
+    image_bytes = 0
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        images = reader.read([(r["tar_path"], int(r["offset"]), int(r["size"])) for r in part])
         parts = []
-        for name, data in members:
-            parts += (ustar_header(name, len(data)), data, _ZEROS[:-len(data) % _BLOCK])
-        self.out.write(b"".join(parts))
-
-    def finish(self) -> None:
-        self.out.write(b"\0" * (2 * _BLOCK))
-        pad = -self.out.count % _RECORD
-        if pad:
-            self.out.write(b"\0" * pad)
+        for row, image in zip(part, images):
+            image_bytes += len(image)
+            parts += (ustar_header(f"{row['key']}.{row['ext']}", len(image)), image, _pad(len(image)),
+                      _sidecars(row))
+        out.write(b"".join(parts))
+    out.write(_trailer(out.count))
+    return image_bytes
 
 
 def hf_features() -> dict:
@@ -335,6 +423,27 @@ def _parquet_chunk(rows: list[dict], images: list[bytes]):
     return pa.Table.from_pydict(cols, schema=schema)
 
 
+def _write_parquet(out: _AtomicOut, rows: list[dict], reader: RangeReader, chunk: int) -> int:
+    """One row group per chunk of images. Returns the image bytes."""
+    import pyarrow.parquet as pq
+
+    image_bytes = 0
+    # Image bytes are encoded already: no compression, dictionary or min/max statistics over them
+    # (statistics would copy two whole images into every row group's footer).
+    compression = {c: "zstd" for c in COLUMN_TYPES}
+    compression.update({"image.bytes": "none", "image.path": "zstd"})
+    plain = [*COLUMN_TYPES, "image.path"]
+    with pq.ParquetWriter(out.fh, parquet_schema(), compression=compression, use_dictionary=plain,
+                          write_statistics=plain) as writer:
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            images = reader.read([(r["tar_path"], int(r["offset"]), int(r["size"])) for r in part])
+            image_bytes += sum(len(i) for i in images)
+            writer.write_table(_parquet_chunk(part, images))
+    out.count = out.fh.tell()
+    return image_bytes
+
+
 def read_marker(output: str, shard: int, storage_options: dict | None = None) -> dict | None:
     uri = marker_path(output, shard)
     try:
@@ -354,6 +463,8 @@ def write_shard(output: str, shard: int, rows: list[dict], settings: dict) -> di
     """
     t0 = time.time()
     fmt, so = settings["format"], settings.get("storage_options")
+    if fmt not in FORMATS:
+        raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     name = shard_file(shard, fmt)
     uri = fsio.join(output, name)
     marker = read_marker(output, shard, so)
@@ -363,53 +474,15 @@ def write_shard(output: str, shard: int, rows: list[dict], settings: dict) -> di
                 "seconds": round(time.time() - t0, 3)}
     rows = sorted(rows, key=lambda r: r["position"])
     chunk = max(1, int(settings.get("read_chunk") or 256))
-    reader = RangeReader(so)
-    image_bytes = 0
-    if fmt == "webdataset":
-        out = _AtomicOut(uri, so)
-        try:
-            tar = TarWriter(out)
-            for start in range(0, len(rows), chunk):
-                part = rows[start:start + chunk]
-                images = reader.read([(r["tar_path"], int(r["offset"]), int(r["size"])) for r in part])
-                members = []
-                for row, image in zip(part, images):
-                    image_bytes += len(image)
-                    members.extend((f"{row['key']}.{ext}", data) for ext, data in sample_files(row, image))
-                tar.add_all(members)
-            tar.finish()
-            size = out.close()
-        except BaseException:
-            out.abort()
-            raise
-        finally:
-            reader.close()
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        out = _AtomicOut(uri, so)
-        try:
-            # Image bytes are encoded already: no compression, dictionary or min/max statistics
-            # over them (statistics would copy two whole images into every row group's footer).
-            compression = {c: "zstd" for c in COLUMN_TYPES}
-            compression.update({"image.bytes": "none", "image.path": "zstd"})
-            plain = [*COLUMN_TYPES, "image.path"]
-            with pq.ParquetWriter(out.fh, parquet_schema(), compression=compression, use_dictionary=plain,
-                                  write_statistics=plain) as writer:
-                for start in range(0, len(rows), chunk):
-                    part = rows[start:start + chunk]
-                    images = reader.read([(r["tar_path"], int(r["offset"]), int(r["size"])) for r in part])
-                    image_bytes += sum(len(i) for i in images)
-                    writer.write_table(_parquet_chunk(part, images))   # one row group per chunk
-            out.count = out.fh.tell()
-            size = out.close()
-        except BaseException:
-            out.abort()
-            raise
-        finally:
-            reader.close()
-    else:
-        raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    local = not fsio.is_remote(uri) and not any(fsio.is_remote(r["tar_path"]) for r in rows)
+    with contextlib.closing(RangeReader(so)) as reader, _AtomicOut(uri, so) as out:
+        if fmt == "parquet":
+            image_bytes = _write_parquet(out, rows, reader, chunk)
+        elif local:
+            image_bytes = _write_tar_local(out, rows, reader)
+        else:
+            image_bytes = _write_tar_chunks(out, rows, reader, chunk)
+    size = out.count
     body = {"shard": shard, "file": name, "samples": len(rows), "bytes": size, "image_bytes": image_bytes,
             "plan": settings["plan"]}
     data = json.dumps(body, sort_keys=True).encode()
