@@ -13,8 +13,9 @@ uid), then the smallest uid; near: the largest original_width x original_height,
 rule. Near pairs are found without an all-pairs join: the hash is cut into `image_dedup.bands`
 bands, rows are grouped by band and the value's top bits, pairs sharing a band value are verified
 with the Hamming distance inside each group (numpy, `applyInPandas`: no candidate pair is
-shuffled), and groups are the connected components of the verified pairs (iterative min-label propagation with
-pointer jumping, DataFrame joins only). `image_dedup.enabled=false` writes only the stats, and
+shuffled), and groups are the connected components of the verified pairs (iterative min-label
+propagation with pointer jumping, DataFrame joins only). `image_dedup.enabled=false` writes only the
+stats, and
 clip-score then reads the download metadata itself.
 """
 
