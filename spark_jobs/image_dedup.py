@@ -15,8 +15,7 @@ bands, rows are grouped by band and the value's top bits, pairs sharing a band v
 with the Hamming distance inside each group (numpy, `applyInPandas`: no candidate pair is
 shuffled), and groups are the connected components of the verified pairs (iterative min-label
 propagation with pointer jumping, DataFrame joins only). `image_dedup.enabled=false` writes only the
-stats, and
-clip-score then reads the download metadata itself.
+stats, and clip-score then reads the download metadata itself.
 """
 
 if __package__ in (None, ""):  # run as `spark-submit spark_jobs/image_dedup.py`: make the repo importable
