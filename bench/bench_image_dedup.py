@@ -10,14 +10,17 @@ the banded join and SemDeDup scale.
    several distances (all pairs, and the 4-band join the stage uses), both, and dHash.
 2. hash: speed and agreement of our numpy pHash against `imagehash` (when importable; it is not a
    project dependency), and of the 1/8-scale JPEG decode against a full decode.
-3. scale: the stage's banded join + connected components on synthetic hashes (Spark, local[2]):
-   seconds, candidate pairs and shuffle bytes (Spark's REST API on loopback) per size.
+3. scale: the stage's banded pairs (grouped verification) + connected components on synthetic
+   hashes (Spark, local[2]): seconds, verified pairs, the pairs sharing a band value, and shuffle
+   bytes (Spark's REST API on loopback) per size, and the growth from the first size to the last.
 4. semdedup: k-means (faiss) + per-cluster SemDeDup on N x 512 random clustered vectors: seconds
-   and peak RSS.
+   and peak RSS, in one process (`semdedup`) and through the filter stage's Spark plan
+   (`semdedup-spark`: per cluster in applyInPandas; peak RSS of driver + JVM + workers).
 
     python -m bench.bench_image_dedup --part near,hash
-    python -m bench.bench_image_dedup --part scale --sizes 500000,1000000,2000000
+    python -m bench.bench_image_dedup --part scale --sizes 2000000,10000000
     python -m bench.bench_image_dedup --part semdedup --rows 1000000
+    python -m bench.bench_image_dedup --part semdedup-spark --rows 200000
 """
 
 from __future__ import annotations
@@ -232,9 +235,9 @@ def banded_scale(work: Path, sizes: list[int], bands: int = 4, distance: int = 6
         path = work / f"hashes_{rows}"
         synthetic_hashes(spark, rows).write.mode("overwrite").parquet(str(path))
         nodes = spark.read.parquet(str(path))
-        before = _shuffle_bytes(spark)
+        # the pairs sharing a band value (what a join on (band, value) would materialise), for the
+        # growth figure; counted before the measured part, its shuffle is not in the figure
         t0 = time.perf_counter()
-        # candidates (before verification), for the growth figure
         banded = nodes.select("node", F.explode(F.array(*[
             F.struct(F.lit(i).alias("band"), F.shiftrightunsigned("phash", s).bitwiseAND(
                 F.lit((1 << w) - 1)).alias("value"))
@@ -242,24 +245,40 @@ def banded_scale(work: Path, sizes: list[int], bands: int = 4, distance: int = 6
         buckets = banded.groupBy("band", "value").count()
         candidates = buckets.select(F.sum(F.col("count") * (F.col("count") - 1) / 2)).collect()[0][0]
         t_cand = time.perf_counter() - t0
+        before = _shuffle_bytes(spark)
         t0 = time.perf_counter()
         pairs = banded_pairs(nodes, distance, bands).persist()
         n_pairs = pairs.count()
         t_pairs = time.perf_counter() - t0
+        mid = _shuffle_bytes(spark)
         t0 = time.perf_counter()
         comps, rounds, converged = connected_components(pairs, 40)
         n_nodes = comps.count()
+        n_comps = comps.select("comp").distinct().count()
         t_comp = time.perf_counter() - t0
         pairs.unpersist()
-        shuffle = _shuffle_bytes(spark) - before
-        fig = {"rows": rows, "bands": bands, "distance": distance, "candidate_pairs": int(candidates or 0),
-               "verified_pairs": n_pairs, "nodes_in_groups": n_nodes, "rounds": rounds, "converged": converged,
-               "candidate_count_seconds": round(t_cand, 1), "join_verify_seconds": round(t_pairs, 1),
-               "components_seconds": round(t_comp, 1), "seconds": round(t_pairs + t_comp, 1),
-               "shuffle_bytes": shuffle}
+        after = _shuffle_bytes(spark)
+        fig = {"rows": rows, "bands": bands, "distance": distance, "bucket_pairs": int(candidates or 0),
+               "verified_pairs": n_pairs, "nodes_in_groups": n_nodes, "components": n_comps, "rounds": rounds,
+               "converged": converged, "bucket_count_seconds": round(t_cand, 1),
+               "pairs_seconds": round(t_pairs, 1), "components_seconds": round(t_comp, 1),
+               "seconds": round(t_pairs + t_comp, 1), "pairs_shuffle_bytes": mid - before,
+               "components_shuffle_bytes": after - mid, "shuffle_bytes": after - before}
         print(json.dumps(fig), flush=True)
         out.append(fig)
     return out
+
+
+def growth(figs: list[dict]) -> dict:
+    """Last size over first: rows, seconds and shuffle ratios (linear: the rows' ratio)."""
+    if len(figs) < 2:
+        return {}
+    a, b = figs[0], figs[-1]
+    ratio = {"rows": round(b["rows"] / a["rows"], 2)}
+    for k in ("seconds", "pairs_seconds", "components_seconds", "shuffle_bytes", "pairs_shuffle_bytes",
+              "verified_pairs", "bucket_pairs"):
+        ratio[k] = round(b[k] / a[k], 2) if a[k] else None
+    return ratio
 
 
 # --- 4. SemDeDup at scale --------------------------------------------------------------------------
@@ -316,6 +335,119 @@ def semdedup_scale(rows: int, dim: int = 512, clusters: int = 1000, eps: float =
             "data_mb": round(emb.nbytes / 2**20)}
 
 
+class TreeRss:
+    """Peak resident memory of this process and its descendants (the JVM, Python workers), summed,
+    sampled from /proc every `every` seconds on a thread: what local Spark holds at once."""
+
+    def __init__(self, every: float = 0.5):
+        import os
+        import threading
+
+        self.root, self.every, self.peak_mb = os.getpid(), every, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _tree_mb(self) -> float:
+        import os
+
+        children: dict[int, list[int]] = {}
+        rss: dict[int, int] = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{d}/statm") as fh:
+                    rss[int(d)] = int(fh.read().split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+        total, todo = 0, [self.root]
+        while todo:
+            pid = todo.pop()
+            total += rss.get(pid, 0)
+            todo.extend(children.get(pid, []))
+        return total * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            self.peak_mb = max(self.peak_mb, self._tree_mb())
+
+    def __enter__(self):
+        self.peak_mb = self._tree_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def write_clustered_embeddings(path: Path, rows: int, dim: int = 512, clusters: int = 1000,
+                               step: int = 100_000) -> int:
+    """Parquet files of `rows` filter-stage rows (key, uid, bucket, status, float16 image_embedding):
+    vectors around 2 x `clusters` random centres, the first 10% near copies (cosine ~0.999) of
+    rows 10-20%. Written in chunks, so the driver never holds all vectors. Returns the copies."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from udfs import embeddings
+
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(clusters * 2, dim)).astype(np.float32)
+    n_dup = rows // 10
+
+    def write(first: int, emb: np.ndarray) -> None:
+        emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        ids = [f"{i:09d}" for i in range(first, first + len(emb))]
+        pq.write_table(pa.table({"key": ids, "uid": [f"u{i}" for i in ids], "bucket": ["en"] * len(ids),
+                                 "status": ["success"] * len(ids),
+                                 "image_embedding": pa.array(embeddings.encode_rows(emb), pa.binary())}),
+                       path / f"part-{first:09d}.parquet")
+
+    for s in range(n_dup, rows, step):
+        k = min(step, rows - s)
+        emb = centres[rng.integers(0, len(centres), k)] + 0.6 * rng.normal(size=(k, dim)).astype(np.float32)
+        write(s, emb)
+        src = emb[:max(0, min(k, 2 * n_dup - s))]   # rows n_dup..2 n_dup-1 have a copy at id - n_dup
+        if len(src):
+            write(s - n_dup, src + 0.01 * rng.normal(size=src.shape).astype(np.float32))
+    return n_dup
+
+
+def semdedup_spark(work: Path, rows: int, clusters: int = 1000, eps: float = 0.05) -> dict:
+    """The filter stage's SemDeDup (spark_jobs.filter.semantic_duplicates: driver k-means on a
+    sample, mapInPandas assignment, groupBy(scope, cluster).applyInPandas) on local[2], scope
+    global: seconds per step and the peak RSS of driver + JVM + Python workers together."""
+    from spark_jobs.filter import semantic_duplicates
+
+    path = work / f"semdedup_{rows}"
+    t0 = time.perf_counter()
+    n_dup = write_clustered_embeddings(path, rows, clusters=clusters)
+    gen_s = time.perf_counter() - t0
+    spark = _spark(work)
+    settings = {"semdedup": {"enabled": True, "eps": eps, "clusters": clusters, "scope": "global",
+                             "train_rows": 256000, "seed": 0}, "storage_options": None}
+    out_dir = work / f"semdedup_out_{rows}"
+    with TreeRss() as mem:
+        t0 = time.perf_counter()
+        df = spark.read.parquet(str(path))
+        drops, info = semantic_duplicates(spark, df, settings, str(out_dir))
+        t_plan = time.perf_counter() - t0   # count + sample + k-means train on the driver
+        t0 = time.perf_counter()
+        dropped = drops.select("key").collect()
+        t_dedup = time.perf_counter() - t0  # assign + shuffle + per-cluster SemDeDup
+    # greedy from the centroid outwards: either row of a planted pair may be the one dropped
+    planted = sum(1 for r in dropped if int(r["key"]) < 2 * n_dup)
+    return {"rows": rows, "dim": 512, "clusters": info["clusters"], "eps": eps, "spark": "local[2], driver 6g",
+            "generate_seconds": round(gen_s, 1), "count_sample_train_seconds": round(t_plan, 1),
+            "assign_shuffle_dedup_seconds": round(t_dedup, 1), "seconds": round(t_plan + t_dedup, 1),
+            "dropped": len(dropped), "planted_pairs": n_dup, "dropped_from_planted_pairs": planted,
+            "peak_rss_tree_mb": round(mem.peak_mb), "shuffle_bytes": _shuffle_bytes(spark)}
+
+
 # --- bench/__main__ entry --------------------------------------------------------------------------
 
 def run(work: Path, quick: bool) -> list[dict]:
@@ -336,10 +468,10 @@ def run(work: Path, quick: bool) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_image_dedup", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", default="near,hash", help="near, hash, scale, semdedup (comma-separated)")
+    p.add_argument("--part", default="near,hash", help="near, hash, scale, semdedup, semdedup-spark (comma-separated)")
     p.add_argument("--base", type=int, default=1000)
     p.add_argument("--distinct", type=int, default=5000)
-    p.add_argument("--sizes", default="500000,1000000,2000000")
+    p.add_argument("--sizes", default="2000000,10000000")
     p.add_argument("--bands", type=int, default=4)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--clusters", type=int, default=1000)
@@ -358,6 +490,11 @@ def main(argv=None) -> int:
         print(json.dumps(result["near"], indent=1), flush=True)
     if "scale" in parts:
         result["scale"] = banded_scale(work, [int(s) for s in args.sizes.split(",")], args.bands)
+        result["scale_growth"] = growth(result["scale"])
+        print(json.dumps(result["scale_growth"]), flush=True)
+    if "semdedup-spark" in parts:
+        result["semdedup_spark"] = semdedup_spark(work, args.rows, clusters=args.clusters)
+        print(json.dumps(result["semdedup_spark"]), flush=True)
     if "semdedup" in parts:
         result["semdedup"] = semdedup_scale(args.rows, clusters=args.clusters)
         print(json.dumps(result["semdedup"]), flush=True)

@@ -11,10 +11,11 @@ only the rows still `success`, reading the images from the download folder named
 Rules (udfs/image_dedup.py): exact: the earliest `record_date` (joined from the download input by
 uid), then the smallest uid; near: the largest original_width x original_height, then the exact
 rule. Near pairs are found without an all-pairs join: the hash is cut into `image_dedup.bands`
-bands, rows are joined on equal (band, value), candidates verified with the Hamming distance, and
-groups are the connected components of the verified pairs (iterative min-label propagation with
-pointer jumping, DataFrame joins only). `image_dedup.enabled=false` writes only the stats, and
-clip-score then reads the download metadata itself.
+bands, rows are grouped by band and the value's top bits, pairs sharing a band value are verified
+with the Hamming distance inside each group (numpy, `applyInPandas`: no candidate pair is
+shuffled), and groups are the connected components of the verified pairs (iterative min-label
+propagation with pointer jumping, DataFrame joins only). `image_dedup.enabled=false` writes only the
+stats, and clip-score then reads the download metadata itself.
 """
 
 if __package__ in (None, ""):  # run as `spark-submit spark_jobs/image_dedup.py`: make the repo importable
@@ -102,25 +103,38 @@ def exact_duplicates(rows):
                                     "kept_uid", "kept_key").alias("message")))
 
 
-def banded_pairs(nodes, distance: int, bands: int):
-    """Verified near pairs (a, b, d) with a < b, from a self-join on equal band values.
+GROUP_BITS = 8   # buckets of a band are verified in 2^8 groups (by the value's top bits): few, large
+                 # Python calls; at 10M distinct hashes a group holds ~40k rows (~0.6 MB)
 
-    `nodes` has `node` (long) and `phash` (long). Each row becomes `bands` rows (band, value);
-    rows that share a value in a band are candidates; a pair found in several bands is verified
-    once per band and deduplicated afterwards (fewer rows than deduplicating the candidates)."""
+
+def banded_pairs(nodes, distance: int, bands: int, group_bits: int = GROUP_BITS):
+    """Verified near pairs (a, b, d) with a < b, each once, without materialising candidates.
+
+    `nodes` has `node` (long) and `phash` (long). Each row becomes `bands` rows (band, group), group =
+    the top `group_bits` of the band's value; `groupBy(band, group).applyInPandas` runs
+    udfs.image_dedup.bucket_pairs on each group, which compares only rows sharing the whole band
+    value (and a part of the other bits, pigeonhole) and emits a pair from the first band it shares.
+    The shuffle is `bands` rows of 16 bytes per hash, linear in rows (a join on (band, value) shuffled
+    and verified rows^2 / 2^16 candidate pairs); a group is one task's memory."""
     from pyspark.sql import functions as F
 
+    layout = band_layout(bands)
     banded = nodes.select("node", "phash", F.explode(F.array(*[
         F.struct(F.lit(i).alias("band"),
-                 F.shiftrightunsigned("phash", shift).bitwiseAND(F.lit((1 << width) - 1)).alias("value"))
-        for i, (shift, width) in enumerate(band_layout(bands))])).alias("bv"))
-    banded = banded.select("node", "phash", F.col("bv.band").alias("band"), F.col("bv.value").alias("value"))
-    a = banded.select(F.col("node").alias("a"), F.col("phash").alias("pa"), "band", "value")
-    b = banded.select(F.col("node").alias("b"), F.col("phash").alias("pb"), "band", "value")
-    cand = a.join(b, ["band", "value"]).where(F.col("a") < F.col("b"))
-    dist = F.bit_count(F.col("pa").bitwiseXOR(F.col("pb")))
-    return (cand.select("a", "b", dist.alias("d")).where(F.col("d") <= F.lit(distance))
-            .dropDuplicates(["a", "b"]))
+                 F.shiftrightunsigned("phash", shift + width - min(width, group_bits))
+                 .bitwiseAND(F.lit((1 << min(width, group_bits)) - 1)).alias("group"))
+        for i, (shift, width) in enumerate(layout)])).alias("bg"))
+    banded = banded.select("node", "phash", F.col("bg.band").alias("band"), F.col("bg.group").alias("group"))
+
+    def verify(key, pdf):
+        import pandas as pd
+
+        from udfs.image_dedup import bucket_pairs
+
+        a, b, d = bucket_pairs(pdf["node"].to_numpy(), pdf["phash"].to_numpy(), int(key[0]), bands, distance)
+        return pd.DataFrame({"a": a, "b": b, "d": d.astype("int32")})
+
+    return banded.groupBy("band", "group").applyInPandas(verify, "a long, b long, d int")
 
 
 def largest_bucket(hashes, bands: int) -> int:

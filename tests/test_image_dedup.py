@@ -78,6 +78,50 @@ def test_banded_pairs_find_what_all_pairs_finds_up_to_bands_minus_one():
     assert set(dd.near_pairs(hashes, 8, bands=4)) <= set(dd.near_pairs(hashes, 8))
 
 
+def _planted_hashes(seed: int, groups: int = 400, crowded: int = 120) -> list[int]:
+    """Random 64-bit hashes, near copies of them (1-8 bits flipped), and `crowded` hashes sharing
+    their top 16 bits (one overfull bucket of band 0, as near-blank images make), all distinct."""
+    rng = random.Random(seed)
+    hashes = []
+    for _ in range(groups):
+        base = rng.getrandbits(64)
+        hashes.append(base)
+        for _ in range(rng.randrange(3)):
+            h = base
+            for bit in rng.sample(range(64), rng.randrange(1, 9)):
+                h ^= 1 << bit
+            hashes.append(h)
+    crowd = rng.getrandbits(16) << 48
+    base = crowd | rng.getrandbits(48)
+    hashes += [crowd | rng.getrandbits(48) for _ in range(crowded // 2)]
+    hashes += [base ^ (1 << rng.randrange(48)) ^ (1 << rng.randrange(48)) for _ in range(crowded // 2)]
+    return list(dict.fromkeys(hashes))
+
+
+@pytest.mark.parametrize("distance", [0, 3, 6, 8])
+def test_bucket_pairs_over_all_bands_are_the_banded_pairs_once(distance):
+    hashes = _planted_hashes(7)
+    expected = dd.near_pairs(hashes, distance, bands=4)
+    nodes = np.arange(len(hashes)) * 3 + 100   # node ids are not row positions
+    for big, block in ((2048, 1024), (5, 4)):  # (5, 4): the crowded bucket goes through the tiles
+        got = []
+        for band in range(4):
+            a, b, d = dd.bucket_pairs(nodes, dd.as_uint64(hashes), band, 4, distance, big=big, block=block)
+            got += [((x - 100) // 3, (y - 100) // 3, int(z)) for x, y, z in zip(a, b, d)]
+        assert sorted(got) == expected   # sorted list: no pair twice
+    if distance == 3:
+        assert expected == dd.near_pairs(hashes, 3) and len(expected) > 100
+
+
+def test_bucket_pairs_of_one_group_compare_only_equal_band_values():
+    # 1 bit apart in band 1 (bits 32-47): bands 0, 2 and 3 are shared, band 0 emits the pair
+    a, b = 0x1234_5678_9ABC_DEF0, 0x1234_5679_9ABC_DEF0
+    got = [dd.bucket_pairs([1, 2], dd.as_uint64([a, b]), band, 4, 6) for band in range(4)]
+    assert [len(x[0]) for x in got] == [1, 0, 0, 0] and got[0][2].tolist() == [1]
+    # 1 bit apart in band 3: bands 0-2 shared, still only band 0
+    assert [len(dd.bucket_pairs([1, 2], dd.as_uint64([a, a ^ 1]), band, 4, 6)[0]) for band in range(4)] == [1, 0, 0, 0]
+
+
 def _unit(v):
     v = np.asarray(v, dtype=np.float32)
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
@@ -277,6 +321,21 @@ def test_spark_components_match_union_find_on_random_groups(spark):
             expected[item] = min(group)
     assert converged and got == expected
     assert rounds < 20   # pointer jumping: far fewer rounds than the chain's 40 hops
+
+
+def test_spark_banded_pairs_match_the_pure_banded_pairs(spark):
+    from spark_jobs.image_dedup import banded_pairs
+
+    hashes = _planted_hashes(13)
+    rows = [(i * 5 + 7, to_signed(h)) for i, h in enumerate(hashes)]
+    df = spark.createDataFrame(rows, "node long, phash long")
+    for distance in (3, 6):
+        got = sorted(((r["a"] - 7) // 5, (r["b"] - 7) // 5, r["d"]) for r in banded_pairs(df, distance, 4).collect())
+        assert got == dd.near_pairs(hashes, distance, bands=4)
+    # fewer group bits (one group per band) and 3 bands: the same rule
+    got = sorted(((r["a"] - 7) // 5, (r["b"] - 7) // 5, r["d"])
+                 for r in banded_pairs(df, 6, 3, group_bits=0).collect())
+    assert got == dd.near_pairs(hashes, 6, bands=3)
 
 
 def test_download_worker_records_phash(tmp_path):
