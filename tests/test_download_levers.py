@@ -7,9 +7,11 @@ is mapped to 127.0.0.1 by a stub resolver; nothing else is resolved or connected
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -292,3 +294,53 @@ def test_per_host_cap_holds_across_processes(tmp_path):
             srv.add(f"/img/{i}.jpg", IMAGE)
         assert _two_processes(srv, str(tmp_path / "uncapped"), 0) == 32
         assert srv.max_in_flight()["a.test"] > 8
+
+
+# --- JVM class-data-sharing archive (spark.class_archive) ------------------------------------------
+
+def test_class_archive_options_dump_first_then_map(tmp_path):
+    from spark_jobs.session import class_archive, class_archive_options
+
+    assert class_archive(None) is None and class_archive_options(None) == ("", None)
+    auto = class_archive("auto")
+    assert auto.endswith(".jsa") and str(os.getuid()) in auto
+    assert class_archive("auto") == auto          # stable for one pyspark + java
+
+    path = str(tmp_path / "cds" / "spark.jsa")
+    options, dump = class_archive_options(path)   # none yet: this run dumps into a file of its own
+    assert f"-XX:ArchiveClassesAtExit={dump}" in options
+    assert dump != path and dump.startswith(path) and (tmp_path / "cds").is_dir()
+    Path(path).write_bytes(b"archive")            # (as promote_class_archive leaves it)
+    options, dump = class_archive_options(path)
+    assert f"-XX:SharedArchiveFile={path}" in options and dump is None
+    Path(path).write_bytes(b"")                   # an empty file is not an archive: dump again
+    assert class_archive_options(path)[1] is not None
+
+
+def test_class_archive_dump_is_moved_into_place_after_the_jvm_exits(tmp_path, monkeypatch):
+    """promote_class_archive with a stand-in for the gateway JVM: EOF on its stdin makes it write
+    its dump and exit, as pyspark's gateway does; only then is the dump renamed to the archive."""
+    import subprocess
+
+    from pyspark import SparkContext
+
+    from spark_jobs.session import promote_class_archive
+
+    path, dump = tmp_path / "spark.jsa", tmp_path / "spark.jsa.123.tmp"
+    jvm = subprocess.Popen(["sh", "-c", f"cat >/dev/null; sleep 0.2; printf archive > {dump}"],
+                           stdin=subprocess.PIPE)
+
+    class Gateway:
+        proc = jvm
+
+    monkeypatch.setattr(SparkContext, "_gateway", Gateway, raising=False)
+    monkeypatch.setattr(SparkContext, "_active_spark_context", None, raising=False)
+    assert not path.exists()
+    assert promote_class_archive(str(dump), str(path), timeout=10)
+    assert path.read_bytes() == b"archive" and not dump.exists()
+
+    failed = subprocess.Popen(["sh", "-c", f"cat >/dev/null; printf half > {dump}; exit 1"], stdin=subprocess.PIPE)
+    Gateway.proc = failed
+    path.unlink()
+    assert not promote_class_archive(str(dump), str(path), timeout=10)   # a JVM that failed: dump dropped
+    assert not path.exists() and not dump.exists()
