@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 from spark_jobs.config import Config
 
@@ -87,12 +88,24 @@ def class_archive_options(path: str | None) -> tuple[str, str | None]:
     quiet = "-Xlog:cds=off -Xlog:cds+dynamic=off"
     if os.path.isfile(path) and os.path.getsize(path) > 0:
         return f"-XX:SharedArchiveFile={path} {quiet}", None
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    now = time.time()
+    for name in os.listdir(folder):   # another run's dump: one at a time; a dead run's is removed
+        other = os.path.join(folder, name)
+        if name.startswith(os.path.basename(path) + ".") and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                if now - os.path.getmtime(other) < DUMP_WAIT_SECONDS:
+                    return "", None
+                os.remove(other)
     dump = f"{path}.{os.getpid()}.tmp"
     return f"-XX:ArchiveClassesAtExit={dump} {quiet}", dump
 
 
-def promote_class_archive(dump: str, path: str, timeout: float = 30.0) -> bool:
+DUMP_WAIT_SECONDS = 300.0   # the longest wait for the archive dump at exit (~25 s on 2 busy cores)
+
+
+def promote_class_archive(dump: str, path: str, timeout: float = DUMP_WAIT_SECONDS) -> bool:
     """At interpreter exit: end the driver JVM (EOF on its stdin is how pyspark's gateway is told to
     exit), wait for its archive dump, and move the dump into place. True when it was moved."""
     from pyspark import SparkContext
@@ -106,6 +119,11 @@ def promote_class_archive(dump: str, path: str, timeout: float = 30.0) -> bool:
         proc.stdin.close()
         proc.wait(timeout=timeout)
     except Exception:  # noqa: BLE001 - best effort at exit; the next run dumps again
+        with contextlib.suppress(Exception):
+            proc.kill()   # never leave a JVM writing a half archive behind
+            proc.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            os.remove(dump)
         return False
     if proc.returncode == 0 and os.path.isfile(dump) and os.path.getsize(dump) > 0:
         os.replace(dump, path)

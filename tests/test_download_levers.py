@@ -344,3 +344,16 @@ def test_class_archive_dump_is_moved_into_place_after_the_jvm_exits(tmp_path, mo
     path.unlink()
     assert not promote_class_archive(str(dump), str(path), timeout=10)   # a JVM that failed: dump dropped
     assert not path.exists() and not dump.exists()
+
+
+def test_one_dump_at_a_time_and_stale_dumps_removed(tmp_path):
+    from spark_jobs.session import DUMP_WAIT_SECONDS, class_archive_options
+
+    path = tmp_path / "spark.jsa"
+    other = tmp_path / "spark.jsa.999.tmp"
+    other.write_bytes(b"being written")
+    assert class_archive_options(str(path)) == ("", None)        # another process is dumping
+    old = time.time() - DUMP_WAIT_SECONDS - 5
+    os.utime(other, (old, old))                                  # ... and died long ago
+    options, dump = class_archive_options(str(path))
+    assert dump is not None and "ArchiveClassesAtExit" in options and not other.exists()
