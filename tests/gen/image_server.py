@@ -12,7 +12,7 @@ Generic API:
         srv.request_log()                                   # [(host, path)] in arrival order
     ImageServer(keep_alive=True)   # HTTP/1.1 persistent connections (default: HTTP/1.0, one per request)
         srv.connections_by_host()   # {host: distinct TCP connections that carried its requests}
-        srv.max_in_flight()         # {host: most requests it had in progress at once}
+        srv.max_in_flight()         # {host: most requests in progress at once (until the body starts)}
         srv.close_idle_connections()   # as a server's keep-alive timeout would
     srv.add_test_routes()  # the routes the download tests use (see TEST_ROUTES)
     srv.add_consent_routes()  # robots.txt / TDMRep hosts (see CONSENT_ROUTES)
@@ -162,11 +162,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 - http.server naming
         srv: ImageServer = self.server.owner  # type: ignore[attr-defined]
-        host = srv._enter(dict(self.headers.items()), self.client_address)
+        self._in_flight_host = srv._enter(dict(self.headers.items()), self.client_address)
         try:
             self._get(srv)
         finally:
-            srv._leave(host)
+            self._left()
+
+    def _left(self):
+        """The request stops counting as in flight (once): before its body is sent, so that the
+        interval lies inside the client's own (which ends after it read the body)."""
+        host, self._in_flight_host = getattr(self, "_in_flight_host", None), None
+        if host is not None:
+            self.server.owner._leave(host)  # type: ignore[attr-defined]
 
     def _get(self, srv: "ImageServer"):
         resp = srv._respond(self.path, dict(self.headers.items()))
@@ -185,6 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
             if resp.body_delay:
                 time.sleep(resp.body_delay)
             body = resp.body if resp.truncate_to is None else resp.body[:resp.truncate_to]
+            self._left()
             self.wfile.write(body)
             self.wfile.flush()
             srv._log_body(self.path, len(body))
@@ -295,7 +303,7 @@ class ImageServer:
         return {h: len(a) for h, a in seen.items()}
 
     def max_in_flight(self) -> dict[str, int]:
-        """Per host: the most requests in progress at once (latency and body included)."""
+        """Per host: the most requests in progress at once (from arrival until the body starts)."""
         with self._lock:
             return dict(self._max_in_flight)
 
