@@ -72,6 +72,12 @@ def validate_section(section: dict, storage_options: dict | None = None) -> None
     if not isinstance(section.get("blocked_phash_distance", 4), int) or not 0 <= section.get("blocked_phash_distance", 4) <= 32:
         raise ConfigError(f"download.blocked_phash_distance must be an integer 0..32, "
                           f"got {section.get('blocked_phash_distance')!r}")
+    for key in ("per_host_concurrency", "dns_cache_hosts"):
+        if not isinstance(section.get(key, 0), int) or section.get(key, 0) < 0:
+            raise ConfigError(f"download.{key} must be an integer >= 0, got {section.get(key)!r}")
+    for key in ("keep_alive_idle_seconds", "dns_cache_seconds", "dns_negative_cache_seconds"):
+        if not isinstance(section.get(key, 0), (int, float)) or section.get(key, 0) < 0:
+            raise ConfigError(f"download.{key} must be a number >= 0, got {section.get(key)!r}")
     for key in ("opt_out_list", "blocked_sha256", "blocked_phash"):
         if section.get(key) and not fsio.exists(section[key], storage_options):
             raise ConfigError(f"download.{key}: {section[key]} not found")

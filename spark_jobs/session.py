@@ -12,10 +12,15 @@ level, job descriptions) live here, behind `is_connect`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import hashlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import time
 
 from spark_jobs.config import Config
 
@@ -52,6 +57,80 @@ def lighten_numpy_converters() -> list[str]:
             cls.can_convert = replacement
             changed.append(name)
     return changed
+
+
+def class_archive(setting: str | None) -> str | None:
+    """The path of the driver JVM's class-data-sharing archive (`spark.class_archive`): None (off),
+    a path, or `auto`: one per user, pyspark version and java binary under the temp dir."""
+    if not setting:
+        return None
+    if setting != "auto":
+        return os.path.expanduser(str(setting))
+    import pyspark
+
+    java = os.path.realpath(shutil.which("java") or os.environ.get("JAVA_HOME", "java"))
+    tag = hashlib.sha1(f"{pyspark.__version__} {java}".encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"clipcrawl-cds-{os.getuid()}", f"spark-{tag}.jsa")
+
+
+def class_archive_options(path: str | None) -> tuple[str, str | None]:
+    """JVM options for AppCDS, and the file the JVM will dump to (None when it only reads).
+
+    A Spark driver JVM loads ~10,000 classes at start; mapping them from an archive instead of
+    parsing them from 280 jars is the start-up cost a short `clipcrawl <stage>` command pays.
+    The first run dumps its loaded classes at exit (JDK 13+ dynamic archive) into a file of its
+    own, which `promote_class_archive` renames into place once that JVM has exited, so a reader
+    never maps a half-written archive; later runs map it. A stale archive (another JDK or class
+    path) is refused by the JVM itself, silently, and the run proceeds without it.
+    """
+    if not path:
+        return "", None
+    quiet = "-Xlog:cds=off -Xlog:cds+dynamic=off"
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        return f"-XX:SharedArchiveFile={path} {quiet}", None
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    now = time.time()
+    for name in os.listdir(folder):   # another run's dump: one at a time; a dead run's is removed
+        other = os.path.join(folder, name)
+        if name.startswith(os.path.basename(path) + ".") and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                if now - os.path.getmtime(other) < DUMP_WAIT_SECONDS:
+                    return "", None
+                os.remove(other)
+    dump = f"{path}.{os.getpid()}.tmp"
+    return f"-XX:ArchiveClassesAtExit={dump} {quiet}", dump
+
+
+DUMP_WAIT_SECONDS = 300.0   # the longest wait for the archive dump at exit (~25 s on 2 busy cores)
+
+
+def promote_class_archive(dump: str, path: str, timeout: float = DUMP_WAIT_SECONDS) -> bool:
+    """At interpreter exit: end the driver JVM (EOF on its stdin is how pyspark's gateway is told to
+    exit), wait for its archive dump, and move the dump into place. True when it was moved."""
+    from pyspark import SparkContext
+
+    proc = getattr(getattr(SparkContext, "_gateway", None), "proc", None)
+    if proc is None:
+        return False
+    try:
+        if SparkContext._active_spark_context is not None:
+            SparkContext._active_spark_context.stop()
+        proc.stdin.close()
+        proc.wait(timeout=timeout)
+    except Exception:  # noqa: BLE001 - best effort at exit; the next run dumps again
+        with contextlib.suppress(Exception):
+            proc.kill()   # never leave a JVM writing a half archive behind
+            proc.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            os.remove(dump)
+        return False
+    if proc.returncode == 0 and os.path.isfile(dump) and os.path.getsize(dump) > 0:
+        os.replace(dump, path)
+        return True
+    with contextlib.suppress(OSError):
+        os.remove(dump)
+    return False
 
 
 def is_connect(spark) -> bool:
@@ -95,7 +174,15 @@ def get_spark(cfg: Config, app_name: str | None = None):
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
             os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     skipped = []
-    for key, value in (cfg.get("spark.conf") or {}).items():
+    conf = dict(cfg.get("spark.conf") or {})
+    archive, dump = None, None
+    if not remote and cfg.get("spark.master") and not os.environ.get("PYSPARK_GATEWAY_PORT"):
+        archive = class_archive(cfg.get("spark.class_archive"))   # this process starts the JVM
+        options, dump = class_archive_options(archive)
+        if options:
+            key = "spark.driver.extraJavaOptions"
+            conf[key] = f"{conf.get(key) or ''} {options}".strip()
+    for key, value in conf.items():
         if remote and not key.startswith("spark.sql."):
             skipped.append(key)   # static or application settings: the server's own
             continue
@@ -103,6 +190,8 @@ def get_spark(cfg: Config, app_name: str | None = None):
     if skipped:
         log.info("spark connect: %s left to the server (not session settings)", ", ".join(sorted(skipped)))
     spark = builder.getOrCreate()
+    if dump:
+        atexit.register(promote_class_archive, dump, archive)
     if is_connect(spark):
         # No log-level API over Connect: the server's log4j settings apply.
         log.info("spark connect session at %s (server version %s)", remote, spark.version)

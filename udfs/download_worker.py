@@ -235,6 +235,7 @@ class ShardJob:
                 self._copy_previous(carried, previous_tar, writer, records)
                 totals["copy"] += time.perf_counter() - t0
             self._fetch_all(shard, to_fetch, writer, records, totals)
+        self.fetcher.close()   # its idle keep-alive connections
         totals["write"] += writer.write_seconds
         records.sort(key=lambda r: r["key"])
         parquet_size = write_verified(fsio.join(self.output, name + ".parquet"), _parquet_bytes(records),

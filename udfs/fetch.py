@@ -13,7 +13,17 @@ What img2dataset users fight with, handled here:
   `Retry-After` header (seconds or HTTP date) up to `backoff_max`; a longer Retry-After is not
   waited for: the row fails as retryable, for a later `--retry-failed` run;
 - a per-domain concurrency cap shared by all threads of a fetcher (one shard), released while a
-  thread sleeps in backoff;
+  thread sleeps in backoff, and a per-host cap shared by all threads of ALL processes of the
+  machine (`download.per_host_concurrency`, `udfs.host_slots`: Spark runs one Python worker
+  process per task slot, so a per-process cap would still multiply by the cores);
+- keep-alive: idle connections are kept per (scheme, host, port, vetted address) and reused by the
+  next request to the same host, so a shard opens a handful of TCP/TLS connections per host, not
+  one per image. A connection is reused only for the very address the guard vetted on this hop
+  (a redirect to another host or address gets its own), only after its response was read to the
+  end (small error and redirect bodies are drained; an opted-out body is never read, so that
+  connection is closed), and a reused connection the server had closed is retried once on a
+  fresh one (GET is idempotent);
+- a per-process DNS cache of the guard's vetted answers (`udfs.address_guard.DnsCache`);
 - connect and read timeouts plus a total deadline (a server dripping one byte per second does not
   hold a thread forever) and a cap on body bytes (Content-Length checked first).
 
@@ -34,7 +44,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
-from udfs.address_guard import AddressGuard, BlockedAddress, ResolveError
+from udfs.address_guard import AddressGuard, BlockedAddress, ResolveError, worker_dns_cache
+from udfs.host_slots import HostSlots
 
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 RETRYABLE_HTTP = (408, 425, 429, 500, 502, 503, 504)
@@ -58,6 +69,13 @@ class FetchConfig:
     opt_out_values: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     allowed_content_types: tuple[str, ...] = ("image/",)
     allowed_cidrs: str = ""
+    per_host_concurrency: int = 0      # machine-wide, all processes (udfs.host_slots); 0: no cap
+    host_slots_dir: str | None = None  # the lock files' folder (None: one per machine in the temp dir)
+    keep_alive: bool = True
+    keep_alive_idle_seconds: float = 4.0   # an idle connection older than this is closed, not reused
+    dns_cache_hosts: int = 4096        # per Python worker; 0: resolve every hop
+    dns_cache_seconds: float = 300.0
+    dns_negative_cache_seconds: float = 30.0
 
     @classmethod
     def from_section(cls, section: dict) -> "FetchConfig":
@@ -112,6 +130,69 @@ class _Failure(Exception):
 
 class _ResolveFailure(_Failure):
     """The host name does not resolve: nothing was connected to."""
+
+
+class _ConnectionPool:
+    """Idle keep-alive connections by (scheme, host, port, vetted ip); thread-safe. At most
+    `per_key` idle connections per key (a shard never has more in flight to one host than its
+    per-domain cap) and `total` overall; older than `idle_seconds` -> closed instead of reused."""
+
+    def __init__(self, per_key: int, idle_seconds: float, total: int = 256, clock=time.monotonic):
+        self.per_key, self.idle_seconds, self.total, self.clock = per_key, idle_seconds, total, clock
+        self._lock = threading.Lock()
+        self._idle: dict[tuple, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._count = 0
+        self.counts = {"opened": 0, "reused": 0, "stale_retried": 0}
+
+    def take(self, key: tuple):
+        stale = []
+        conn = None
+        with self._lock:
+            stack = self._idle.get(key)
+            now = self.clock()
+            while stack:
+                since, candidate = stack.pop()   # the most recently used: least likely closed
+                self._count -= 1
+                if now - since <= self.idle_seconds:
+                    conn = candidate
+                    break
+                stale.append(candidate)
+            if conn is not None:
+                self.counts["reused"] += 1
+        for c in stale:
+            c.close()
+        return conn
+
+    def give(self, key: tuple, conn) -> None:
+        with self._lock:
+            stack = self._idle.setdefault(key, [])
+            if len(stack) < self.per_key and self._count < self.total:
+                stack.append((self.clock(), conn))
+                self._count += 1
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle, self._count = self._idle, {}, 0
+        for stack in idle.values():
+            for _, conn in stack:
+                conn.close()
+
+
+def _drain(resp: http.client.HTTPResponse, limit: int = _CHUNK) -> bool:
+    """Read what is left of a small response body, so that its connection can carry the next
+    request; False when the connection cannot be reused (closing, chunked or a large body)."""
+    if resp.will_close:
+        return False
+    if not resp.isclosed():
+        if resp.length is None or resp.length > limit:
+            return False
+        try:
+            resp.read()
+        except (OSError, http.client.HTTPException):
+            return False
+    return resp.isclosed()
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
@@ -193,8 +274,18 @@ class Fetcher:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._domain_slots: dict[str, threading.BoundedSemaphore] = {}
+        self.guard.cache = worker_dns_cache(config.dns_cache_hosts, config.dns_cache_seconds,
+                                            config.dns_negative_cache_seconds)
+        self.host_slots = HostSlots(config.per_host_concurrency, config.host_slots_dir)
+        per_key = config.per_domain_concurrency if config.per_domain_concurrency > 0 else 32
+        self.pool = _ConnectionPool(per_key, config.keep_alive_idle_seconds) if config.keep_alive else None
         self._ssl = ssl.create_default_context()
         self.agent_token = (config.user_agent.split("/", 1)[0].split()[0] if config.user_agent else "").lower()
+
+    def close(self) -> None:
+        """Close the idle keep-alive connections (the fetcher stays usable)."""
+        if self.pool is not None:
+            self.pool.close()
 
     @contextmanager
     def _domain_slot(self, host: str):
@@ -336,17 +427,40 @@ class Fetcher:
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        with self._domain_slot(host):
-            if scheme == "https":
-                conn = _PinnedHTTPSConnection(host, port, ip, cfg.connect_timeout, cfg.read_timeout, self._ssl)
-            else:
-                conn = _PinnedHTTPConnection(host, port, ip, cfg.connect_timeout, cfg.read_timeout)
+        headers = {"User-Agent": cfg.user_agent, "Accept": accept, "Accept-Encoding": "identity"}
+        if self.pool is None:
+            headers["Connection"] = "close"
+        key = (scheme, host, port, ip)   # a pooled connection goes to this vetted address only
+        with self._domain_slot(host), self.host_slots.slot(host):
+            conn = self.pool.take(key) if self.pool is not None else None
+            reused = conn is not None
+            resp = None
+            keep = False
             try:
-                conn.request("GET", path, headers={
-                    "User-Agent": cfg.user_agent, "Accept": accept,
-                    "Accept-Encoding": "identity", "Connection": "close"})
-                resp = conn.getresponse()
-                return (handle or self._handle)(resp, deadline)
+                if conn is None:
+                    conn = self._connect(scheme, host, port, ip)
+                try:
+                    conn.request("GET", path, headers=headers)
+                    resp = conn.getresponse()
+                except (ConnectionError, http.client.BadStatusLine):
+                    if not reused:
+                        raise
+                    # the server closed the idle connection before this request: once more, fresh
+                    conn.close()
+                    self.pool.counts["stale_retried"] += 1
+                    conn = self._connect(scheme, host, port, ip)
+                    conn.request("GET", path, headers=headers)
+                    resp = conn.getresponse()
+                try:
+                    got = (handle or self._handle)(resp, deadline)
+                except _Failure as f:
+                    # an error status's small body is drained for reuse; opted-out, wrong-type or
+                    # too-large bodies are never read: their connection is closed
+                    keep = (self.pool is not None and f.status == "failed_to_download"
+                            and f.http_status is not None and f.http_status != 200 and _drain(resp))
+                    raise
+                keep = self.pool is not None and _drain(resp)
+                return got
             except _Failure:
                 raise
             except (socket.timeout, TimeoutError) as exc:
@@ -354,7 +468,19 @@ class Fetcher:
             except (http.client.HTTPException, OSError, ssl.SSLError) as exc:
                 raise _Failure("failed_to_download", f"{type(exc).__name__}: {exc}", True) from exc
             finally:
-                conn.close()
+                if conn is not None:
+                    if keep:
+                        self.pool.give(key, conn)
+                    else:
+                        conn.close()
+
+    def _connect(self, scheme: str, host: str, port: int, ip: str) -> http.client.HTTPConnection:
+        cfg = self.config
+        if self.pool is not None:
+            self.pool.counts["opened"] += 1
+        if scheme == "https":
+            return _PinnedHTTPSConnection(host, port, ip, cfg.connect_timeout, cfg.read_timeout, self._ssl)
+        return _PinnedHTTPConnection(host, port, ip, cfg.connect_timeout, cfg.read_timeout)
 
     def _handle(self, resp: http.client.HTTPResponse, deadline: float):
         cfg = self.config

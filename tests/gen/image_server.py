@@ -10,6 +10,10 @@ Generic API:
         srv.requests                                        # log of (path, headers) seen
         srv.add("/robots.txt", b"...", "text/plain", host="a.test")   # only for Host: a.test
         srv.request_log()                                   # [(host, path)] in arrival order
+    ImageServer(keep_alive=True)   # HTTP/1.1 persistent connections (default: HTTP/1.0, one per request)
+        srv.connections_by_host()   # {host: distinct TCP connections that carried its requests}
+        srv.max_in_flight()         # {host: most requests in progress at once (until the body starts)}
+        srv.close_idle_connections()   # as a server's keep-alive timeout would
     srv.add_test_routes()  # the routes the download tests use (see TEST_ROUTES)
     srv.add_consent_routes()  # robots.txt / TDMRep hosts (see CONSENT_ROUTES)
 
@@ -158,6 +162,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 - http.server naming
         srv: ImageServer = self.server.owner  # type: ignore[attr-defined]
+        self._in_flight_host = srv._enter(dict(self.headers.items()), self.client_address)
+        try:
+            self._get(srv)
+        finally:
+            self._left()
+
+    def _left(self):
+        """The request stops counting as in flight (once): before its body is sent, so that the
+        interval lies inside the client's own (which ends after it read the body)."""
+        host, self._in_flight_host = getattr(self, "_in_flight_host", None), None
+        if host is not None:
+            self.server.owner._leave(host)  # type: ignore[attr-defined]
+
+    def _get(self, srv: "ImageServer"):
         resp = srv._respond(self.path, dict(self.headers.items()))
         if resp.delay:
             time.sleep(resp.delay)
@@ -174,6 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
             if resp.body_delay:
                 time.sleep(resp.body_delay)
             body = resp.body if resp.truncate_to is None else resp.body[:resp.truncate_to]
+            self._left()
             self.wfile.write(body)
             self.wfile.flush()
             srv._log_body(self.path, len(body))
@@ -183,13 +202,31 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+class _KeepAliveHandler(_Handler):
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        self.server.owner._open_connection(self.connection)  # type: ignore[attr-defined]
+
+    def finish(self):
+        self.server.owner._close_connection(self.connection)  # type: ignore[attr-defined]
+        super().finish()
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024   # many concurrent clients in the bench; the default (5) drops SYNs
 
 
 class ImageServer:
-    def __init__(self, latency: tuple[float, float] | float = 0.0, failure_rate: float = 0.0, seed: int = 0):
+    def __init__(self, latency: tuple[float, float] | float = 0.0, failure_rate: float = 0.0, seed: int = 0,
+                 keep_alive: bool = False):
+        self.keep_alive = keep_alive
+        self.connection_log: list[tuple[str, tuple]] = []   # (host, client address) per request
+        self._in_flight: dict[str, int] = {}
+        self._max_in_flight: dict[str, int] = {}
+        self._open_sockets: set = set()
         self.latency = (latency, latency) if isinstance(latency, (int, float)) else tuple(latency)
         self.failure_rate = failure_rate
         self._rng = random.Random(seed)
@@ -203,7 +240,7 @@ class ImageServer:
 
     # --- lifecycle ---
     def start(self) -> "ImageServer":
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd = _Server(("127.0.0.1", 0), _KeepAliveHandler if self.keep_alive else _Handler)
         self._httpd.owner = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True, name="image-server")
@@ -256,6 +293,52 @@ class ImageServer:
     def requested(self, host: str | None = None, path: str | None = None) -> int:
         return sum(1 for h, p in self.request_log()
                    if (host is None or h == host) and (path is None or p == path))
+
+    def connections_by_host(self) -> dict[str, int]:
+        """Distinct client connections (client address and port) that carried each host's requests."""
+        with self._lock:
+            seen: dict[str, set] = {}
+            for host, addr in self.connection_log:
+                seen.setdefault(host, set()).add(addr)
+        return {h: len(a) for h, a in seen.items()}
+
+    def max_in_flight(self) -> dict[str, int]:
+        """Per host: the most requests in progress at once (from arrival until the body starts)."""
+        with self._lock:
+            return dict(self._max_in_flight)
+
+    def close_idle_connections(self) -> int:
+        """Shut every open keep-alive connection down (a server's idle timeout); returns how many."""
+        import socket as _socket
+
+        with self._lock:
+            socks = list(self._open_sockets)
+        for sock in socks:
+            try:
+                sock.shutdown(_socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(socks)
+
+    def _open_connection(self, sock) -> None:
+        with self._lock:
+            self._open_sockets.add(sock)
+
+    def _close_connection(self, sock) -> None:
+        with self._lock:
+            self._open_sockets.discard(sock)
+
+    def _enter(self, headers: dict, client_address) -> str:
+        host = self._host_of(headers)
+        with self._lock:
+            self.connection_log.append((host, tuple(client_address)))
+            n = self._in_flight[host] = self._in_flight.get(host, 0) + 1
+            self._max_in_flight[host] = max(self._max_in_flight.get(host, 0), n)
+        return host
+
+    def _leave(self, host: str) -> None:
+        with self._lock:
+            self._in_flight[host] -= 1
 
     def request_count(self, path: str | None = None) -> int:
         with self._lock:
