@@ -24,7 +24,6 @@ import pytest
 from demo.__main__ import PRESET
 from demo.sample import build_sample
 from tests.conftest import run_chain
-from tests.gen.image_server import ImageServer
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -38,9 +37,9 @@ TEST_OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def server():
-    with ImageServer() as srv:
-        yield srv
+def server(demo_server):
+    """The suite's one loopback image server (tests/conftest.py); this module's own sample lives on it."""
+    return demo_server
 
 
 @pytest.fixture(scope="module")
