@@ -270,7 +270,11 @@ def _plain_chunks(raw, log: ReadLog, chunk_size: int, head: bytes = b"") -> Iter
 # --- the record layer -----------------------------------------------------------------------------
 
 class _Buffer:
-    """Decompressed bytes with look-ahead: `ensure(n)` reads until `n` bytes follow `pos`."""
+    """Decompressed bytes with look-ahead: `ensure(n)` reads until `n` bytes follow `pos`.
+
+    Callers hold absolute indices into `buf` while they read one record, so consumed bytes are
+    dropped only where no index is held: `compact()` between records, and the pos-only moves
+    `discard` and `skip_to` (which stream past data in bounded memory)."""
 
     def __init__(self, chunks: Iterator[bytes]):
         self._chunks = chunks
@@ -284,16 +288,21 @@ class _Buffer:
             self._more()
         return len(self.buf) - self.pos >= n
 
-    def _more(self) -> None:
+    def _more(self, compact: bool = False) -> None:
         chunk = next(self._chunks, None)
         if chunk is None:
             self.eof = True
         else:
-            if self.pos > (1 << 20):          # drop consumed bytes now and then
-                del self.buf[:self.pos]
-                self.base += self.pos
-                self.pos = 0
+            if compact:
+                self.compact()
             self.buf += chunk
+
+    def compact(self) -> None:
+        """Drop consumed bytes now and then; only where the caller holds no index into `buf`."""
+        if self.pos > (1 << 20):
+            del self.buf[:self.pos]
+            self.base += self.pos
+            self.pos = 0
 
     def find(self, pattern: re.Pattern, start: int, limit: int) -> int:
         """Absolute index in buf of `pattern` at or after `start`, reading up to `limit` more bytes."""
@@ -317,7 +326,7 @@ class _Buffer:
             if avail <= 0:
                 if self.eof:
                     return n
-                self._more()
+                self._more(compact=True)
                 continue
             take = min(avail, n)
             self.pos += take
@@ -342,7 +351,7 @@ class _Buffer:
                 skipped += keep
                 self.pos = len(self.buf)
                 return skipped
-            self._more()
+            self._more(compact=True)
 
 
 def open_chunks(raw, log: ReadLog, chunk_size: int, offset: int = 0) -> Iterator[bytes]:
@@ -415,6 +424,7 @@ def _skip_blank(b: _Buffer) -> None:
 
 def _next_warc_record(b: _Buffer, wanted: frozenset, log: ReadLog) -> Record | None:
     while True:
+        b.compact()
         _skip_blank(b)
         if not b.ensure(8):
             if len(b.buf) > b.pos:
@@ -597,6 +607,7 @@ def _arc_records(b: _Buffer, wanted: frozenset, log: ReadLog, skip: int) -> Iter
     """ARC v1/v2: a header line `URL IP DATE MIME [...] LENGTH`, LF, LENGTH bytes, LF."""
     n = 0
     while True:
+        b.compact()
         _skip_blank(b)
         if not b.ensure(1):
             return
