@@ -34,7 +34,6 @@ import re
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields
-from itertools import compress, repeat
 from typing import Any, Iterator, NamedTuple
 
 from udfs import alt_text, ids, page_opt_out, urls, warc_records
@@ -47,6 +46,11 @@ try:  # orjson is a hard requirement in requirements.txt; the fallback keeps udf
 except ImportError:  # pragma: no cover - exercised only without orjson
     _loads = json.loads
     _JSONError = (ValueError,)
+
+try:  # msgspec: the typed fast path of wat_links (without it, the orjson path does it all)
+    import msgspec
+except ImportError:  # pragma: no cover
+    msgspec = None
 
 READERS = ("warcio", "fastwarc", "tolerant")
 FORMATS = ("wat", "warc")
@@ -494,8 +498,97 @@ def parse_json_payload(payload: bytes) -> tuple[Any, bool]:
         raise
 
 
+# The typed fast path of wat_links (msgspec): the JSON is checked in full, as with orjson, but
+# only the fields read below become Python objects (for a page's ~100 anchor links: the path,
+# url and alt strings, no dict, no "text"). Any payload that does not fit these types exactly
+# (a value of another type, a link that is not an object, a non-UTF-8 or unparsable payload)
+# falls back to the orjson path, which gives the rows and messages for such records.
+if msgspec is not None:
+    class _Link(msgspec.Struct, gc=False):
+        path: "str | None" = None
+        url: Any = None
+        alt: Any = None
+
+    class _Head(msgspec.Struct):
+        Metas: Any = None
+
+    class _Html(msgspec.Struct):
+        Links: "list[_Link]" = []
+        Head: "_Head | None" = None
+
+    class _Response(msgspec.Struct, rename={"html": "HTML-Metadata"}):
+        html: "_Html | None" = None
+
+    class _PayloadMeta(msgspec.Struct, rename={"response": "HTTP-Response-Metadata"}):
+        response: "_Response | None" = None
+
+    class _WarcHeader(msgspec.Struct, rename={"target": "WARC-Target-URI"}):
+        target: Any = None
+
+    class _Envelope(msgspec.Struct, rename={"header": "WARC-Header-Metadata",
+                                            "meta": "Payload-Metadata"}):
+        header: "_WarcHeader | None" = None
+        meta: "_PayloadMeta | None" = None
+
+    class _Doc(msgspec.Struct):
+        Envelope: "_Envelope | None" = None
+
+    _typed_decode = msgspec.json.Decoder(_Doc).decode
+    _TypedErrors: tuple = (msgspec.DecodeError, msgspec.ValidationError, RecursionError,
+                           UnicodeDecodeError)
+else:  # pragma: no cover - exercised only without msgspec
+    _typed_decode = None
+
+
+def _wat_links_typed(payload: bytes, target_uri: str | None) -> RecordLinks | None:
+    """wat_links for a payload of the usual shape, else None (then the orjson path decides)."""
+    try:
+        if not payload.isascii():
+            payload.decode("utf-8")   # the typed decoder does not check strings it skips
+        doc = _typed_decode(payload)
+    except _TypedErrors:
+        return None
+    envelope = doc.Envelope
+    if envelope is None:
+        return None
+    header = envelope.header
+    page_url = (header.target if header is not None else None) or target_uri
+    meta = envelope.meta
+    response = meta.response if meta is not None else None
+    html = response.html if response is not None else None
+    if html is None:
+        return RecordLinks("not_html", "", page_url, None, [], False)
+    base = None
+    found = []
+    for link in [lk for lk in html.Links if lk.path in _WANTED_PATHS]:
+        url = link.url
+        if link.path == IMG_PATH:
+            alt = link.alt
+            found.append((url if url is None or isinstance(url, str) else str(url),
+                          alt if alt is None or isinstance(alt, str) else str(alt)))
+        elif base is None and isinstance(url, str):
+            base = url
+    if page_url is None and found:
+        return RecordLinks("missing_fields", "record has image links but no WARC-Target-URI",
+                           None, base, found, False)
+    head = html.Head
+    return RecordLinks("links", "", page_url, base, found, False,
+                       page_opt_out.from_wat_head({"Metas": head.Metas} if head is not None
+                                                  else None) if found else None)
+
+
 def wat_links(payload: bytes, target_uri: str | None = None) -> RecordLinks:
     """The image links of one WAT metadata record's JSON payload."""
+    if _typed_decode is not None:
+        found = _wat_links_typed(payload, target_uri)
+        if found is not None:
+            return found
+    return wat_links_untyped(payload, target_uri)
+
+
+def wat_links_untyped(payload: bytes, target_uri: str | None = None) -> RecordLinks:
+    """wat_links with orjson (json for non-UTF-8 payloads): every shape of payload, and the
+    reference the typed path is tested against."""
     try:
         doc, non_utf8 = parse_json_payload(payload)
     except (ValueError, UnicodeError) as exc:
@@ -516,12 +609,10 @@ def wat_links(payload: bytes, target_uri: str | None = None) -> RecordLinks:
     if not isinstance(links, list):
         return RecordLinks("missing_fields", "HTML-Metadata.Links is not a list", page_url,
                            None, [], non_utf8)
-    # One pass at C speed (no Python bytecode per link) keeps the few links that matter: a page
-    # has ~100 A@/href links per image, so this list is ~15x longer than the one we keep.
+    # One quick pass keeps the few links that matter (a page has ~100 A@/href links per image).
     try:
-        wanted = list(compress(links, map(_WANTED_PATHS.__contains__,
-                                          map(dict.get, links, repeat("path")))))
-    except TypeError:  # a link that is not an object, or a path that is not a string
+        wanted = [lk for lk in links if lk.get("path") in _WANTED_PATHS]
+    except (AttributeError, TypeError):  # a link that is not an object, or a path that is not a string
         wanted = [lk for lk in links if isinstance(lk, dict) and isinstance(lk.get("path"), str)
                   and lk["path"] in _WANTED_PATHS]
     base = None
