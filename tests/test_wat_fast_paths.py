@@ -158,6 +158,11 @@ ODD_PAYLOADS = [
     orjson.dumps(_doc([IMG, {"path": "__base__", "url": "https://cdn.example.org/"},
                        {"path": "__base__", "url": "https://other.example.org/"}])),
     orjson.dumps(_doc([{"path": "IMG@/src", "url": 12, "alt": 3.5}, {"path": "IMG@/src"}])),
+    orjson.dumps(_doc([IMG, {"path": "IMG@/src", "url": "/b.png", "alt": ["x"]}])),
+    b'{"Envelope": {"Payload-Metadata": {"HTTP-Response-Metadata": {"HTML-Metadata": {"Links": ['
+    b'{"path": "IMG@/src", "url": 123456789012345678901234567890, "alt": 1e308}]}}}}}',
+    b'{"Envelope": {"WARC-Header-Metadata": {"WARC-Target-URI": 123456789012345678901234567890}, '
+    b'"Payload-Metadata": {"HTTP-Response-Metadata": {"HTML-Metadata": {"Links": []}}}}}',
     orjson.dumps(_doc([IMG, 7, "text", None])),                     # links that are not objects
     orjson.dumps(_doc([IMG, {"path": ["IMG@/src"]}, {"path": 5}])),  # paths that are not strings
     orjson.dumps(_doc({"path": "IMG@/src"})),                       # Links not a list

@@ -555,6 +555,8 @@ def _wat_links_typed(payload: bytes, target_uri: str | None) -> RecordLinks | No
         return None
     header = envelope.header
     page_url = (header.target if header is not None else None) or target_uri
+    if page_url is not None and not isinstance(page_url, str):
+        return None   # numbers: msgspec and orjson read big integers differently
     meta = envelope.meta
     response = meta.response if meta is not None else None
     html = response.html if response is not None else None
@@ -566,8 +568,9 @@ def _wat_links_typed(payload: bytes, target_uri: str | None) -> RecordLinks | No
         url = link.url
         if link.path == IMG_PATH:
             alt = link.alt
-            found.append((url if url is None or isinstance(url, str) else str(url),
-                          alt if alt is None or isinstance(alt, str) else str(alt)))
+            if not ((url is None or isinstance(url, str)) and (alt is None or isinstance(alt, str))):
+                return None   # a number or object where a string belongs: the orjson path's str()
+            found.append((url, alt))
         elif base is None and isinstance(url, str):
             base = url
     if page_url is None and found:
