@@ -505,6 +505,8 @@ def parse_json_payload(payload: bytes) -> tuple[Any, bool]:
 # url and alt strings, no dict, no "text"). Any payload that does not fit these types exactly
 # (a value of another type, a link that is not an object, a non-UTF-8 or unparsable payload)
 # falls back to the orjson path, which gives the rows and messages for such records.
+# One known difference: a number beyond float range (`1e400`) in a field not read makes orjson
+# reject the payload (invalid_json) while the typed path reads the record (json.loads, too).
 if msgspec is not None:
     class _Link(msgspec.Struct, gc=False):
         path: "str | None" = None
