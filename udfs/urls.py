@@ -111,6 +111,8 @@ def resolve_and_normalize(raw: str | None, page_url: str | None, base_href: str 
 # this, and skipping urllib for them is the single largest saving of the WAT parser (bench_wat).
 _CANONICAL = re.compile(r"(https?)://([a-z0-9.-]+)((?:/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*)?)"
                         r"((?:\?[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*)?)")
+# For callers that inline Resolver.absolute's first fast path (udfs.wat's per-link loop).
+canonical_match = _CANONICAL.fullmatch
 _PLAIN_REF = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=@%/]*")  # no ':' '?' '#' '\' or spaces
 
 
@@ -129,7 +131,8 @@ class Resolver:
         self.page_url = page_url
         self.base_href = base_href
         self.schemes = tuple(schemes)
-        self._fast_ok = set(self.schemes) <= {"http", "https"}
+        # the string fast paths below keep http(s) URLs: right only when both schemes are allowed
+        self._fast_ok = {"http", "https"} <= set(self.schemes)
         base = page_url or ""
         if base_href:
             try:
