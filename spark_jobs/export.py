@@ -51,6 +51,7 @@ from udfs import export_shards, fsio  # noqa: E402
 NAME = "export"
 HELP = "write a subset as shuffled webdataset (or parquet) shards that open_clip and Hugging Face read"
 MANIFEST_DIR = "manifest"
+LOCATED_DIR = "_located"   # job 1's output, read by job 2, removed after it
 FINAL_FILES = ("sizes.json", "_info.json")
 
 log = logging.getLogger(__name__)
@@ -201,28 +202,39 @@ def row_count_hint(spark, path: str, limit: int | None, storage_options) -> int:
     return rows if limit is None else min(rows, limit)
 
 
+LOCATED_FIELDS = (("ext", "string"), ("offset", "bigint"), ("size", "bigint"), ("error_message", "string"))
+PLACED_FIELDS = (("shard", "int"), ("_bidx", "bigint"), ("_offset", "bigint"))
+
+
 def _with_fields(schema, extra):
     from pyspark.sql import types as T
 
-    return T.StructType([*schema.fields, *(T.StructField(n, t) for n, t in extra)])
+    types = {"string": T.StringType(), "bigint": T.LongType(), "int": T.IntegerType()}
+    return T.StructType([*schema.fields, *(T.StructField(n, types[t]) for n, t in extra)])
 
 
-def count_buckets(spark, df, bucket_cols: list[str], storage_options):
-    """Job 1: each source tar's rows looked up in its member table (one task group per tar), then
-    found / missing rows per bucket. Returns [(bucket key, found, missing)]."""
+def locate_rows(spark, df, bucket_cols: list[str], located_dir: str, storage_options):
+    """Job 1: the rows of each source tar go to one task group, which reads the tar's member table,
+    looks the rows up in it, writes them with their image's byte range to located_dir (one file
+    per tar, read by job 2: no second read of the tar headers) and returns the found / missing
+    rows per bucket. Returns [(bucket key, found, missing)] summed over the tars."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    def count_group(table):
-        from udfs.export_shards import bucket_counts, locate
+    def locate_group(table):
+        from udfs import fsio as io_
+        from udfs.export_shards import bucket_counts, locate, located_name, parquet_bytes, write_file
 
-        return bucket_counts(locate(table, storage_options), bucket_cols)
+        located = locate(table, storage_options)
+        tar = table.column("tar_path")[0].as_py()
+        write_file(io_.join(located_dir, located_name(tar)), parquet_bytes(located), storage_options)
+        return bucket_counts(located, bucket_cols)
 
     types = {f.name: f.dataType for f in df.schema.fields}
     out = T.StructType([*(T.StructField(c, types[c]) for c in bucket_cols),
                         T.StructField("found", T.LongType()), T.StructField("missing", T.LongType())])
-    rows = (df.select("tar_path", "key", *bucket_cols).repartition(_partitions(spark), "tar_path")
-            .groupBy("tar_path").applyInArrow(count_group, out)
+    rows = (df.repartition(_partitions(spark), "tar_path")
+            .groupBy("tar_path").applyInArrow(locate_group, out)
             .groupBy(*bucket_cols).agg(F.sum("found").alias("found"), F.sum("missing").alias("missing"))
             .collect())
     return [(tuple(r[c] for c in bucket_cols), int(r["found"]), int(r["missing"])) for r in rows]
@@ -238,31 +250,29 @@ def _result_schema():
                          T.StructField("listed", T.StringType())])
 
 
-def write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, worker_settings) -> list[dict]:
-    """Job 2: rows looked up in their tar again (one group per tar) and placed, then one group per
-    shard ranks its buckets' rows, writes the shard and its marker, and its manifest/ part. The
-    rows without their image form one more group (shard null): their manifest part, and the first
+def write_shards(spark, located, bucket_cols, within, buckets, num_shards, output, worker_settings) -> list[dict]:
+    """Job 2: the located rows (job 1's files) placed batch by batch, then one group per shard
+    ranks its buckets' rows, writes the shard and its marker, and its manifest/ part. The rows
+    without their image form one more group (shard null): their manifest part, and the first
     export.max_listed_missing of them for the stats."""
     import json
 
     so, shard_size, fmt = worker_settings["storage_options"], worker_settings["shard_size"], worker_settings["format"]
-    located_fields = [("ext", "string"), ("offset", "bigint"), ("size", "bigint"), ("error_message", "string"),
-                      ("shard", "int"), ("_bidx", "bigint"), ("_offset", "bigint")]
-    from pyspark.sql import types as T
+    placed_schema = _with_fields(located.schema, PLACED_FIELDS)
 
-    spark_types = {"string": T.StringType(), "bigint": T.LongType(), "int": T.IntegerType()}
-    placed_schema = _with_fields(df.schema, [(n, spark_types[t]) for n, t in located_fields])
+    def place_batches(batches):
+        import pyarrow as pa
 
-    def place_group(table):
-        from udfs.export_shards import locate, place
+        from udfs.export_shards import place
 
-        return place(locate(table, so), bucket_cols, buckets, shard_size)
+        for batch in batches:
+            yield from place(pa.Table.from_batches([batch]), bucket_cols, buckets, shard_size).to_batches()
 
     def write_group(table):
         import pyarrow as pa
 
         from udfs import fsio as io_
-        from udfs.export_shards import manifest_part, shard_rows, write_shard
+        from udfs.export_shards import manifest_part, shard_rows, write_file, write_shard
 
         arrow = pa.schema([("shard", pa.int32()), ("file", pa.string()), ("samples", pa.int64()),
                            ("bytes", pa.int64()), ("image_bytes", pa.int64()), ("status", pa.string()),
@@ -270,7 +280,7 @@ def write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, wo
         shard = table.column("shard")[0].as_py()
         part = io_.join(output, MANIFEST_DIR)
         if shard is None:   # the rows without their image
-            io_.write_bytes_atomic(io_.join(part, "part-missing.parquet"), manifest_part(table, None, fmt), so)
+            write_file(io_.join(part, "part-missing.parquet"), manifest_part(table, None, fmt), so)
             listed = (table.select(["key", "SAMPLE_ID", "tar_path", "error_message"])
                       .sort_by([("tar_path", "ascending"), ("key", "ascending")])
                       .slice(0, worker_settings["max_listed_missing"]).to_pylist())
@@ -279,14 +289,13 @@ def write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, wo
         else:
             rows = shard_rows(table, shard, shard_size, within)
             res = write_shard(output, shard, rows, worker_settings)
-            io_.write_bytes_atomic(io_.join(part, f"part-{shard:05d}.parquet"), manifest_part(rows, shard, fmt), so)
+            write_file(io_.join(part, f"part-{shard:05d}.parquet"), manifest_part(rows, shard, fmt), so)
             res.update(missing=0, listed=None)
         return pa.Table.from_pylist([res], schema=arrow)
 
-    parts = _partitions(spark)
-    return [r.asDict() for r in df.repartition(parts, "tar_path").groupBy("tar_path")
-            .applyInArrow(place_group, placed_schema)
-            .repartition(max(1, min(parts, num_shards + 1)), "shard").groupBy("shard")
+    parts = max(1, min(_partitions(spark), num_shards + 1))
+    return [r.asDict() for r in located.mapInArrow(place_batches, placed_schema)
+            .repartition(parts, "shard").groupBy("shard")
             .applyInArrow(write_group, _result_schema()).collect()]
 
 
@@ -344,12 +353,14 @@ def run(spark, cfg, args) -> dict:
         _remove(name, so)
     manifest_path = fsio.join(output, MANIFEST_DIR)
     fs, out_path = fsio.filesystem(output, so)
-    if fs.exists(fsio.filesystem(manifest_path, so)[1]):
-        fs.rm(fsio.filesystem(manifest_path, so)[1], recursive=True)   # rewritten whole below, resumed or not
     fs.makedirs(out_path, exist_ok=True)
 
+    located_dir = fsio.join(output, LOCATED_DIR)
+    for folder in (manifest_path, located_dir):   # both rewritten whole below, resumed or not
+        if fs.exists(fsio.filesystem(folder, so)[1]):
+            fs.rm(fsio.filesystem(folder, so)[1], recursive=True)
     with timer.phase("plan"):
-        counts = count_buckets(spark, df, bucket_cols, so)
+        counts = locate_rows(spark, df, bucket_cols, located_dir, so)
         buckets = export_shards.bucket_offsets([(key, found) for key, found, _ in counts])
         total = sum(found for _, found, _ in counts)
         missing_planned = sum(missing for _, _, missing in counts)
@@ -365,8 +376,11 @@ def run(spark, cfg, args) -> dict:
     worker_settings = {"format": fmt, "plan": plan, "read_chunk": settings["read_chunk"], "storage_options": so,
                        "shard_size": shard_size, "max_listed_missing": settings["max_listed_missing"]}
     with timer.phase("write_shards"):
-        results = (write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, worker_settings)
+        located = spark.read.schema(_with_fields(df.schema, LOCATED_FIELDS)).parquet(located_dir) if selected_rows else None
+        results = (write_shards(spark, located, bucket_cols, within, buckets, num_shards, output, worker_settings)
                    if selected_rows else [])
+        if fs.exists(fsio.filesystem(located_dir, so)[1]):
+            fs.rm(fsio.filesystem(located_dir, so)[1], recursive=True)
     with timer.phase("stats"):
         if not selected_rows:   # an empty manifest of the declared schema
             datasets.write_dataset(spark.createDataFrame([], EXPORT_MANIFEST.schema), manifest_path, EXPORT_MANIFEST)
@@ -401,6 +415,9 @@ def run(spark, cfg, args) -> dict:
         "shards": num_shards, "shards_written": sum(1 for r in shards if r["status"] == "written"),
         "shards_skipped": sum(1 for r in shards if r["status"] == "skipped"),
         "bytes": sum(int(r["bytes"]) for r in shards), "image_bytes": sum(int(r["image_bytes"]) for r in shards),
+        # time inside the shard tasks' write_shard (copies, fsyncs, markers), summed over the tasks:
+        # against write_shards' wall time it shows what the Spark job adds
+        "shard_task_seconds": round(sum(float(r["seconds"]) for r in shards), 3),
         "stale_files_removed": stale, "plan": plan, **timer.summary(),
     }
     datasets.write_stats(output, NAME, stats, storage_options=so)
