@@ -227,7 +227,8 @@ def locate_rows(spark, df, bucket_cols: list[str], located_dir: str, storage_opt
 
         located = locate(table, storage_options)
         tar = table.column("tar_path")[0].as_py()
-        write_file(io_.join(located_dir, located_name(tar)), parquet_bytes(located), storage_options)
+        # uncompressed: read once, by job 2, then deleted
+        write_file(io_.join(located_dir, located_name(tar)), parquet_bytes(located, "none"), storage_options)
         return bucket_counts(located, bucket_cols)
 
     types = {f.name: f.dataType for f in df.schema.fields}
@@ -376,9 +377,14 @@ def run(spark, cfg, args) -> dict:
     worker_settings = {"format": fmt, "plan": plan, "read_chunk": settings["read_chunk"], "storage_options": so,
                        "shard_size": shard_size, "max_listed_missing": settings["max_listed_missing"]}
     with timer.phase("write_shards"):
-        located = spark.read.schema(_with_fields(df.schema, LOCATED_FIELDS)).parquet(located_dir) if selected_rows else None
-        results = (write_shards(spark, located, bucket_cols, within, buckets, num_shards, output, worker_settings)
-                   if selected_rows else [])
+        results = []
+        if selected_rows:   # job 1's files, named one by one (Spark skips a folder whose name starts with _)
+            located_fs, located_root = fsio.filesystem(located_dir, so)
+            files = sorted(f for f in located_fs.ls(located_root, detail=False) if f.endswith(".parquet")
+                           and not f.rsplit("/", 1)[-1].startswith("."))
+            files = [located_dir.rstrip("/") + "/" + f.rsplit("/", 1)[-1] for f in files]
+            located = spark.read.schema(_with_fields(df.schema, LOCATED_FIELDS)).parquet(*files)
+            results = write_shards(spark, located, bucket_cols, within, buckets, num_shards, output, worker_settings)
         if fs.exists(fsio.filesystem(located_dir, so)[1]):
             fs.rm(fsio.filesystem(located_dir, so)[1], recursive=True)
     with timer.phase("stats"):
