@@ -257,6 +257,12 @@ def test_missing_image_is_counted_and_listed(spark, chain, tmp_path):
     assert "not found" in listed[gone_tar["key"]]
     manifest = {m["key"]: m for m in pq.read_table(str(tmp_path / "out" / "manifest")).to_pylist()}
     assert manifest[gone_key["key"]]["status"] == "missing_image" and manifest[gone_key["key"]]["shard"] is None
+    # the parts the shard tasks wrote are the declared dataset, as Spark reads it
+    from spark_jobs import datasets
+    from spark_jobs.schemas import EXPORT_MANIFEST
+
+    read = datasets.read_dataset(spark, str(tmp_path / "out" / "manifest"), EXPORT_MANIFEST)
+    assert read.count() == len(rows) + 2 and read.where("status = 'success' AND shard IS NOT NULL").count() == len(rows)
     assert len(read_export(tmp_path / "out")) == len(rows)
 
 
