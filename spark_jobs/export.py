@@ -51,7 +51,8 @@ from udfs import export_shards, fsio  # noqa: E402
 NAME = "export"
 HELP = "write a subset as shuffled webdataset (or parquet) shards that open_clip and Hugging Face read"
 MANIFEST_DIR = "manifest"
-LOCATED_DIR = "_located"   # job 1's output, read by job 2, removed after it
+# job 1's output, read by job 2, removed after it (not _-named: Spark would skip the folder)
+LOCATED_DIR = "located.tmp"
 FINAL_FILES = ("sizes.json", "_info.json")
 
 log = logging.getLogger(__name__)
@@ -378,12 +379,8 @@ def run(spark, cfg, args) -> dict:
                        "shard_size": shard_size, "max_listed_missing": settings["max_listed_missing"]}
     with timer.phase("write_shards"):
         results = []
-        if selected_rows:   # job 1's files, named one by one (Spark skips a folder whose name starts with _)
-            located_fs, located_root = fsio.filesystem(located_dir, so)
-            files = sorted(f for f in located_fs.ls(located_root, detail=False) if f.endswith(".parquet")
-                           and not f.rsplit("/", 1)[-1].startswith("."))
-            files = [located_dir.rstrip("/") + "/" + f.rsplit("/", 1)[-1] for f in files]
-            located = spark.read.schema(_with_fields(df.schema, LOCATED_FIELDS)).parquet(*files)
+        if selected_rows:
+            located = spark.read.schema(_with_fields(df.schema, LOCATED_FIELDS)).parquet(located_dir)
             results = write_shards(spark, located, bucket_cols, within, buckets, num_shards, output, worker_settings)
         if fs.exists(fsio.filesystem(located_dir, so)[1]):
             fs.rm(fsio.filesystem(located_dir, so)[1], recursive=True)

@@ -236,15 +236,26 @@ def place(table, bucket_cols: list[str], buckets: dict[tuple, tuple[int, int, in
     import pyarrow as pa
 
     n = table.num_rows
-    keys = zip(*(table.column(c).to_pylist() for c in bucket_cols))
     found = table.column("offset").is_valid().to_numpy(zero_copy_only=False)
     info = np.full((n, 3), -1, dtype=np.int64)
-    for i, key in enumerate(keys):
-        if found[i]:
-            got = buckets.get(key)
-            if got is None:
-                raise ValueError(f"bucket {key} is not in the export plan (the subset changed during the export)")
-            info[i] = got
+    if len(bucket_cols) == 1 and buckets and all(isinstance(k[0], int) for k in buckets):
+        # one integer bucket column (the shuffled order): a sorted search instead of a lookup per row
+        known = np.array(sorted(k[0] for k in buckets), dtype=np.int64)
+        table_info = np.array([buckets[(k,)] for k in known.tolist()], dtype=np.int64)
+        values = table.column(bucket_cols[0]).fill_null(-1).to_numpy()
+        at = np.minimum(np.searchsorted(known, values), known.size - 1)
+        ok = known[at] == values
+        if (found & ~ok).any():
+            raise ValueError(f"bucket {values[found & ~ok][0]} is not in the export plan "
+                             f"(the subset changed during the export)")
+        info[found] = table_info[at[found]]
+    else:
+        for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in bucket_cols))):
+            if found[i]:
+                got = buckets.get(key)
+                if got is None:
+                    raise ValueError(f"bucket {key} is not in the export plan (the subset changed during the export)")
+                info[i] = got
     first = np.where(found, info[:, 1] // shard_size, 0)
     last = np.where(found, (info[:, 1] + info[:, 2] - 1) // shard_size, 0)
     repeat = last - first + 1
