@@ -20,12 +20,15 @@ Order: a deterministic shuffle across shards by default (rows sorted by xxhash64
 training readers only shuffle within a buffer; --no-shuffle keeps the subset's order (file, row).
 The same subset, filters and seed give byte-identical shards.
 
-How it runs, on DataFrame APIs Spark Connect also has: (1) one task per source tar indexes its
-members from the tar headers (mapInArrow); (2) the selected rows are joined to that index (rows
-not found are the missing images); (3) each row gets its place in the order as a column (row_number
-within range buckets of the sort key, plus the bucket's offset) and so its shard; (4) one
-applyInArrow group per shard copies its images from the source tars by byte range (local files:
-inside the kernel) and writes the shard, fsyncs it, then writes its marker.
+How it runs, on DataFrame APIs Spark Connect also has, in two Spark jobs and no join, window or
+persist: (1) the rows of each source tar go to one task group, which reads the tar's member table
+from its headers and looks the rows up in it (rows not found are the missing images), and counts
+the found rows per bucket (ranges of the sort key); the driver turns the counts into each bucket's
+first position. (2) The same lookup again, then each row goes to the shard(s) its bucket overlaps
+(udfs.export_shards.place); one applyInArrow group per shard ranks its buckets' rows (exact, as it
+has all of them), copies its images from the source tars by byte range (local files: inside the
+kernel), writes the shard, fsyncs it, writes its marker and its part of manifest/. What those tasks
+return gives sizes.json, _info.json and the stats, checked against job (1)'s counts.
 """
 
 if __package__ in (None, ""):  # run as `spark-submit spark_jobs/export.py`: make the repo importable
@@ -34,6 +37,7 @@ if __package__ in (None, ""):  # run as `spark-submit spark_jobs/export.py`: mak
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -47,6 +51,8 @@ from udfs import export_shards, fsio  # noqa: E402
 NAME = "export"
 HELP = "write a subset as shuffled webdataset (or parquet) shards that open_clip and Hugging Face read"
 MANIFEST_DIR = "manifest"
+# job 1's output, read by job 2, removed after it (not _-named: Spark would skip the folder)
+LOCATED_DIR = "located.tmp"
 FINAL_FILES = ("sizes.json", "_info.json")
 
 log = logging.getLogger(__name__)
@@ -137,70 +143,103 @@ def select_rows(spark, path: str, where: str | None):
     return located.select(*SUBSET.schema.fieldNames(), "_file", "_row")
 
 
-def with_order(spark, df, settings: dict):
-    """Adds the sort columns; returns (df, global order, order within a bucket).
+def with_order(df, settings: dict, rows_hint: int | None = None):
+    """Adds the sort columns; returns (df, bucket columns, order within a bucket).
 
-    Shuffled: `_h` = xxhash64(seed, key) without its sign bit (`shuffle_buckets` then makes the
-    buckets ranges of `_h`). Subset order: `_bucket` = the parquet file's place among the subset's
-    files (in name order), rows by their row number."""
+    Shuffled: `_h` = xxhash64(seed, key) without its sign bit, `_bucket` = its top bits (ranges of
+    the sort key, see bucket_bits), rows in a bucket by (`_h`, file, row). Subset order: the bucket
+    is (parquet file, block of `_row`), rows by their row number: files in name order as Spark
+    sorts strings, each file in its own order."""
     from pyspark.sql import functions as F
 
     if settings["shuffle"]:
+        bits = bucket_bits(rows_hint, settings)
         df = df.withColumn("_h", F.expr(f"xxhash64(CAST({int(settings['seed'])} AS BIGINT), key) "
                                         f"& 9223372036854775807"))
-        return df, ["_h", "_file", "_row"], ["_h", "_file", "_row"]
-    files = sorted(r["_file"] for r in df.select("_file").distinct().collect())
-    file_ids = spark.createDataFrame([(f, i) for i, f in enumerate(files)], "_file string, _bucket bigint")
-    df = df.join(F.broadcast(file_ids), "_file")
-    return df, ["_bucket", "_row"], ["_row"]
+        df = df.withColumn("_bucket", F.expr(f"shiftrightunsigned(_h, {63 - bits})") if bits
+                           else F.expr("CAST(0 AS BIGINT)"))
+        return df, ["_bucket"], ["_h", "_file", "_row"]
+    df = df.withColumn("_blk", F.expr(f"CAST(_row DIV {bucket_rows(settings)} AS BIGINT)"))
+    return df, ["_file", "_blk"], ["_row"]
 
 
-def shuffle_buckets(df, rows: int, bucket_rows: int):
-    """`_bucket` = the top bits of `_h`: ranges of the sort key of about `bucket_rows` rows each, so
-    ranking bucket by bucket gives the global order without one task sorting every row."""
-    from pyspark.sql import functions as F
-
-    bits = 0 if rows <= bucket_rows else min(12, math.ceil(math.log2(rows / bucket_rows)))
-    return df.withColumn("_bucket", F.expr(f"shiftrightunsigned(_h, {63 - bits})") if bits
-                         else F.expr("CAST(0 AS BIGINT)"))
+def bucket_rows(settings: dict) -> int:
+    """Rows per bucket: at most an eighth of a shard, so about one row in eight lies in a bucket that
+    straddles two shards (and is sent to both); at most export.rank_bucket_rows (one task sorts it)."""
+    return max(1, min(settings["rank_bucket_rows"], settings["shard_size"] // 8))
 
 
-def _index_schema():
+def bucket_bits(rows: int | None, settings: dict) -> int:
+    """Top bits of the hash that make buckets of about bucket_rows rows (at most 2^20 buckets)."""
+    target = bucket_rows(settings)
+    if not rows or rows <= target:
+        return 0
+    return min(20, math.ceil(math.log2(rows / target)))
+
+
+def _partitions(spark) -> int:
+    """Tasks of the grouped stages: spark.sql.shuffle.partitions, fixed by an explicit repartition
+    so adaptive execution does not fold the small (metadata-only) shuffles into one task."""
+    try:
+        return max(1, int(spark.conf.get("spark.sql.shuffle.partitions")))
+    except (TypeError, ValueError):
+        return 200
+
+
+def row_count_hint(spark, path: str, limit: int | None, storage_options) -> int:
+    """The subset's row count from its parquet footers (no Spark job), an upper bound of the
+    selected rows: it sizes the buckets, which only decides how many rows go to two shards."""
+    import pyarrow.parquet as pq
+
+    fs, root = fsio.filesystem(path, storage_options)
+    try:
+        files = [f for f in fs.find(root) if f.endswith(".parquet") and "/_" not in f[len(root):]]
+        rows = 0
+        for f in files:
+            with fs.open(f, "rb") as fh:
+                rows += pq.ParquetFile(fh).metadata.num_rows
+    except (OSError, ValueError):
+        rows = datasets.read_dataset(spark, path, SUBSET).count()
+    return rows if limit is None else min(rows, limit)
+
+
+LOCATED_FIELDS = (("ext", "string"), ("offset", "bigint"), ("size", "bigint"), ("error_message", "string"))
+PLACED_FIELDS = (("shard", "int"), ("_bidx", "bigint"), ("_offset", "bigint"))
+
+
+def _with_fields(schema, extra):
     from pyspark.sql import types as T
 
-    return T.StructType([T.StructField("tar_path", T.StringType()), T.StructField("key", T.StringType()),
-                         T.StructField("ext", T.StringType()), T.StructField("offset", T.LongType()),
-                         T.StructField("size", T.LongType()), T.StructField("error", T.StringType())])
+    types = {"string": T.StringType(), "bigint": T.LongType(), "int": T.IntegerType()}
+    return T.StructType([*schema.fields, *(T.StructField(n, types[t]) for n, t in extra)])
 
 
-def index_sources(spark, tars: list[str], storage_options):
-    """One row per image member of each source tar (read from the headers, one task per tar), plus
-    a row with key null and `error` for a tar that is missing or unreadable (in part)."""
-    index_schema = _index_schema()
+def locate_rows(spark, df, bucket_cols: list[str], located_dir: str, storage_options):
+    """Job 1: the rows of each source tar go to one task group, which reads the tar's member table,
+    looks the rows up in it, writes them with their image's byte range to located_dir (one file
+    per tar, read by job 2: no second read of the tar headers) and returns the found / missing
+    rows per bucket. Returns [(bucket key, found, missing)] summed over the tars."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
-    def index_batches(batches):
-        import pyarrow as pa
+    def locate_group(table):
+        from udfs import fsio as io_
+        from udfs.export_shards import bucket_counts, locate, located_name, parquet_bytes, write_file
 
-        from udfs.export_shards import index_tar
+        located = locate(table, storage_options)
+        tar = table.column("tar_path")[0].as_py()
+        # uncompressed: read once, by job 2, then deleted
+        write_file(io_.join(located_dir, located_name(tar)), parquet_bytes(located, "none"), storage_options)
+        return bucket_counts(located, bucket_cols)
 
-        arrow = pa.schema([("tar_path", pa.string()), ("key", pa.string()), ("ext", pa.string()),
-                           ("offset", pa.int64()), ("size", pa.int64()), ("error", pa.string())])
-        for batch in batches:
-            out = {name: [] for name in arrow.names}
-            for uri in batch.column("tar_path").to_pylist():
-                members, error = index_tar(uri, storage_options)
-                rows = [{**m, "tar_path": uri, "error": None} for m in members]
-                if error:
-                    rows.append({"tar_path": uri, "key": None, "ext": None, "offset": None, "size": None,
-                                 "error": error})
-                for r in rows:
-                    for name in arrow.names:
-                        out[name].append(r[name])
-            yield pa.RecordBatch.from_pydict(out, schema=arrow)
-
-    tar_df = spark.createDataFrame([(i, t) for i, t in enumerate(tars)], "tar_id int, tar_path string")
-    # round-robin: one tar per task without the sampling job a range partitioning runs first
-    return tar_df.repartition(max(1, len(tars))).mapInArrow(index_batches, index_schema)
+    types = {f.name: f.dataType for f in df.schema.fields}
+    out = T.StructType([*(T.StructField(c, types[c]) for c in bucket_cols),
+                        T.StructField("found", T.LongType()), T.StructField("missing", T.LongType())])
+    rows = (df.repartition(_partitions(spark), "tar_path")
+            .groupBy("tar_path").applyInArrow(locate_group, out)
+            .groupBy(*bucket_cols).agg(F.sum("found").alias("found"), F.sum("missing").alias("missing"))
+            .collect())
+    return [(tuple(r[c] for c in bucket_cols), int(r["found"]), int(r["missing"])) for r in rows]
 
 
 def _result_schema():
@@ -209,25 +248,56 @@ def _result_schema():
     return T.StructType([T.StructField("shard", T.IntegerType()), T.StructField("file", T.StringType()),
                          T.StructField("samples", T.LongType()), T.StructField("bytes", T.LongType()),
                          T.StructField("image_bytes", T.LongType()), T.StructField("status", T.StringType()),
-                         T.StructField("seconds", T.DoubleType())])
+                         T.StructField("seconds", T.DoubleType()), T.StructField("missing", T.LongType()),
+                         T.StructField("listed", T.StringType())])
 
 
-def write_shards(positioned, output: str, worker_settings: dict) -> list[dict]:
-    """One applyInArrow group per export shard: read its images by range, write it, then its marker."""
+def write_shards(spark, located, bucket_cols, within, buckets, num_shards, output, worker_settings) -> list[dict]:
+    """Job 2: the located rows (job 1's files) placed batch by batch, then one group per shard
+    ranks its buckets' rows, writes the shard and its marker, and its manifest/ part. The rows
+    without their image form one more group (shard null): their manifest part, and the first
+    export.max_listed_missing of them for the stats."""
+    import json
+
+    so, shard_size, fmt = worker_settings["storage_options"], worker_settings["shard_size"], worker_settings["format"]
+    placed_schema = _with_fields(located.schema, PLACED_FIELDS)
+
+    def place_batches(batches):
+        import pyarrow as pa
+
+        from udfs.export_shards import place
+
+        for batch in batches:
+            yield from place(pa.Table.from_batches([batch]), bucket_cols, buckets, shard_size).to_batches()
+
     def write_group(table):
         import pyarrow as pa
 
-        from udfs.export_shards import write_shard
+        from udfs import fsio as io_
+        from udfs.export_shards import manifest_part, shard_rows, write_file, write_shard
 
-        rows = table.to_pylist()
-        res = write_shard(output, int(rows[0]["shard"]), rows, worker_settings)
         arrow = pa.schema([("shard", pa.int32()), ("file", pa.string()), ("samples", pa.int64()),
                            ("bytes", pa.int64()), ("image_bytes", pa.int64()), ("status", pa.string()),
-                           ("seconds", pa.float64())])
+                           ("seconds", pa.float64()), ("missing", pa.int64()), ("listed", pa.string())])
+        shard = table.column("shard")[0].as_py()
+        part = io_.join(output, MANIFEST_DIR)
+        if shard is None:   # the rows without their image
+            write_file(io_.join(part, "part-missing.parquet"), manifest_part(table, None, fmt), so)
+            listed = (table.select(["key", "SAMPLE_ID", "tar_path", "error_message"])
+                      .sort_by([("tar_path", "ascending"), ("key", "ascending")])
+                      .slice(0, worker_settings["max_listed_missing"]).to_pylist())
+            res = {"shard": None, "file": None, "samples": 0, "bytes": 0, "image_bytes": 0, "status": "missing",
+                   "seconds": 0.0, "missing": table.num_rows, "listed": json.dumps(listed)}
+        else:
+            rows = shard_rows(table, shard, shard_size, within)
+            res = write_shard(output, shard, rows, worker_settings)
+            write_file(io_.join(part, f"part-{shard:05d}.parquet"), manifest_part(rows, shard, fmt), so)
+            res.update(missing=0, listed=None)
         return pa.Table.from_pylist([res], schema=arrow)
 
-    cols = ["shard", "position", "tar_path", "offset", "size", "ext", *export_shards.LAION_COLUMNS]
-    return [r.asDict() for r in positioned.select(*cols).groupBy("shard")
+    parts = max(1, min(_partitions(spark), num_shards + 1))
+    return [r.asDict() for r in located.mapInArrow(place_batches, placed_schema)
+            .repartition(parts, "shard").groupBy("shard")
             .applyInArrow(write_group, _result_schema()).collect()]
 
 
@@ -267,107 +337,67 @@ def open_clip_command(output: str, shards: int, samples: int) -> str:
 
 
 def run(spark, cfg, args) -> dict:
-    from pyspark import StorageLevel
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
     timer = datasets.StageTimer()
     settings = build_settings(cfg, args)
     so = settings["storage_options"]
     subset = args.subset or cfg.get("filter.subsets.en")
     subset_path = resolve_subset(cfg, args.dataset, subset, so)
     output = args.output
+    fmt, shard_size = settings["format"], settings["shard_size"]
     with timer.phase("select"):
-        df, order, within = with_order(spark, select_rows(spark, subset_path, args.where), settings)
+        selected = select_rows(spark, subset_path, args.where)
+        hint = row_count_hint(spark, subset_path, args.limit, so)
+        df, bucket_cols, within = with_order(selected, settings, hint)
         if args.limit is not None:
-            df = df.orderBy(*order).limit(args.limit)
-        # one job gives the row count (bucket sizes) and the source tars to index
-        per_tar = {r["tar_path"]: int(r["count"]) for r in df.groupBy("tar_path").count().collect()}
-        selected_rows = sum(per_tar.values())
-        if settings["shuffle"]:
-            df = shuffle_buckets(df, selected_rows, settings["rank_bucket_rows"])
+            df = df.orderBy(*(["_h", "_file", "_row"] if settings["shuffle"] else ["_file", "_row"])).limit(args.limit)
     # An earlier export's final files must not make a partial rerun look complete.
     for name in (datasets.stats_path(output), *(fsio.join(output, f) for f in FINAL_FILES)):
         _remove(name, so)
+    manifest_path = fsio.join(output, MANIFEST_DIR)
     fs, out_path = fsio.filesystem(output, so)
     fs.makedirs(out_path, exist_ok=True)
 
-    with timer.phase("index"):
-        tars = sorted(t for t in per_tar if t is not None)
-        index = index_sources(spark, tars, so) if tars else spark.createDataFrame([], _index_schema())
-        # persisted: both branches of the join below read it, and each read would re-read every tar
-        index = index.persist(StorageLevel.MEMORY_AND_DISK)
-        members = index.where(F.col("key").isNotNull()).select("tar_path", "key", "ext", "offset", "size")
-        tar_errors = (index.where(F.col("key").isNull()).groupBy("tar_path")
-                      .agg(F.min("error").alias("_tar_error")))
-        joined = (df.join(members, ["tar_path", "key"], "left").join(F.broadcast(tar_errors), ["tar_path"], "left")
-                  .persist(StorageLevel.MEMORY_AND_DISK))
-    positioned = None
-    try:
-        with timer.phase("order"):
-            found = joined.where(F.col("offset").isNotNull())
-            counts = {int(r["_bucket"]): int(r["count"]) for r in found.groupBy("_bucket").count().collect()}
-            offsets, total = [], 0
-            for bucket in sorted(counts):
-                offsets.append((bucket, total))
-                total += counts[bucket]
-            shard_size = settings["shard_size"]
-            num_shards = math.ceil(total / shard_size)
-            fmt = settings["format"]
-            plan = export_shards.plan_id({
-                "subset": subset_path, "source": source_fingerprint(subset_path, so), "where": args.where,
-                "limit": args.limit, "shuffle": settings["shuffle"], "seed": settings["seed"],
-                "shard_size": shard_size, "format": fmt, "samples": total})
-            offsets_df = spark.createDataFrame(offsets or [(0, 0)], "_bucket bigint, _offset bigint")
-            rank = F.row_number().over(Window.partitionBy("_bucket").orderBy(*within))
-            positioned = (found.join(F.broadcast(offsets_df), "_bucket")
-                          .withColumn("position", F.col("_offset") + rank - 1)
-                          .withColumn("shard", F.expr(f"CAST(position DIV {shard_size} AS INT)"))
-                          .persist(StorageLevel.MEMORY_AND_DISK))   # read by the shard writers and the manifest
-        log.info("export: %d selected rows, %d with their image -> %d shards of %d (%s, %s)", selected_rows,
-                 total, num_shards, shard_size, fmt,
-                 f"seed {settings['seed']}" if settings["shuffle"] else "subset order")
-        worker_settings = {"format": fmt, "plan": plan, "read_chunk": settings["read_chunk"],
-                           "storage_options": so}
-        with timer.phase("write_shards"):
-            results = write_shards(positioned, output, worker_settings) if total else []
-        with timer.phase("manifest"):
-            shard_file = F.concat(F.lpad(F.col("shard").cast("string"), 5, "0"),
-                                  F.lit(export_shards.SUFFIX[fmt]))
-            exported = positioned.select("key", "SAMPLE_ID", "shard", shard_file.alias("shard_file"), "position",
-                                         "tar_path", F.lit("success").alias("status"),
-                                         F.expr("CAST(NULL AS STRING)").alias("error_message"))
-            reason = (F.when(F.col("tar_path").isNull(), F.lit("no source shard (tar_path is null)"))
-                      .when(F.col("_tar_error").isNotNull(),
-                            F.concat(F.lit("not in source shard "), F.col("tar_path"), F.lit(" ("),
-                                     F.col("_tar_error"), F.lit(")")))
-                      .otherwise(F.concat(F.lit("not in source shard "), F.col("tar_path"))))
-            missing = joined.where(F.col("offset").isNull()).select(
-                "key", "SAMPLE_ID", F.expr("CAST(NULL AS INT)").alias("shard"),
-                F.expr("CAST(NULL AS STRING)").alias("shard_file"), F.expr("CAST(NULL AS BIGINT)").alias("position"),
-                "tar_path", F.lit("missing_image").alias("status"), reason.alias("error_message"))
-            manifest_path = fsio.join(output, MANIFEST_DIR)
-            datasets.write_dataset(exported.unionByName(missing), manifest_path, EXPORT_MANIFEST)
-    finally:
-        for frame in (positioned, joined, index):
-            if frame is not None:
-                frame.unpersist()
-
+    located_dir = fsio.join(output, LOCATED_DIR)
+    for folder in (manifest_path, located_dir):   # both rewritten whole below, resumed or not
+        if fs.exists(fsio.filesystem(folder, so)[1]):
+            fs.rm(fsio.filesystem(folder, so)[1], recursive=True)
+    with timer.phase("plan"):
+        counts = locate_rows(spark, df, bucket_cols, located_dir, so)
+        buckets = export_shards.bucket_offsets([(key, found) for key, found, _ in counts])
+        total = sum(found for _, found, _ in counts)
+        missing_planned = sum(missing for _, _, missing in counts)
+        selected_rows = total + missing_planned
+        num_shards = math.ceil(total / shard_size)
+        plan = export_shards.plan_id({
+            "subset": subset_path, "source": source_fingerprint(subset_path, so), "where": args.where,
+            "limit": args.limit, "shuffle": settings["shuffle"], "seed": settings["seed"],
+            "shard_size": shard_size, "format": fmt, "samples": total})
+    log.info("export: %d selected rows, %d with their image -> %d shards of %d (%s, %s)", selected_rows,
+             total, num_shards, shard_size, fmt,
+             f"seed {settings['seed']}" if settings["shuffle"] else "subset order")
+    worker_settings = {"format": fmt, "plan": plan, "read_chunk": settings["read_chunk"], "storage_options": so,
+                       "shard_size": shard_size, "max_listed_missing": settings["max_listed_missing"]}
+    with timer.phase("write_shards"):
+        results = []
+        if selected_rows:
+            located = spark.read.schema(_with_fields(df.schema, LOCATED_FIELDS)).parquet(located_dir)
+            results = write_shards(spark, located, bucket_cols, within, buckets, num_shards, output, worker_settings)
+        if fs.exists(fsio.filesystem(located_dir, so)[1]):
+            fs.rm(fsio.filesystem(located_dir, so)[1], recursive=True)
     with timer.phase("stats"):
-        by_status = datasets.count_by(spark, manifest_path, "status")
-        listed = []
-        if by_status.get("missing_image"):
-            listed = [r.asDict() for r in spark.read.parquet(manifest_path)
-                      .where(F.col("status") == "missing_image").orderBy("tar_path", "key")
-                      .select("key", "SAMPLE_ID", "tar_path", "error_message")
-                      .limit(settings["max_listed_missing"]).collect()]
-        sizes = {r["file"]: int(r["samples"]) for r in sorted(results, key=lambda r: r["shard"])}
+        if not selected_rows:   # an empty manifest of the declared schema
+            datasets.write_dataset(spark.createDataFrame([], EXPORT_MANIFEST.schema), manifest_path, EXPORT_MANIFEST)
+        shards = sorted((r for r in results if r["shard"] is not None), key=lambda r: r["shard"])
+        missing_rows = sum(int(r["missing"]) for r in results)
+        listed = [m for r in results if r["listed"] for m in json.loads(r["listed"])]
+        sizes = {r["file"]: int(r["samples"]) for r in shards}
         written = sum(sizes.values())
-        if written != by_status.get("success", 0) or len(sizes) != num_shards:
-            raise RuntimeError(f"export wrote {written} samples in {len(sizes)} shards, but the manifest "
-                               f"lists {by_status.get('success', 0)} in {num_shards}")
+        # the counts of the two jobs (job 1 counted, the writers wrote) must agree
+        if written != total or len(sizes) != num_shards or missing_rows != missing_planned:
+            raise RuntimeError(f"export wrote {written} samples in {len(sizes)} shards and listed {missing_rows} "
+                               f"missing images, but planned {total} in {num_shards} and {missing_planned} missing")
         keep = set(sizes) | {f"{export_shards.MARKERS_DIR}/{export_shards.shard_name(r['shard'])}.json"
-                             for r in results}
+                             for r in shards}
         stale = export_shards.remove_stale(output, keep, so)
         fsio.write_json(fsio.join(output, "sizes.json"), sizes, so)
         info = {
@@ -375,19 +405,22 @@ def run(spark, cfg, args) -> dict:
             "subset": subset, "filters": {"where": args.where, "limit": args.limit},
             "order": {"shuffle": settings["shuffle"], "seed": settings["seed"] if settings["shuffle"] else None},
             "source": _source_info(subset_path, so),
-            "missing_images": by_status.get("missing_image", 0), "plan": plan,
+            "missing_images": missing_rows, "plan": plan,
             "open_clip": open_clip_command(output, num_shards, written) if fmt == "webdataset" else None,
         }
         fsio.write_json(fsio.join(output, "_info.json"), info, so)
-    selected = sum(by_status.values())
+    by_status = {k: v for k, v in (("success", written), ("missing_image", missing_rows)) if v}
     stats = {
         "input": subset_path, "output": output, "subset": subset, "format": fmt,
-        "input_rows": selected, "output_rows": written, "rejected_rows": by_status.get("missing_image", 0),
-        "balanced": written + by_status.get("missing_image", 0) == selected == selected_rows,
+        "input_rows": selected_rows, "output_rows": written, "rejected_rows": missing_rows,
+        "balanced": written + missing_rows == selected_rows,
         "by_status": by_status, "missing_images": listed, "missing_listed_up_to": settings["max_listed_missing"],
-        "shards": num_shards, "shards_written": sum(1 for r in results if r["status"] == "written"),
-        "shards_skipped": sum(1 for r in results if r["status"] == "skipped"),
-        "bytes": sum(int(r["bytes"]) for r in results), "image_bytes": sum(int(r["image_bytes"]) for r in results),
+        "shards": num_shards, "shards_written": sum(1 for r in shards if r["status"] == "written"),
+        "shards_skipped": sum(1 for r in shards if r["status"] == "skipped"),
+        "bytes": sum(int(r["bytes"]) for r in shards), "image_bytes": sum(int(r["image_bytes"]) for r in shards),
+        # time inside the shard tasks' write_shard (copies, fsyncs, markers), summed over the tasks:
+        # against write_shards' wall time it shows what the Spark job adds
+        "shard_task_seconds": round(sum(float(r["seconds"]) for r in shards), 3),
         "stale_files_removed": stale, "plan": plan, **timer.summary(),
     }
     datasets.write_stats(output, NAME, stats, storage_options=so)

@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -256,6 +257,12 @@ def test_missing_image_is_counted_and_listed(spark, chain, tmp_path):
     assert "not found" in listed[gone_tar["key"]]
     manifest = {m["key"]: m for m in pq.read_table(str(tmp_path / "out" / "manifest")).to_pylist()}
     assert manifest[gone_key["key"]]["status"] == "missing_image" and manifest[gone_key["key"]]["shard"] is None
+    # the parts the shard tasks wrote are the declared dataset, as Spark reads it
+    from spark_jobs import datasets
+    from spark_jobs.schemas import EXPORT_MANIFEST
+
+    read = datasets.read_dataset(spark, str(tmp_path / "out" / "manifest"), EXPORT_MANIFEST)
+    assert read.count() == len(rows) + 2 and read.where("status = 'success' AND shard IS NOT NULL").count() == len(rows)
     assert len(read_export(tmp_path / "out")) == len(rows)
 
 
@@ -444,3 +451,43 @@ def test_tar_headers_are_tarfiles_own_and_the_fast_index_agrees_with_tarfile(tmp
                     for m in tar.getmembers() if not m.name.endswith(".txt")]
         assert error is None
         assert [(m["key"], m["ext"], m["offset"], m["size"]) for m in members] == want
+
+
+@pytest.mark.parametrize("bucket_shift,shard_size", [(58, 50), (54, 7), (63, 1000)])
+def test_buckets_give_the_global_order_and_exact_shard_sizes(bucket_shift, shard_size):
+    """place + shard_rows (the export's plan, without Spark) against one plain sort of all found
+    rows: each found row lands once, at its rank in (_h, _file, _row), shards full but the last;
+    rows without their image once, with shard null. Buckets smaller than a shard, larger than one
+    (a bucket spanning several shards), and a single bucket."""
+    import random
+
+    rng = random.Random(bucket_shift)
+    n = 600
+    h = [rng.getrandbits(63) for _ in range(n)]
+    h[5] = h[6]   # a tie on the hash: the file and row decide
+    table = pa.table({
+        "key": [f"k{i:04d}" for i in range(n)], "tar_path": [f"/src/{i % 3}.tar" for i in range(n)],
+        "_h": pa.array(h, pa.int64()), "_file": [f"part-{i % 2}" for i in range(n)], "_row": list(range(n)),
+        "offset": pa.array([None if i % 50 == 7 else 512 * i for i in range(n)], pa.int64())})
+    table = table.append_column("_bucket", pa.array([x >> bucket_shift for x in h], pa.int64()))
+    groups = [table.filter(pa.array([t == tar for t in table.column("tar_path").to_pylist()]))
+              for tar in sorted(set(table.column("tar_path").to_pylist()))]
+    counts = Counter()
+    for g in groups:   # what job 1 sums over the tars
+        for r in export_shards.bucket_counts(g, ["_bucket"]).to_pylist():
+            counts[(r["_bucket"],)] += r["found"]
+    buckets = export_shards.bucket_offsets(list(counts.items()))
+    placed = pa.concat_tables(export_shards.place(g, ["_bucket"], buckets, shard_size) for g in groups)
+    missing = placed.filter(pc.is_null(placed.column("shard")))
+    assert sorted(missing.column("key").to_pylist()) == [f"k{i:04d}" for i in range(n) if i % 50 == 7]
+    got = []
+    for shard in sorted(set(placed.column("shard").to_pylist()) - {None}):
+        rows = export_shards.shard_rows(placed.filter(pc.equal(placed.column("shard"), shard)), shard, shard_size,
+                                        ["_h", "_file", "_row"])
+        got.append(rows.column("key").to_pylist())
+        assert rows.column("position").to_pylist() == list(range(shard * shard_size, shard * shard_size + len(rows)))
+    found = [r for r in table.to_pylist() if r["offset"] is not None]
+    want = [r["key"] for r in sorted(found, key=lambda r: (r["_h"], r["_file"], r["_row"]))]
+    assert [k for keys in got for k in keys] == want
+    assert [len(keys) for keys in got] == [shard_size] * (len(want) // shard_size) + (
+        [len(want) % shard_size] if len(want) % shard_size else [])

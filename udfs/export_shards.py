@@ -1,10 +1,15 @@
 """Training-ready shards from a subset (pure Python, no Spark): `spark_jobs/export.py` runs these
 functions in its tasks, the tests and the benchmark call them directly.
 
-Two steps, because a shuffled subset draws every output shard's samples from many source shards:
-1. `index_tar`: the member table of one download tar (name, data offset, size), read from the tar
-   headers alone (a local tar is read by seeking from header to header, not through its data);
-2. `write_shard`: one output shard, its images copied as stored from the source tars by (offset,
+Three steps, because a shuffled subset draws every output shard's samples from many source shards:
+1. `index_tar` / `locate`: the member table of one download tar (name, data offset, size), read
+   from the tar headers alone (a local tar is read by seeking from header to header, not through
+   its data), and the rows of that tar looked up in it;
+2. `place` / `shard_rows`: each row's shard without a global sort: rows are cut into buckets of
+   the sort key whose counts the driver knows, a row goes to every shard its bucket overlaps, and
+   the shard's task ranks the rows of those buckets (all of them, so the ranks are exact) and
+   keeps its own;
+3. `write_shard`: one output shard, its images copied as stored from the source tars by (offset,
    size): local files inside the kernel (copy_file_range, sources in offset order), remote ones by
    range reads a chunk at a time. The image is never re-encoded.
 
@@ -25,6 +30,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import mmap
 import os
 import tarfile
 import time
@@ -89,18 +95,19 @@ def _octal(field: bytes) -> int:
     return int(digits, 8) if digits else 0
 
 
-def _index_headers(fh, total: int | None) -> tuple[list[tuple[str, int, int]], str | None]:
-    """(name, data offset, size) of each regular member, from the 512-byte USTAR headers alone:
-    tarfile's reader costs ~0.5 ms per member in Python, this ~20 us (download writes plain USTAR)."""
+def _index_headers(read, total: int | None) -> tuple[list[tuple[str, int, int]], str | None]:
+    """(name, data offset, size) of each regular member, from the 512-byte USTAR headers alone
+    (`read(offset)`: the 512 bytes there): tarfile's reader costs ~0.5 ms per member in Python,
+    this a few us (download writes plain USTAR)."""
     out, pos = [], 0
     while True:
-        fh.seek(pos)
-        hdr = fh.read(_BLOCK)
+        hdr = read(pos)
         if not hdr or hdr == _ZEROS:
             return out, None
         if len(hdr) < _BLOCK:
             return out, f"truncated tar: a header at offset {pos} is cut short"
-        if _octal(hdr[148:156]) != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+        # the checksum counts its own field as 8 spaces
+        if _octal(hdr[148:156]) != sum(hdr) - sum(hdr[148:156]) + 256:
             return out, f"unreadable tar: bad header checksum at offset {pos}"
         kind = hdr[156:157]
         if kind not in (b"0", b"\0", b"5", b"1", b"2"):
@@ -147,11 +154,17 @@ def index_tar(uri: str, storage_options: dict | None = None) -> tuple[list[dict]
     try:
         fs, path = fsio.filesystem(uri, storage_options)
         total = fs.info(path).get("size")
-        with fs.open(path, "rb") as fh:
-            try:
-                found, error = _index_headers(fh, total)
-            except _NotPlainUstar:
-                fh.seek(0)
+        try:
+            if fsio.is_remote(uri):
+                with fs.open(path, "rb") as fh:
+                    found, error = _index_headers(lambda pos: (fh.seek(pos), fh.read(_BLOCK))[1], total)
+            elif total:   # mapped: a header is a slice, no system call per member
+                with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    found, error = _index_headers(lambda pos: mm[pos:pos + _BLOCK], total)
+            else:
+                found, error = [], None
+        except _NotPlainUstar:
+            with fs.open(path, "rb") as fh:
                 found, error = _index_with_tarfile(fh, total)
     except FileNotFoundError:
         return [], f"source shard not found: {uri}"
@@ -168,6 +181,166 @@ def index_tar(uri: str, storage_options: dict | None = None) -> tuple[list[dict]
     if not found and error is None and total:
         error = "unreadable tar: no members"
     return members, error
+
+
+def missing_reason(tar_path: str | None, tar_error: str | None) -> str:
+    """Why a row has no image: no source shard, or not in it (with the tar's own error, if any)."""
+    if tar_path is None:
+        return "no source shard (tar_path is null)"
+    return f"not in source shard {tar_path}" + (f" ({tar_error})" if tar_error else "")
+
+
+def locate(table, storage_options: dict | None = None):
+    """The rows of one source tar (one `tar_path`) with their image member: `ext`, `offset` and
+    `size`, null with `error_message` when the tar lacks it (or is missing / unreadable)."""
+    import pyarrow as pa
+
+    tar = table.column("tar_path")[0].as_py() if table.num_rows else None
+    members, error = index_tar(tar, storage_options) if tar is not None else ([], None)
+    by_key = {m["key"]: m for m in members}
+    found = [by_key.get(k) for k in table.column("key").to_pylist()]
+    reason = missing_reason(tar, error)
+    return (table.append_column("ext", pa.array([m and m["ext"] for m in found], pa.string()))
+            .append_column("offset", pa.array([m and m["offset"] for m in found], pa.int64()))
+            .append_column("size", pa.array([m and m["size"] for m in found], pa.int64()))
+            .append_column("error_message", pa.array([None if m else reason for m in found], pa.string())))
+
+
+def bucket_counts(table, bucket_cols: list[str]):
+    """Found / missing rows per bucket of one located group (the driver sums them over groups)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    found = pc.is_valid(table.column("offset"))
+    counts = (pa.table({**{c: table.column(c) for c in bucket_cols},
+                        "found": pc.cast(found, pa.int64()), "missing": pc.cast(pc.invert(found), pa.int64())})
+              .group_by(bucket_cols).aggregate([("found", "sum"), ("missing", "sum")]))
+    return counts.select([*bucket_cols, "found_sum", "missing_sum"]).rename_columns([*bucket_cols, "found", "missing"])
+
+
+def bucket_offsets(counts: list[tuple[tuple, int]]) -> dict[tuple, tuple[int, int, int]]:
+    """{bucket key: (bucket number, first position, rows)} for the buckets in sort order; `counts`:
+    (bucket key, found rows). Positions are dense: a bucket starts where the one before it ends."""
+    out, start = {}, 0
+    for number, (key, rows) in enumerate(sorted(c for c in counts if c[1])):
+        out[key] = (number, start, rows)
+        start += rows
+    return out
+
+
+def place(table, bucket_cols: list[str], buckets: dict[tuple, tuple[int, int, int]], shard_size: int):
+    """Each located row once per shard its bucket's positions overlap (`shard`; a bucket smaller
+    than a shard overlaps one or two), with `_bidx` (the bucket's number) and `_offset` (its first
+    position); a row without its image once, with shard null."""
+    import numpy as np
+    import pyarrow as pa
+
+    n = table.num_rows
+    found = table.column("offset").is_valid().to_numpy(zero_copy_only=False)
+    info = np.full((n, 3), -1, dtype=np.int64)
+    if len(bucket_cols) == 1 and buckets and all(isinstance(k[0], int) for k in buckets):
+        # one integer bucket column (the shuffled order): a sorted search instead of a lookup per row
+        known = np.array(sorted(k[0] for k in buckets), dtype=np.int64)
+        table_info = np.array([buckets[(k,)] for k in known.tolist()], dtype=np.int64)
+        values = table.column(bucket_cols[0]).fill_null(-1).to_numpy()
+        at = np.minimum(np.searchsorted(known, values), known.size - 1)
+        ok = known[at] == values
+        if (found & ~ok).any():
+            raise ValueError(f"bucket {values[found & ~ok][0]} is not in the export plan "
+                             f"(the subset changed during the export)")
+        info[found] = table_info[at[found]]
+    else:
+        for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in bucket_cols))):
+            if found[i]:
+                got = buckets.get(key)
+                if got is None:
+                    raise ValueError(f"bucket {key} is not in the export plan (the subset changed during the export)")
+                info[i] = got
+    first = np.where(found, info[:, 1] // shard_size, 0)
+    last = np.where(found, (info[:, 1] + info[:, 2] - 1) // shard_size, 0)
+    repeat = last - first + 1
+    take = np.repeat(np.arange(n), repeat)
+    step = np.arange(take.size) - np.repeat(np.cumsum(repeat) - repeat, repeat)
+    shard = pa.array((first[take] + step).astype(np.int32), mask=~found[take])
+    out = table.take(pa.array(take))
+    return (out.append_column("shard", shard)
+            .append_column("_bidx", pa.array(info[take, 0], mask=~found[take]))
+            .append_column("_offset", pa.array(info[take, 1], mask=~found[take])))
+
+
+def shard_rows(table, shard: int, shard_size: int, within: list[str]):
+    """The rows of `shard` among the placed rows sent to it, with `position`: the rows come sorted
+    by bucket and the bucket's sort columns, each one's position is its bucket's first position plus
+    its rank in the bucket (every row of each bucket is here, so the ranks are exact)."""
+    import numpy as np
+    import pyarrow as pa
+
+    table = table.sort_by([("_bidx", "ascending"), *((c, "ascending") for c in within)])
+    bidx = table.column("_bidx").to_numpy()
+    n = bidx.size
+    new = np.ones(n, dtype=bool)
+    new[1:] = bidx[1:] != bidx[:-1]
+    starts = np.flatnonzero(new)
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
+    position = table.column("_offset").to_numpy() + rank
+    keep = position // shard_size == shard
+    return table.filter(pa.array(keep)).append_column("position", pa.array(position[keep], pa.int64()))
+
+
+MANIFEST_COLUMNS = ("key", "SAMPLE_ID", "shard", "shard_file", "position", "tar_path", "status", "error_message")
+
+
+def parquet_bytes(table, compression: str = "zstd") -> bytes:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=compression)
+    return buf.getvalue()
+
+
+def write_file(uri: str, data: bytes, storage_options: dict | None = None) -> None:
+    """A file readers see whole or not at all, not flushed to disk: for files a rerun rewrites
+    (manifest parts, the located rows), where write_bytes_atomic's fsync per file would cost more
+    than writing them."""
+    fs, path = fsio.filesystem(uri, storage_options)
+    if fsio.is_remote(uri):
+        fs.pipe_file(path, data)
+        return
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def located_name(tar_path: str | None) -> str:
+    """The file of one source tar's located rows (see spark_jobs/export.py's job 1)."""
+    return hashlib.sha1(repr(tar_path).encode()).hexdigest()[:20] + ".parquet"
+
+
+def manifest_part(table, shard: int | None, fmt: str) -> bytes:
+    """manifest/ rows (the EXPORT_MANIFEST schema) of one shard's rows, or of the rows without their
+    image (shard None): a parquet file's bytes."""
+    import pyarrow as pa
+
+    n = table.num_rows
+    schema = pa.schema([("key", pa.string()), ("SAMPLE_ID", pa.int64()), ("shard", pa.int32()),
+                        ("shard_file", pa.string()), ("position", pa.int64()), ("tar_path", pa.string()),
+                        ("status", pa.string()), ("error_message", pa.string())])
+    exported = shard is not None
+    part = pa.table({
+        "key": table.column("key"), "SAMPLE_ID": table.column("SAMPLE_ID"),
+        "shard": pa.array([shard] * n if exported else [None] * n, pa.int32()),
+        "shard_file": pa.array([shard_file(shard, fmt)] * n if exported else [None] * n, pa.string()),
+        "position": table.column("position") if exported else pa.nulls(n, pa.int64()),
+        "tar_path": table.column("tar_path"),
+        "status": pa.array(["success" if exported else "missing_image"] * n, pa.string()),
+        "error_message": pa.nulls(n, pa.string()) if exported else table.column("error_message"),
+    }).cast(schema)
+    return parquet_bytes(part)
 
 
 # --- step 2: range reads from the source tars ------------------------------------------------------
@@ -227,11 +400,42 @@ def _pad(size: int) -> bytes:
     return _ZEROS[:-size % _BLOCK]
 
 
-def _sidecars(row: dict) -> bytes:
+def _sidecars(key: str, text: str | None, js: bytes) -> bytes:
     """The caption and JSON members of one sample (headers, data, padding), which follow its image."""
-    key, txt, js = row["key"], (row.get("TEXT") or "").encode("utf-8"), sample_json(row)
+    txt = (text or "").encode("utf-8")
     return b"".join((ustar_header(f"{key}.txt", len(txt)), txt, _pad(len(txt)),
                      ustar_header(f"{key}.json", len(js)), js, _pad(len(js))))
+
+
+# The columns write_shard reads.
+SHARD_COLUMNS = ("position", "tar_path", "offset", "size", "ext", *LAION_COLUMNS)
+
+
+class _Rows:
+    """A shard's rows as column lists, in position order: from a pyarrow Table (one to_pylist per
+    column, no dict per row) or from a list of row dicts."""
+
+    def __init__(self, rows):
+        if isinstance(rows, list):
+            rows = sorted(rows, key=lambda r: r["position"])
+            self.cols = {c: [r.get(c) for r in rows] for c in SHARD_COLUMNS}
+        else:
+            rows = rows.sort_by("position")
+            self.cols = {c: rows.column(c).to_pylist() if c in rows.column_names else [None] * rows.num_rows
+                         for c in SHARD_COLUMNS}
+        self.n = len(self.cols["position"])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def jsons(self, start: int = 0, stop: int | None = None) -> list[bytes]:
+        """KEY.json of rows[start:stop] (see sample_json)."""
+        values = zip(*(self.cols[c][start:stop] for c in LAION_COLUMNS))
+        return [orjson.dumps(dict(zip(LAION_COLUMNS, v)), option=orjson.OPT_SORT_KEYS) for v in values]
+
+    def ranges(self, start: int, stop: int) -> list[tuple[str, int, int]]:
+        c = self.cols
+        return list(zip(c["tar_path"][start:stop], c["offset"][start:stop], c["size"][start:stop]))
 
 
 def _trailer(end: int) -> bytes:
@@ -350,7 +554,7 @@ class _RangeCopier:
             done += n
 
 
-def _write_tar_local(out: _AtomicOut, rows: list[dict], reader: RangeReader) -> int:
+def _write_tar_local(out: _AtomicOut, rows: _Rows, reader: RangeReader) -> int:
     """A shard whose sources and output are local files: a copy, not a re-encode.
 
     All member sizes are known (the image sizes from the index), so the layout is fixed first: the
@@ -361,14 +565,15 @@ def _write_tar_local(out: _AtomicOut, rows: list[dict], reader: RangeReader) -> 
     fd = out.fh.fileno()
     copies = []
     pos, gap = 0, b""
-    for row in rows:
-        size = int(row["size"])
-        gap += ustar_header(f"{row['key']}.{row['ext']}", size)
+    c = rows.cols
+    for key, ext, text, js, tar, offset, size in zip(c["key"], c["ext"], c["TEXT"], rows.jsons(), c["tar_path"],
+                                                     c["offset"], c["size"]):
+        gap += ustar_header(f"{key}.{ext}", size)
         os.pwrite(fd, gap, pos)
         pos += len(gap)
-        copies.append((row["tar_path"], int(row["offset"]), size, pos))
+        copies.append((tar, offset, size, pos))
         pos += size
-        gap = _pad(size) + _sidecars(row)
+        gap = _pad(size) + _sidecars(key, text, js)
     gap += _trailer(pos + len(gap))
     os.pwrite(fd, gap, pos)
     out.count = pos + len(gap)
@@ -379,18 +584,19 @@ def _write_tar_local(out: _AtomicOut, rows: list[dict], reader: RangeReader) -> 
     return sum(c[2] for c in copies)
 
 
-def _write_tar_chunks(out: _AtomicOut, rows: list[dict], reader: RangeReader, chunk: int) -> int:
+def _write_tar_chunks(out: _AtomicOut, rows: _Rows, reader: RangeReader, chunk: int) -> int:
     """A shard with a remote source or output: images read by range a chunk at a time (concurrent
     requests on s3), each chunk's members written as one buffer. Returns the image bytes."""
     image_bytes = 0
+    c = rows.cols
     for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
-        images = reader.read([(r["tar_path"], int(r["offset"]), int(r["size"])) for r in part])
+        stop = start + chunk
+        images = reader.read(rows.ranges(start, stop))
         parts = []
-        for row, image in zip(part, images):
+        for key, ext, text, js, image in zip(c["key"][start:stop], c["ext"][start:stop], c["TEXT"][start:stop],
+                                             rows.jsons(start, stop), images):
             image_bytes += len(image)
-            parts += (ustar_header(f"{row['key']}.{row['ext']}", len(image)), image, _pad(len(image)),
-                      _sidecars(row))
+            parts += (ustar_header(f"{key}.{ext}", len(image)), image, _pad(len(image)), _sidecars(key, text, js))
         out.write(b"".join(parts))
     out.write(_trailer(out.count))
     return image_bytes
@@ -413,17 +619,19 @@ def parquet_schema():
     return pa.schema(fields, metadata=meta)
 
 
-def _parquet_chunk(rows: list[dict], images: list[bytes]):
+def _parquet_chunk(rows: _Rows, start: int, stop: int, images: list[bytes]):
     import pyarrow as pa
 
     schema = parquet_schema()
-    cols = {"image": [{"bytes": img, "path": f"{r['key']}.{r['ext']}"} for r, img in zip(rows, images)]}
-    for c in COLUMN_TYPES:
-        cols[c] = [_json_value(r.get(c)) for r in rows]
+    c = rows.cols
+    cols = {"image": [{"bytes": img, "path": f"{k}.{e}"}
+                      for k, e, img in zip(c["key"][start:stop], c["ext"][start:stop], images)]}
+    for name in COLUMN_TYPES:
+        cols[name] = [_json_value(v) for v in c[name][start:stop]]
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def _write_parquet(out: _AtomicOut, rows: list[dict], reader: RangeReader, chunk: int) -> int:
+def _write_parquet(out: _AtomicOut, rows: _Rows, reader: RangeReader, chunk: int) -> int:
     """One row group per chunk of images. Returns the image bytes."""
     import pyarrow.parquet as pq
 
@@ -436,10 +644,9 @@ def _write_parquet(out: _AtomicOut, rows: list[dict], reader: RangeReader, chunk
     with pq.ParquetWriter(out.fh, parquet_schema(), compression=compression, use_dictionary=plain,
                           write_statistics=plain) as writer:
         for start in range(0, len(rows), chunk):
-            part = rows[start:start + chunk]
-            images = reader.read([(r["tar_path"], int(r["offset"]), int(r["size"])) for r in part])
+            images = reader.read(rows.ranges(start, start + chunk))
             image_bytes += sum(len(i) for i in images)
-            writer.write_table(_parquet_chunk(part, images))
+            writer.write_table(_parquet_chunk(rows, start, start + chunk, images))
     out.count = out.fh.tell()
     return image_bytes
 
@@ -454,11 +661,11 @@ def read_marker(output: str, shard: int, storage_options: dict | None = None) ->
         return None   # a marker that does not parse marks nothing complete
 
 
-def write_shard(output: str, shard: int, rows: list[dict], settings: dict) -> dict:
+def write_shard(output: str, shard: int, rows, settings: dict) -> dict:
     """Write one output shard (unless its marker says it is complete for this plan).
 
-    `rows`: the shard's samples, each with `position` (order in the export), `tar_path`, `offset`,
-    `size`, `ext` and the LAION columns. `settings`: format, plan (plan_id), read_chunk,
+    `rows`: the shard's samples (a pyarrow Table, or a list of dicts), each with `position` (order
+    in the export), `tar_path`, `offset`, `size`, `ext` and the LAION columns. `settings`: format, plan (plan_id), read_chunk,
     storage_options. Returns {shard, file, samples, bytes, image_bytes, status: written|skipped, seconds}.
     """
     t0 = time.time()
@@ -472,9 +679,9 @@ def write_shard(output: str, shard: int, rows: list[dict], settings: dict) -> di
         return {"shard": shard, "file": name, "samples": int(marker["samples"]), "bytes": int(marker["bytes"]),
                 "image_bytes": int(marker.get("image_bytes", 0)), "status": "skipped",
                 "seconds": round(time.time() - t0, 3)}
-    rows = sorted(rows, key=lambda r: r["position"])
+    rows = _Rows(rows)
     chunk = max(1, int(settings.get("read_chunk") or 256))
-    local = not fsio.is_remote(uri) and not any(fsio.is_remote(r["tar_path"]) for r in rows)
+    local = not fsio.is_remote(uri) and not any(fsio.is_remote(t) for t in set(rows.cols["tar_path"]))
     with contextlib.closing(RangeReader(so)) as reader, _AtomicOut(uri, so) as out:
         if fmt == "parquet":
             image_bytes = _write_parquet(out, rows, reader, chunk)
