@@ -125,6 +125,26 @@ def test_recall_counts_a_result_that_ties_the_kth_exact_score():
                            np.array([0.2]), metric="l2") == pytest.approx(0.5)
 
 
+def test_only_queries_whose_exact_list_ends_in_a_tie_have_their_results_looked_up():
+    """k=2 from a 3-neighbour exact search: query 0's 3rd score (0.8) ties its 2nd, query 1's (0.5)
+    does not, so query 1's miss (id 9) is a miss without any lookup, and query 0's result 7 is
+    looked up (its vector scores 0.8 against the query: a tie)."""
+    scores = np.array([[0.9, 0.8, 0.8], [0.9, 0.8, 0.5]], np.float32)
+    ids = np.array([[1, 2, 3], [4, 5, 6]])
+    exact = knn.ExactNeighbours.from_search(scores, ids, 2)
+    assert exact.tied.tolist() == [True, False] and exact.kth.tolist() == pytest.approx([0.8, 0.8])
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    looked_up = []
+
+    def vectors(wanted):
+        looked_up.extend(wanted.tolist())
+        return np.array([[0.8, 0.6]] * len(wanted), np.float32)
+
+    recall, ties = knn.graded_recall(np.array([[1, 7], [4, 9]]), queries, exact, 2, vectors)
+    assert looked_up == [7] and ties == 1
+    assert recall == pytest.approx((1.0 + 0.5) / 2)
+
+
 def test_repeated_vectors_are_graded_by_distance_and_keep_recall_first(tmp_path, cfg):
     """Text vectors that are 40 distinct vectors repeated 50 times (as the demo's repeated captions
     are): every copy of a query's vector is an exact nearest neighbour, so an index that returns 10
