@@ -12,7 +12,7 @@ import pytest
 
 from spark_jobs import knn_index
 from spark_jobs.datasets import InputError
-from tests.gen.embeddings_layout import write_random_subset
+from tests.gen.embeddings_layout import write_parts, write_random_subset
 from udfs import knn
 
 N, DIM = 1500, 32
@@ -108,6 +108,66 @@ def test_recall_at_k_counts_overlap():
     approx = np.array([[1, 2, 9, 10], [8, 7, 6, 5]])
     assert knn.recall_at_k(approx, exact, 4) == pytest.approx((0.5 + 1.0) / 2)
     assert knn.recall_at_k(np.array([[-1, -1, -1, -1]]), exact[:1], 4) == 0.0
+
+
+def test_recall_counts_a_result_that_ties_the_kth_exact_score():
+    """Scores given by hand: query 0's exact top-2 lists ids 1, 2 at score 0.9; the index answers
+    3 (another copy, also 0.9) and 4 (0.5). Only 3 ties the 2nd exact score, so recall is 1/2; a
+    result below it, a missing id (-1) and a NaN (not looked up) never count."""
+    exact_ids = np.array([[1, 2], [5, 6]])
+    kth = np.array([0.9, 0.7])
+    approx = np.array([[3, 4], [7, -1]])
+    scores = np.array([[0.9, 0.5], [np.nan, 0.8]])
+    assert knn.recall_at_k(approx, exact_ids, 2) == 0.0
+    assert knn.recall_at_k(approx, exact_ids, 2, scores, kth) == pytest.approx((0.5 + 0.0) / 2)
+    # for l2 a tie is a distance equal to the k-th smallest one
+    assert knn.recall_at_k(np.array([[3, 4]]), exact_ids[:1], 2, np.array([[0.2, 0.3]]),
+                           np.array([0.2]), metric="l2") == pytest.approx(0.5)
+
+
+def test_only_queries_whose_exact_list_ends_in_a_tie_have_their_results_looked_up():
+    """k=2 from a 3-neighbour exact search: query 0's 3rd score (0.8) ties its 2nd, query 1's (0.5)
+    does not, so query 1's miss (id 9) is a miss without any lookup, and query 0's result 7 is
+    looked up (its vector scores 0.8 against the query: a tie)."""
+    scores = np.array([[0.9, 0.8, 0.8], [0.9, 0.8, 0.5]], np.float32)
+    ids = np.array([[1, 2, 3], [4, 5, 6]])
+    exact = knn.ExactNeighbours.from_search(scores, ids, 2)
+    assert exact.tied.tolist() == [True, False] and exact.kth.tolist() == pytest.approx([0.8, 0.8])
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    looked_up = []
+
+    def vectors(wanted):
+        looked_up.extend(wanted.tolist())
+        return np.array([[0.8, 0.6]] * len(wanted), np.float32)
+
+    recall, ties = knn.graded_recall(np.array([[1, 7], [4, 9]]), queries, exact, 2, vectors)
+    assert looked_up == [7] and ties == 1
+    assert recall == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_repeated_vectors_are_graded_by_distance_and_keep_recall_first(tmp_path, cfg):
+    """Text vectors that are 40 distinct vectors repeated 50 times (as the demo's repeated captions
+    are): every copy of a query's vector is an exact nearest neighbour, so an index that returns 10
+    copies is right whichever 10 the flat search listed. recall_first must keep its index."""
+    rng = np.random.default_rng(3)
+    distinct = rng.standard_normal((40, 16)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    group = rng.permutation(np.repeat(np.arange(40), 50))
+    text = distinct[group]
+    image = rng.standard_normal((2000, 16)).astype(np.float32)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    write_parts(tmp_path / "dataset" / "embeddings" / "laion2B-en", image, text, 2)
+    _build(cfg, tmp_path / "dataset", tmp_path / "out")
+    infos = json.loads((tmp_path / "out" / "laion2B-en" / "index_infos.json").read_text())["indices"]
+    assert "recall first" in infos["text"]["chosen_by"], infos["text"]
+    assert infos["text"]["recall@10"] >= 0.95 and infos["text"]["recall_ties@10"] > 0
+    assert infos["image"]["recall_ties@10"] == 0   # distinct vectors: nothing ties
+    # independently of the recall code: what the index serves are copies of the query's vector
+    index = knn.open_indices(str(tmp_path / "out"))["laion2B-en"]
+    for row in (0, 777, 1999):
+        served = index.search(text[row], "text", 10)
+        rows = [int(r["URL"].rsplit("/", 1)[1].split(".")[0]) for r in served]
+        assert len(rows) == 10 and all(group[r] == group[row] for r in rows)
 
 
 def test_ids_table_is_made_contiguous_for_fast_lookups():

@@ -276,11 +276,132 @@ def exact_search(parts_vectors: Iterable[np.ndarray], queries: np.ndarray, k: in
     return sign * d_acc, i_acc
 
 
-def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
-    """Mean over queries of |approx top-k ∩ exact top-k| / k (ids < 0 are misses)."""
-    hits = [len(set(a[:k][a[:k] >= 0]) & set(e[:k][e[:k] >= 0])) / min(k, max(1, (e[:k] >= 0).sum()))
-            for a, e in zip(approx_ids, exact_ids)]
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int,
+                approx_scores: np.ndarray | None = None, kth_scores: np.ndarray | None = None,
+                metric: str = "ip") -> float:
+    """Mean over queries of (approximate top-k results that are true k nearest neighbours) / k.
+
+    Without scores a result counts only when its id is in the exact top-k. With `approx_scores`
+    (the exact score of each approximate result) and `kth_scores` (the exact k-th best score per
+    query), a result also counts when it ties the k-th exact score (within float rounding): with
+    repeated vectors (one caption embedded 400 times) the exact search lists an arbitrary 10 of the
+    400 equal neighbours, and another 10 of them are as correct an answer. This is ann-benchmarks'
+    distance-based recall. ids < 0 are misses; a NaN score (not looked up) never ties.
+    """
+    hits = []
+    for q, (a, e) in enumerate(zip(approx_ids, exact_ids)):
+        a, e = a[:k], e[:k]
+        wanted = min(k, max(1, int((e >= 0).sum())))
+        found = set(a[a >= 0]) & set(e[e >= 0])
+        if approx_scores is not None and kth_scores is not None:
+            kth = float(kth_scores[q])
+            tol = TIE_TOLERANCE * max(1.0, abs(kth))
+            for i, s in zip(a, approx_scores[q][:k]):
+                ties = s >= kth - tol if metric == "ip" else s <= kth + tol
+                if i >= 0 and i not in found and bool(ties):
+                    found.add(i)
+        hits.append(min(len(found), wanted) / wanted)
     return float(np.mean(hits)) if hits else float("nan")
+
+
+# Relative float32 rounding allowed between the exact search's k-th score and a re-computed score
+# of the same vector (BLAS and faiss's own kernels round differently, ~1e-7 at 512 dimensions).
+TIE_TOLERANCE = 1e-5
+
+
+@dataclass
+class ExactNeighbours:
+    """The ground truth of a recall measurement: exact top-k ids and scores of each query, and
+    whether the (k+1)-th exact score ties the k-th (only then can a result outside the list be
+    right, so only those queries need their results' scores looked up)."""
+    ids: np.ndarray
+    scores: np.ndarray
+    metric: str = "ip"
+    tied: np.ndarray | None = None
+
+    @classmethod
+    def from_search(cls, scores: np.ndarray, ids: np.ndarray, k: int, metric: str = "ip") -> "ExactNeighbours":
+        """From an exact search for k+1 neighbours."""
+        out = cls(ids[:, :k], scores[:, :k], metric)
+        if ids.shape[1] > k:
+            kth, nxt = out.kth, scores[:, k]
+            tol = TIE_TOLERANCE * np.maximum(1.0, np.abs(kth))
+            close = nxt >= kth - tol if metric == "ip" else nxt <= kth + tol
+            out.tied = close & (ids[:, k] >= 0)
+        else:  # fewer than k+1 vectors: every one is listed
+            out.tied = np.zeros(len(ids), bool)
+        return out
+
+    @property
+    def kth(self) -> np.ndarray:
+        """The k-th best exact score of each query (the last listed one when fewer exist)."""
+        last = np.maximum((self.ids >= 0).sum(axis=1) - 1, 0)
+        return self.scores[np.arange(len(self.ids)), last]
+
+
+def exact_vectors_of(index):
+    """ids -> float32 vectors, when `index` keeps the exact vectors (flat, HNSW over flat storage,
+    a flat re-ranking stage such as RFlat), else None (PQ codes only approximate them)."""
+    import faiss
+
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexRefine):
+        inner = faiss.downcast_index(outer.refine_index)
+    elif isinstance(outer, faiss.IndexHNSW):
+        inner = faiss.downcast_index(outer.storage)
+    else:
+        inner = outer
+    if not isinstance(inner, faiss.IndexFlat):
+        return None
+    return lambda ids: inner.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def part_vectors_of(parts: list[EmbeddingPart], kind: str, storage_options: dict | None = None):
+    """ids -> float32 vectors read from the parts (one pass per call), for indices that do not keep
+    the exact vectors. graded_recall calls it only when some query's exact list ends in a tie, so
+    never on distinct vectors."""
+    def lookup(ids: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(ids), 0), np.float32)
+        offset = 0
+        for part in parts:
+            sel = np.nonzero((ids >= offset) & (ids < offset + part.rows))[0]
+            if len(sel):
+                vectors = load_part(part, kind, storage_options)
+                if out.shape[1] == 0:
+                    out = np.zeros((len(ids), vectors.shape[1]), np.float32)
+                out[sel] = vectors[ids[sel] - offset]
+            offset += part.rows
+        return out
+    return lookup
+
+
+def graded_recall(approx_ids: np.ndarray, queries: np.ndarray, exact: ExactNeighbours, k: int,
+                  vectors=None) -> tuple[float, int]:
+    """recall_at_k counting ties, and how many results counted only as ties. The exact scores of
+    the results outside the exact id lists are computed from `vectors` (ids -> vectors); without
+    it only ids count."""
+    misses = []
+    for q, (a, e) in enumerate(zip(approx_ids, exact.ids)):
+        if exact.tied is not None and not exact.tied[q]:
+            continue   # no exact neighbour beyond the list scores as well: a miss is a miss
+        listed = set(e[:k])
+        misses += [(q, j) for j, i in enumerate(a[:k]) if i >= 0 and i not in listed]
+    strict = recall_at_k(approx_ids, exact.ids, k)
+    if vectors is None or not misses:
+        return strict, 0
+    qs, js = np.array([m[0] for m in misses]), np.array([m[1] for m in misses])
+    found = vectors(approx_ids[qs, js])
+    if exact.metric == "ip":
+        got = np.einsum("ij,ij->i", queries[qs], found)
+    else:
+        got = ((queries[qs] - found) ** 2).sum(axis=1)
+    scores = np.full(approx_ids[:, :k].shape, np.nan, np.float32)
+    scores[qs, js] = got
+    with_ties = recall_at_k(approx_ids, exact.ids, k, scores, exact.kth, exact.metric)
+    kth = exact.kth[qs]
+    tol = TIE_TOLERANCE * np.maximum(1.0, np.abs(kth))
+    ties = int((got >= kth - tol).sum() if exact.metric == "ip" else (got <= kth + tol).sum())
+    return with_ties, ties
 
 
 def sample_queries(parts: list[EmbeddingPart], kind: str, sample: int, seed: int,
@@ -300,22 +421,22 @@ def sample_queries(parts: list[EmbeddingPart], kind: str, sample: int, seed: int
 
 def recall_ground_truth(parts: list[EmbeddingPart], kind: str, sample: int, k: int, seed: int,
                         metric: str = "ip", storage_options: dict | None = None
-                        ) -> tuple[np.ndarray, np.ndarray, float]:
+                        ) -> tuple[np.ndarray, ExactNeighbours, float]:
     """`sample` of the subset's own vectors as queries (the queries a user sends are CLIP vectors
-    from the same distribution), their exact top-k ids, and the seconds the exact search took."""
+    from the same distribution), their exact top-k, and the seconds the exact search took."""
     queries = sample_queries(parts, kind, sample, seed, storage_options)
     if len(queries) == 0:
-        return queries, np.zeros((0, k), np.int64), 0.0
+        return queries, ExactNeighbours(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), metric), 0.0
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     t0 = time.time()
-    _, exact = exact_search((load_part(p, kind, storage_options) for p in parts), queries, k, metric)
-    return queries, exact, time.time() - t0
+    scores, ids = exact_search((load_part(p, kind, storage_options) for p in parts), queries, k + 1, metric)
+    return queries, ExactNeighbours.from_search(scores, ids, k, metric), time.time() - t0
 
 
-def tune_recall(index, queries: np.ndarray, exact: np.ndarray, k: int,
+def tune_recall(index, queries: np.ndarray, exact: ExactNeighbours, k: int,
                 min_recall: float | None = None, tuning_steps: int = 0,
                 index_param: str | None = None, max_query_ms: float | None = None,
-                label: str = "autofaiss") -> dict:
+                label: str = "autofaiss", vectors=None) -> dict:
     """Recall@k of `index` against the exact ids, widening its search parameters to `min_recall`.
 
     autofaiss tunes nprobe/efSearch for a query-time budget only, and on a busy machine its timing
@@ -323,13 +444,16 @@ def tune_recall(index, queries: np.ndarray, exact: np.ndarray, k: int,
     set, the search parameters are doubled (up to `tuning_steps` times) until recall reaches it,
     unless a doubling would cost more than `max_query_ms` for one query (median of 50); the
     parameters used are returned as `index_param` (the starting ones as `{label}_index_param`).
+    Results that tie the k-th exact score count as found (recall_at_k); their exact scores come
+    from the index's own exact vectors when it keeps them, else from `vectors` (ids -> vectors).
     """
     if len(queries) == 0:
         return {f"recall@{k}": None, "recall_queries": 0}
+    vectors = exact_vectors_of(index) or vectors
     t1 = time.time()
     _, approx = index.search(queries, k)
     t2 = time.time()
-    recall = recall_at_k(approx, exact, k)
+    recall, ties = graded_recall(approx, queries, exact, k, vectors)
     out: dict[str, Any] = {"recall_queries": len(queries)}
     param = index_param
     if min_recall is not None and recall < min_recall and index_param:
@@ -350,13 +474,15 @@ def tune_recall(index, queries: np.ndarray, exact: np.ndarray, k: int,
             t3 = time.time()
             _, wider_approx = index.search(queries, k)
             t4 = time.time()
-            param, recall, t1, t2 = wider, recall_at_k(wider_approx, exact, k), t3, t4
+            param, t1, t2 = wider, t3, t4
+            recall, ties = graded_recall(wider_approx, queries, exact, k, vectors)
             log.info("search parameters %s: recall@%d %.4f, %.2f ms per query", param, k, recall, ms)
             if recall >= min_recall:
                 break
     if param:
         out["index_param"] = param
     out[f"recall@{k}"] = round(recall, 4)
+    out[f"recall_ties@{k}"] = ties  # results outside the exact id lists that tie the k-th score
     out["recall_index_ms_per_query"] = round(1000 * (t2 - t1) / len(queries), 4)
     return out
 
@@ -367,7 +493,8 @@ def measure_recall(index, parts: list[EmbeddingPart], kind: str, sample: int, k:
                    index_param: str | None = None, max_query_ms: float | None = None) -> dict:
     """recall_ground_truth + tune_recall, for an index that is already built."""
     queries, exact, seconds = recall_ground_truth(parts, kind, sample, k, seed, metric, storage_options)
-    out = tune_recall(index, queries, exact, k, min_recall, tuning_steps, index_param, max_query_ms)
+    out = tune_recall(index, queries, exact, k, min_recall, tuning_steps, index_param, max_query_ms,
+                      vectors=part_vectors_of(parts, kind, storage_options))
     if len(queries):
         out["recall_exact_seconds"] = round(seconds, 3)
     return out
@@ -436,7 +563,8 @@ def build_tuned_kind_index(emb_folder: str, parts: list[EmbeddingPart], kind: st
     apply_index_param(index, kind_infos.get("index_param"))
     kind_infos.update(tune_recall(index, queries, exact, params.recall_k, params.min_recall,
                                   params.recall_tuning_steps, kind_infos.get("index_param"),
-                                  params.recall_tuning_max_query_ms))
+                                  params.recall_tuning_max_query_ms,
+                                  vectors=part_vectors_of(parts, kind, storage_options)))
     kind_infos["recall_exact_seconds"] = round(seconds, 3)
     del index  # before the fallback holds its own copy of the vectors
     kind_infos.pop("index_path", None)  # the scratch path, meaningless after the copy
@@ -457,7 +585,7 @@ def build_tuned_kind_index(emb_folder: str, parts: list[EmbeddingPart], kind: st
     return kind_infos
 
 
-def recall_first(parts: list[EmbeddingPart], kind: str, queries: np.ndarray, exact: np.ndarray,
+def recall_first(parts: list[EmbeddingPart], kind: str, queries: np.ndarray, exact: ExactNeighbours,
                  local_index: str, params: BuildParams, storage_options: dict | None = None) -> dict:
     """Try the fast-scan re-ranking index before autofaiss. Returns its infos with `chosen_by` (it
     is written to `local_index`) or, when it is not kept, why (`status`, `reason`)."""
@@ -542,7 +670,7 @@ def build_refine_index(parts: list[EmbeddingPart], kind: str, dim: int, metric: 
     return index
 
 
-def _tuned_refine_figures(index, queries: np.ndarray, exact: np.ndarray, params: BuildParams,
+def _tuned_refine_figures(index, queries: np.ndarray, exact: ExactNeighbours, params: BuildParams,
                           total: int, dim: int, build_seconds: float) -> dict:
     """Recall of the re-ranking index with k_factor_rf widened toward the goal, and its latency."""
     start = f"k_factor_rf={int(params.refine_k_factor)}"
@@ -569,7 +697,7 @@ def _fallback_refusal(params: BuildParams, nb_vectors: int, dim: int, needs_swit
 
 
 def recall_fallback(parts: list[EmbeddingPart], kind: str, dim: int, queries: np.ndarray,
-                    exact: np.ndarray, local_index: str, kind_infos: dict, params: BuildParams,
+                    exact: ExactNeighbours, local_index: str, kind_infos: dict, params: BuildParams,
                     storage_options: dict | None = None) -> dict:
     """autofaiss's index missed `min_recall` within the query-time cap (HNSW and IVF lose recall
     on data without cluster structure). Build an exhaustive fast-scan PQ index with exact
