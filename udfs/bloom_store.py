@@ -39,8 +39,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from udfs import fsio
-from udfs.bloom import (HASH_SCHEME_SHA256_DOUBLE, HASH_SCHEME_WORDS, BloomFilter, CorruptFilterError,
-                        optimal_parameters)
+from udfs.bloom import (
+    HASH_SCHEME_SHA256_DOUBLE,
+    HASH_SCHEME_WORDS,
+    BloomFilter,
+    CorruptFilterError,
+    optimal_parameters,
+)
 
 log = logging.getLogger(__name__)
 
