@@ -270,9 +270,9 @@ class _ShardCursor:
 
 def probe_seen(plan: ShardPlan, batches) -> Iterator:
     """The seen-filter probe over key batches only: (shards, digest column(s) of the plan's hash
-    scheme, candidate) Arrow arrays in, one bool numpy array (`_seen`) out per batch. Candidates (representative, not failed) whose key
-    the shard probably holds are seen; the other candidates are added to the shard's new bits,
-    which are written when the partition ends."""
+    scheme, candidate) Arrow arrays in, one bool numpy array (`_seen`) out per batch. Candidates
+    (representative, not failed) whose key the shard probably holds are seen; the other candidates
+    are added to the shard's new bits, which are written when the partition ends."""
     import numpy as np
     cursor = _ShardCursor(plan, writable=True)
     for shard_arr, *digest_arrs, cand_arr in batches:
@@ -575,6 +575,8 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
     # (300k rows, task CPU: 26.4 s with persist, 19.5 s with the checkpoint). Only the columns the
     # writes need are kept (not the digests, shard and rank columns). The blocks are released when
     # the DataFrame is garbage-collected (Spark's context cleaner; Spark Connect on release).
+    # The price: an executor lost between the two writes takes blocks that a local checkpoint cannot
+    # recompute, so the run fails (before the publish: the rerun writes the same output, as above).
     tagged = df.select(*DEDUP_REJECTED.schema.fieldNames()[:-3], status.alias("status"),
                        message.alias("error_message"), "crawl")
     tagged = tagged.localCheckpoint(eager=False, storageLevel=StorageLevel.MEMORY_AND_DISK)

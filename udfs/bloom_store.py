@@ -1,7 +1,7 @@
 """A sharded, generation-numbered store of Bloom filters on fsspec (local path or s3://).
 
 Why sharded: 10B keys at 1% false positives is ~12 GB of bits, more than one executor should
-hold. Keys are split by the top bits of their SHA-256 digest (`bloom.shard_of`) into
+hold. Keys are split by the top bits of their digest (`bloom.shard_of`) into
 `shard_count` independent filters, each sized for `expected_keys / shard_count` keys, so a Spark
 task loads only the shard(s) of the rows it was given.
 
