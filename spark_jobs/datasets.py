@@ -184,6 +184,41 @@ def count_by(spark: SparkSession, path: str, column: str = "status") -> dict[str
     return {str(key[0]): n for key, n in grouped_counts(spark, path, column).items()}
 
 
+def footer_counts(path: str, column: str, storage_options: dict | None = None,
+                  threads: int = 16) -> dict[str, int]:
+    """Rows per value of the partition column `column` of a written dataset, from the parquet
+    footers of its files (no Spark job, no scan of the data; the driver reads one footer per file,
+    `threads` at a time). Only files under `column=value/` folders count, as Spark reads them;
+    hidden files (`_`, `.`) are skipped. A missing dataset counts as empty. A null partition value
+    counts under "None", as count_by reports it."""
+    import posixpath
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import unquote
+
+    import pyarrow.parquet as pq
+
+    fs, root = fsio.filesystem(path, storage_options)
+    if not fs.exists(root):
+        return {}
+    prefix = column + "="
+    files = []
+    for name in fs.find(root):
+        rel = posixpath.relpath(name, root).split("/")
+        if len(rel) == 2 and rel[0].startswith(prefix) and rel[1].endswith(".parquet") \
+                and not rel[1].startswith(("_", ".")):
+            value = unquote(rel[0][len(prefix):])
+            files.append(("None" if value == "__HIVE_DEFAULT_PARTITION__" else value, name))
+
+    def rows(name: str) -> int:
+        with fs.open(name, "rb") as fh:
+            return pq.read_metadata(fh).num_rows
+    counts: dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
+        for (value, _), n in zip(files, pool.map(rows, [f for _, f in files])):
+            counts[value] = counts.get(value, 0) + n
+    return {k: n for k, n in counts.items() if n}
+
+
 def write_stats(output: str, stage: str, stats: dict[str, Any], name: str = STATS_FILE,
                 storage_options: dict | None = None) -> str:
     """Write the stage's stats JSON under `<output>/_stats/`. Written last: its presence marks the

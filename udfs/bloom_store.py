@@ -1,7 +1,7 @@
 """A sharded, generation-numbered store of Bloom filters on fsspec (local path or s3://).
 
 Why sharded: 10B keys at 1% false positives is ~12 GB of bits, more than one executor should
-hold. Keys are split by the top bits of their SHA-256 digest (`bloom.shard_of`) into
+hold. Keys are split by the top bits of their digest (`bloom.shard_of`) into
 `shard_count` independent filters, each sized for `expected_keys / shard_count` keys, so a Spark
 task loads only the shard(s) of the rows it was given.
 
@@ -9,6 +9,11 @@ Why generations: a run reads generation N and writes N+1 into a new folder; read
 `CURRENT` pointer, which is replaced (one atomic object write) only after the run's data output is
 written. A run that dies at any point before that leaves `CURRENT`, and everything it points to,
 untouched. Files of an unpublished generation are never read.
+
+Hash scheme: every manifest and shard header names how keys become bit positions
+(`bloom.HASH_SCHEME_*`). A store keeps the scheme it was created with for all its generations;
+its readers must hash keys the same way (`ShardPlan.hash_scheme`); a shard of another scheme is
+refused as damaged, never probed.
 
 Layout under the store root:
 
@@ -34,12 +39,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from udfs import fsio
-from udfs.bloom import BloomFilter, CorruptFilterError, optimal_parameters
+from udfs.bloom import (
+    HASH_SCHEME_SHA256_DOUBLE,
+    HASH_SCHEME_WORDS,
+    BloomFilter,
+    CorruptFilterError,
+    optimal_parameters,
+)
 
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = "clipcrawl-bloom-store"
 STORE_FORMAT_VERSION = 1
+# A manifest of another hash scheme than SHA-256 says version 2, so code that predates hash
+# schemes refuses it (it would otherwise fill the store's empty shards with SHA-256 positions).
+STORE_FORMAT_VERSION_SCHEMES = 2
 CURRENT = "CURRENT"
 _GEN_RE = re.compile(r"gen-(\d{6,})$")
 
@@ -68,9 +82,12 @@ class Manifest:
     shards: list[dict | None]
     created_at: str = ""
     run: dict | None = None
+    hash_scheme: int = HASH_SCHEME_SHA256_DOUBLE   # bloom.HASH_SCHEME_*: how keys become bit positions
 
     def to_json(self) -> dict:
-        return {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION,
+        version = STORE_FORMAT_VERSION if self.hash_scheme == HASH_SCHEME_SHA256_DOUBLE \
+            else STORE_FORMAT_VERSION_SCHEMES
+        return {"format": STORE_FORMAT, "format_version": version, "hash_scheme": self.hash_scheme,
                 "generation": self.generation, "parent": self.parent, "key_kind": self.key_kind,
                 "shard_count": self.shard_count, "num_bits": self.num_bits,
                 "num_hashes": self.num_hashes, "expected_keys": self.expected_keys,
@@ -80,16 +97,21 @@ class Manifest:
     @classmethod
     def from_json(cls, obj: Any, source: str) -> "Manifest":
         try:
-            if obj.get("format") != STORE_FORMAT or obj.get("format_version") != STORE_FORMAT_VERSION:
-                raise CorruptFilterError(f"{source}: not a version-{STORE_FORMAT_VERSION} "
-                                         f"{STORE_FORMAT} manifest")
+            if obj.get("format") != STORE_FORMAT or obj.get("format_version") not in (
+                    STORE_FORMAT_VERSION, STORE_FORMAT_VERSION_SCHEMES):
+                raise CorruptFilterError(f"{source}: not a version-{STORE_FORMAT_VERSION} or "
+                                         f"-{STORE_FORMAT_VERSION_SCHEMES} {STORE_FORMAT} manifest")
+            # manifests written before hash schemes existed hold SHA-256 filters
+            scheme = int(obj.get("hash_scheme", HASH_SCHEME_SHA256_DOUBLE))
+            if scheme not in HASH_SCHEME_WORDS:
+                raise CorruptFilterError(f"{source}: unknown hash scheme {scheme}")
             shards = obj["shards"]
             if not isinstance(shards, list) or len(shards) != int(obj["shard_count"]):
                 raise CorruptFilterError(f"{source}: shard list does not match shard_count")
             return cls(int(obj["generation"]), obj.get("parent"), str(obj["key_kind"]),
                        int(obj["shard_count"]), int(obj["num_bits"]), int(obj["num_hashes"]),
                        int(obj["expected_keys"]), float(obj["false_positive_rate"]), shards,
-                       obj.get("created_at", ""), obj.get("run"))
+                       obj.get("created_at", ""), obj.get("run"), scheme)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, CorruptFilterError):
                 raise
@@ -120,6 +142,7 @@ class ShardPlan:
     num_hashes: int
     read_entries: list[dict | None]   # the manifest entries of the generation being read
     write_generation: int | None = None
+    hash_scheme: int = HASH_SCHEME_SHA256_DOUBLE
 
     def load(self, shard: int) -> BloomFilter:
         """The shard as published (an empty filter when the shard has no file yet), read-only:
@@ -128,13 +151,14 @@ class ShardPlan:
         entry = self.read_entries[shard]
         if entry is None:
             return BloomFilter(self.num_bits, self.num_hashes, shard_index=shard,
-                               shard_count=self.shard_count)
+                               shard_count=self.shard_count, hash_scheme=self.hash_scheme)
         uri = fsio.join(self.root, entry["path"])
         bf = BloomFilter.load(uri, self.storage_options, writable=False)
-        if (bf.num_bits, bf.num_hashes, bf.shard_index, bf.shard_count) != (
-                self.num_bits, self.num_hashes, shard, self.shard_count):
+        if (bf.num_bits, bf.num_hashes, bf.shard_index, bf.shard_count, bf.hash_scheme) != (
+                self.num_bits, self.num_hashes, shard, self.shard_count, self.hash_scheme):
             raise CorruptFilterError(f"{uri}: header ({bf.num_bits} bits, k={bf.num_hashes}, shard "
-                                     f"{bf.shard_index}/{bf.shard_count}) does not match the manifest")
+                                     f"{bf.shard_index}/{bf.shard_count}, hash scheme {bf.hash_scheme}) "
+                                     f"does not match the manifest (hash scheme {self.hash_scheme})")
         return bf
 
     def write(self, bf: BloomFilter) -> str:
@@ -228,23 +252,30 @@ class BloomStore:
                                          "is missing") from exc
             header = BloomFilter.read_header(head, uri)
             if size != entry["bytes"] or header["payload_crc32"] != entry["crc32"] \
-                    or header["shard_index"] != shard or header["num_bits"] != man.num_bits:
+                    or header["shard_index"] != shard or header["num_bits"] != man.num_bits \
+                    or header["hash_scheme"] != man.hash_scheme:
                 raise CorruptFilterError(f"{uri}: size/header does not match the manifest of "
                                          f"generation {man.generation}")
 
     def plan(self, man: Manifest | None, write_generation: int | None = None,
-             fresh: tuple[int, int, float] | None = None) -> ShardPlan:
+             fresh: tuple[int, int, float] | None = None,
+             fresh_scheme: int = HASH_SCHEME_SHA256_DOUBLE) -> ShardPlan:
         """A task plan reading `man` (or an empty filter sized by `fresh` = (shards, expected_keys,
-        fpr) when there is no manifest), writing into `write_generation` if given."""
+        fpr) and hashed by `fresh_scheme` when there is no manifest), writing into
+        `write_generation` if given. A manifest's own hash scheme always wins: a filter is never
+        probed or extended with another scheme than the one it was built with."""
         if man is not None:
             return ShardPlan(self.root, self.storage_options, self.key_kind, man.shard_count,
-                             man.num_bits, man.num_hashes, list(man.shards), write_generation)
+                             man.num_bits, man.num_hashes, list(man.shards), write_generation,
+                             man.hash_scheme)
         if fresh is None:
             raise ValueError("a plan without a manifest needs fresh sizing")
         shards, expected_keys, fpr = fresh
         num_bits, num_hashes = optimal_parameters(max(1, -(-int(expected_keys) // int(shards))), fpr)
+        if fresh_scheme not in HASH_SCHEME_WORDS:
+            raise ValueError(f"unknown hash scheme {fresh_scheme}")
         return ShardPlan(self.root, self.storage_options, self.key_kind, int(shards), num_bits,
-                         num_hashes, [None] * int(shards), write_generation)
+                         num_hashes, [None] * int(shards), write_generation, int(fresh_scheme))
 
     def next_generation(self, read_generation: int | None) -> int:
         """A number no folder uses yet: a dead run's unpublished folder is skipped, never reused
@@ -276,12 +307,15 @@ class BloomStore:
                 continue
             with fs.open(path, "rb") as fh:
                 header = BloomFilter.read_header(fh.read(64), self._uri(rel))
+            if header["hash_scheme"] != plan.hash_scheme:
+                raise CorruptFilterError(f"{self._uri(rel)}: hash scheme {header['hash_scheme']}, the "
+                                         f"generation is being written with scheme {plan.hash_scheme}")
             entries[shard] = {"path": rel, "bytes": header["file_bytes"],
                               "crc32": header["payload_crc32"], "keys": header["keys_added"],
                               "bits_set": header["bits_set"]}
         man = Manifest(gen, parent, self.key_kind, plan.shard_count, plan.num_bits, plan.num_hashes,
                        int(expected_keys), float(false_positive_rate), entries,
-                       time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), run)
+                       time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), run, plan.hash_scheme)
         manifest_rel = f"{generation_dir(gen)}/manifest.json"
         fsio.write_json(self._uri(manifest_rel), man.to_json(), self.storage_options)
         pointer = {"format": STORE_FORMAT, "generation": gen, "manifest": manifest_rel}
