@@ -224,12 +224,13 @@ def locate_rows(spark, df, bucket_cols: list[str], located_dir: str, storage_opt
 
     def locate_group(table):
         from udfs import fsio as io_
-        from udfs.export_shards import bucket_counts, locate, located_name, parquet_bytes, write_file
+        from udfs.export_shards import bucket_counts, locate, located_name, parquet_bytes
 
         located = locate(table, storage_options)
         tar = table.column("tar_path")[0].as_py()
         # uncompressed: read once, by job 2, then deleted
-        write_file(io_.join(located_dir, located_name(tar)), parquet_bytes(located, "none"), storage_options)
+        io_.write_bytes_atomic(io_.join(located_dir, located_name(tar)), parquet_bytes(located, "none"),
+                              storage_options, durable=False)
         return bucket_counts(located, bucket_cols)
 
     types = {f.name: f.dataType for f in df.schema.fields}
@@ -274,7 +275,7 @@ def write_shards(spark, located, bucket_cols, within, buckets, num_shards, outpu
         import pyarrow as pa
 
         from udfs import fsio as io_
-        from udfs.export_shards import manifest_part, shard_rows, write_file, write_shard
+        from udfs.export_shards import manifest_part, shard_rows, write_shard
 
         arrow = pa.schema([("shard", pa.int32()), ("file", pa.string()), ("samples", pa.int64()),
                            ("bytes", pa.int64()), ("image_bytes", pa.int64()), ("status", pa.string()),
@@ -282,7 +283,8 @@ def write_shards(spark, located, bucket_cols, within, buckets, num_shards, outpu
         shard = table.column("shard")[0].as_py()
         part = io_.join(output, MANIFEST_DIR)
         if shard is None:   # the rows without their image
-            write_file(io_.join(part, "part-missing.parquet"), manifest_part(table, None, fmt), so)
+            io_.write_bytes_atomic(io_.join(part, "part-missing.parquet"), manifest_part(table, None, fmt), so,
+                                  durable=False)
             listed = (table.select(["key", "SAMPLE_ID", "tar_path", "error_message"])
                       .sort_by([("tar_path", "ascending"), ("key", "ascending")])
                       .slice(0, worker_settings["max_listed_missing"]).to_pylist())
@@ -291,7 +293,8 @@ def write_shards(spark, located, bucket_cols, within, buckets, num_shards, outpu
         else:
             rows = shard_rows(table, shard, shard_size, within)
             res = write_shard(output, shard, rows, worker_settings)
-            write_file(io_.join(part, f"part-{shard:05d}.parquet"), manifest_part(rows, shard, fmt), so)
+            io_.write_bytes_atomic(io_.join(part, f"part-{shard:05d}.parquet"), manifest_part(rows, shard, fmt), so,
+                                  durable=False)
             res.update(missing=0, listed=None)
         return pa.Table.from_pylist([res], schema=arrow)
 

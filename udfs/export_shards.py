@@ -300,22 +300,6 @@ def parquet_bytes(table, compression: str = "zstd") -> bytes:
     return buf.getvalue()
 
 
-def write_file(uri: str, data: bytes, storage_options: dict | None = None) -> None:
-    """A file readers see whole or not at all, not flushed to disk: for files a rerun rewrites
-    (manifest parts, the located rows), where write_bytes_atomic's fsync per file would cost more
-    than writing them."""
-    fs, path = fsio.filesystem(uri, storage_options)
-    if fsio.is_remote(uri):
-        fs.pipe_file(path, data)
-        return
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def located_name(tar_path: str | None) -> str:
     """The file of one source tar's located rows (see spark_jobs/export.py's job 1)."""
     return hashlib.sha1(repr(tar_path).encode()).hexdigest()[:20] + ".parquet"

@@ -78,11 +78,13 @@ def expand(patterns: Iterable[str], storage_options: dict | None = None) -> list
     return out
 
 
-def write_bytes_atomic(uri: str, data: bytes, storage_options: dict | None = None) -> None:
+def write_bytes_atomic(uri: str, data: bytes, storage_options: dict | None = None,
+                       durable: bool = True) -> None:
     """Write so that readers see the old content or the new one, never a partial file.
 
     Local: write a temporary sibling, then rename. Object stores (s3, gs): a single PUT is already
-    atomic per object.
+    atomic per object. `durable=False` skips the fsync, for files a rerun rewrites anyway (export's
+    manifest parts and located rows), where an fsync per file costs more than writing them.
     """
     fs, path = filesystem(uri, storage_options)
     if is_remote(uri):
@@ -94,8 +96,9 @@ def write_bytes_atomic(uri: str, data: bytes, storage_options: dict | None = Non
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
