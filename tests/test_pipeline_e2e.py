@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -344,7 +345,10 @@ def test_report_of_an_s3_root_reads_thumbnails_from_the_shards_on_s3(baseline, m
 
 
 def _cli_run(root: Path, sample: dict, log_path: Path) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "spark_jobs.cli", "run", "--config", str(PRESET),
+    """`clipcrawl run` from download to filter (the stages the kill test interrupts and the subsets
+    it compares) on a root that already holds the baseline's dedup output."""
+    argv = [sys.executable, "-m", "spark_jobs.cli", "run", "--config", str(PRESET), "--from", "download",
+            "--to", "filter",
             "--set", f"storage.root={root}", "--set", f"run.input={json.dumps(sample['wat_files'])}",
             "--set", "download.allowed_cidrs=127.0.0.0/8", "--set", f"dedup.seen={root / '_filters' / 'seen'}",
             "--set", "spark.master=local[2]", "--set", "spark.conf.spark.ui.enabled=false",
@@ -378,6 +382,10 @@ def test_killed_in_download_and_in_clip_score_then_rerun_matches_uninterrupted(b
     log_path = tmp_path / "run.log"
     images = root / cfg.get("run.datasets.download")
     scored = root / cfg.get("run.datasets.clip-score")
+    # the runs start at download, from the baseline's dedup output (wat-extract and dedup are not
+    # what this test interrupts, and their resume has its own tests)
+    dedup = cfg.get("run.datasets.dedup")
+    shutil.copytree(baseline["root"] / dedup, root / dedup)
 
     # 1. Kill in the middle of download: after the first shard is complete, before the last.
     server.latency = (0.15, 0.25)
