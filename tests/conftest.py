@@ -22,6 +22,7 @@ LONG_MODULES = ("test_pipeline_e2e", "test_cluster", "test_connect", "test_noteb
                 "test_takedown", "test_export", "test_knn", "test_clip_score_stage", "test_dedup")
 
 
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     def module(item):
         return item.nodeid.split("::", 1)[0]
