@@ -38,11 +38,11 @@ install-browser:
 lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v -e '^clipcrawl' -e '^gcld3' > requirements.lock
 
-# Two workers (pytest-xdist): each test module stays on one worker (tests/conftest.py groups them);
+# Two workers (pytest-xdist): each test module stays on one worker, longest first (tests/conftest.py);
 # TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 test: install install-browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

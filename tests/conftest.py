@@ -13,30 +13,18 @@ SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 TEST_FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
-# Under pytest-xdist (`make test` runs two workers): each test module runs whole on one worker, so
-# its module fixtures (a pipeline run, a server) are built once; the modules that compare with the
-# suite's one local demo run (or use the Connect server) share a worker, which builds those once.
-# Modules start longest first (measured durations), so no long one is left for the end.
-SHARED_RUN_FIXTURES = {"local_demo_run", "connect_server"}
+# Under pytest-xdist (`make test`: two workers, `--dist loadfile --no-loadscope-reorder`) each test
+# module runs whole on one worker, so its module fixtures (a pipeline run, a server) are built once,
+# and modules are handed out in this order: the longest first (measured), so no long one is left
+# for the end. (xdist's `loadgroup` cannot merge modules here: pytest 9 ignores the node ids it rewrites.)
 LONG_MODULES = ("test_pipeline_e2e", "test_cluster", "test_connect", "test_notebook", "test_image_dedup",
                 "test_takedown", "test_export", "test_knn", "test_clip_score_stage", "test_dedup")
 
 
-@pytest.hookimpl(tryfirst=True)   # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    def module(item):
-        return item.nodeid.split("::", 1)[0]
-
-    shared = {module(i) for i in items if SHARED_RUN_FIXTURES & set(getattr(i, "fixturenames", ()))}
-    for item in items:
-        name = module(item)
-        item.add_marker(pytest.mark.xdist_group("shared_demo_run" if name in shared else name))
-
     def rank(item):
-        stem = Path(module(item)).stem
-        if module(item) in shared:
-            return 0
-        return LONG_MODULES.index(stem) + 1 if stem in LONG_MODULES else len(LONG_MODULES) + 1
+        stem = Path(item.nodeid.split("::", 1)[0]).stem
+        return LONG_MODULES.index(stem) if stem in LONG_MODULES else len(LONG_MODULES)
 
     items.sort(key=rank)   # stable: each module keeps its own order and stays contiguous
 
