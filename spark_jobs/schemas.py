@@ -94,7 +94,7 @@ WAT_FILE_OUTCOMES = DatasetSpec(
         T.StructField("seconds", T.DoubleType(), True),
         _l("compressed_bytes"),
         # every record accounted for (issue 12): records_read = sum(records_by_type); what could
-        # not be read is in records_lost by reason (udfs.wat.FileOutcome, udfs.warc_records)
+        # not be read is in records_lost by reason (udfs.extract.wat.FileOutcome, udfs.extract.warc_records)
         T.StructField("records_by_type", T.MapType(T.StringType(), T.LongType()), True),
         _l("records_not_html"),
         _l("records_lost"),

@@ -14,7 +14,7 @@ Bad input never stops the job: a missing, empty, non-gzip or truncated file gets
 partial (pairs before a truncation are kept); invalid JSON, records missing fields and unusable
 links become rejected rows with their reason. What real crawlers wrote (WARC/0.17-1.1, ARC, bare-LF
 headers, lying Content-Length, encodings that do not match the stored body) is read by
-udfs.warc_records / udfs.http_message; each record is read or counted as lost with a reason.
+udfs.extract.warc_records / udfs.extract.http_message; each record is read or counted as lost with a reason.
 
 Examples:
   clipcrawl wat-extract --input 'data/*.warc.wat.gz' --output out/wat_pairs
@@ -73,7 +73,7 @@ def _staging_schema():
         T.StructField("status", s, True),
         T.StructField("error_message", s, True),
         T.StructField("level", s, True),
-        T.StructField("outcome", s, True),          # JSON of udfs.wat.FileOutcome (kind=file)
+        T.StructField("outcome", s, True),          # JSON of udfs.extract.wat.FileOutcome (kind=file)
     ])
 
 
@@ -81,7 +81,7 @@ def _partition_extractor(opts, storage_options):
     """The per-task function: rows of the files of one partition (one file by default)."""
 
     def extract(files):
-        from udfs import wat
+        from udfs.extract import wat
 
         task_log = logging.getLogger("clipcrawl.wat_extract.task")
         for uri in files:
@@ -128,7 +128,8 @@ def resolve_inputs(cfg, args, storage_options) -> list[str]:
     A glob that matches nothing or a missing paths file is a user error; a plain path that does
     not exist is kept and counted as a failed file (a paths list pointing at a missing object
     must not stop a 80,000-file job)."""
-    from udfs import fsio, wat
+    from udfs import fsio
+    from udfs.extract import wat
 
     if not args.input and not args.paths_file:
         raise InputError("give --input and/or --paths-file")
@@ -175,7 +176,7 @@ def run(spark, cfg, args) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from udfs import wat
+    from udfs.extract import wat
 
     section = cfg.section("wat_extract")
     storage_options = cfg.get("storage.storage_options") or {}
@@ -243,7 +244,7 @@ def _stats_from_data(spark, output: str, rejected_out: str, outcomes_path: str) 
             for c in ("records_by_type", "lost_reasons", "quirks", "damage_reasons")}
     # lost records with a rejected row: those of files that were read, one row per record up to
     # MAX_EVENTS per file (a file with nothing readable has only its outcome)
-    from udfs.warc_records import MAX_EVENTS
+    from udfs.extract.warc_records import MAX_EVENTS
 
     lost_with_rows = sum(min(int(o.get("records_lost") or 0), MAX_EVENTS) for o in outcomes
                          if int(o.get("records_read") or 0) > 0)

@@ -23,8 +23,8 @@ from tests.gen.image_server import (
     ImageServer,
     jpeg_bytes,
 )
-from udfs import page_opt_out
 from udfs.download_worker import ShardJob
+from udfs.extract import page_opt_out
 from udfs.opt_out import OptOutList, Sha256Blocklist
 from udfs.robots import (
     ROBOTS_PATH,
