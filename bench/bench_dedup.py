@@ -83,8 +83,8 @@ def task_memory(work: Path, keys_per_shard: int, rows: int = 1_000_000) -> dict:
     import pyarrow as pa
 
     from spark_jobs import dedup
-    from udfs import bloom
-    from udfs.bloom_store import BloomStore
+    from udfs.dedup import bloom
+    from udfs.dedup.bloom_store import BloomStore
 
     root = work / f"mem-{keys_per_shard}"
     shutil.rmtree(root, ignore_errors=True)

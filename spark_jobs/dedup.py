@@ -4,9 +4,9 @@ join against the pairs of earlier runs, and a failed-URL filter.
     clipcrawl dedup --input <wat_pairs> --output <pairs_dedup> [--seen URI] [--failed-seen URI]
     clipcrawl dedup --add-failed <images dir> --failed-seen URI      # feed the failed-URL filter
 
-1. Key: normalised url + text (udfs/dedup_keys.py), hashed in the JVM into a 128-bit digest of two
+1. Key: normalised url + text (udfs/dedup/dedup_keys.py), hashed in the JVM into a 128-bit digest of two
    xxhash64 (hash scheme 2; a filter built with SHA-256, scheme 1, is still probed with SHA-256:
-   the scheme is read from the filter's manifest, see udfs/bloom.py for why 128 bits suffice).
+   the scheme is read from the filter's manifest, see udfs/dedup/bloom.py for why 128 bits suffice).
 2. Exact dedup: of the rows sharing a key, the one with the earliest record_date is kept (ties:
    smallest uid, then source_file, record_id, page_url); the others go to <output>_rejected as
    `duplicate` with the kept uid in error_message. The rule is deterministic, so reruns agree.
@@ -40,9 +40,10 @@ from typing import Callable, Iterator
 from spark_jobs import cli, datasets
 from spark_jobs.config import Config, ConfigError
 from spark_jobs.schemas import DEDUP_REJECTED, WAT_PAIRS
-from udfs import dedup_keys, fsio
-from udfs.bloom import HASH_SCHEME_SHA256_DOUBLE, HASH_SCHEME_XXH64_PAIR, CorruptFilterError
-from udfs.bloom_store import BloomStore, Manifest, ShardPlan
+from udfs import fsio
+from udfs.dedup import dedup_keys
+from udfs.dedup.bloom import HASH_SCHEME_SHA256_DOUBLE, HASH_SCHEME_XXH64_PAIR, CorruptFilterError
+from udfs.dedup.bloom_store import BloomStore, Manifest, ShardPlan
 
 NAME = "dedup"
 HELP = "exact dedup of url+text, then drop pairs seen in earlier runs (sharded Bloom filter)"
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(<IMAGES_DIR>/*.parquet) to the failed-URL filter")
 
 
-# -- keys in the JVM (the same rules as udfs/dedup_keys.py; tests check they agree) ---------------
+# -- keys in the JVM (the same rules as udfs/dedup/dedup_keys.py; tests check they agree) ---------------
 
 def _ascii_lower(col):
     from pyspark.sql import functions as F
@@ -103,7 +104,7 @@ def _url_rebuilt(u, prefix):
 
 
 def url_key_column(url):
-    """udfs.dedup_keys.url_key as a Spark expression."""
+    """udfs.dedup.dedup_keys.url_key as a Spark expression."""
     u = _url_stripped(url)
     return _url_rebuilt(u, _authority_prefix(u))
 
@@ -126,7 +127,7 @@ def _text_collapsed(t):
 
 
 def pair_key_column(url, text):
-    """udfs.dedup_keys.pair_key as a Spark expression."""
+    """udfs.dedup.dedup_keys.pair_key as a Spark expression."""
     from pyspark.sql import functions as F
     return F.concat(url_key_column(url), F.lit("\t"), text_key_column(text))
 
@@ -204,7 +205,7 @@ def _digest_words(arrays, scheme: int = HASH_SCHEME_SHA256_DOUBLE):
     import numpy as np
     import pyarrow as pa
 
-    from udfs.bloom import digests_from_bytes, digests_from_longs
+    from udfs.dedup.bloom import digests_from_bytes, digests_from_longs
     if scheme == HASH_SCHEME_XXH64_PAIR:
         a, b = arrays
         return digests_from_longs(a.to_numpy(zero_copy_only=False), b.to_numpy(zero_copy_only=False))

@@ -13,8 +13,8 @@ import pytest
 
 from spark_jobs import datasets, dedup
 from spark_jobs.schemas import DEDUP_REJECTED, WAT_PAIRS
-from udfs import bloom, dedup_keys
-from udfs.bloom_store import BloomStore
+from udfs.dedup import bloom, dedup_keys
+from udfs.dedup.bloom_store import BloomStore
 from udfs.ids import pair_uid
 
 CRAWLS = ("CC-MAIN-2024-10", "CC-MAIN-2024-18")

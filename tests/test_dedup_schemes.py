@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from tests.test_dedup import CRAWLS, pair, run_dedup, uids, write_input
-from udfs import bloom, dedup_keys
-from udfs.bloom import HASH_SCHEME_SHA256_DOUBLE as SHA
-from udfs.bloom import HASH_SCHEME_XXH64_PAIR as XXH
-from udfs.bloom_store import BloomStore
+from udfs.dedup import bloom, dedup_keys
+from udfs.dedup.bloom import HASH_SCHEME_SHA256_DOUBLE as SHA
+from udfs.dedup.bloom import HASH_SCHEME_XXH64_PAIR as XXH
+from udfs.dedup.bloom_store import BloomStore
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from udfs import fsio
-from udfs.dedup_keys import url_key
+from udfs.dedup.dedup_keys import url_key
 
 log = logging.getLogger(__name__)
 
