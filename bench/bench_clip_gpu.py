@@ -67,7 +67,8 @@ def bare_forward_rate(clip, folder: Path, frame, batch: int, repeats: int = 3) -
     """Images/s of the forward passes alone, on tensors already preprocessed and on the device."""
     import torch
 
-    from udfs import clip_scoring, shard_writer
+    from udfs import clip_scoring
+    from udfs.download import shard_writer
 
     n = min(len(frame), batch * 8)
     tensors, keys = [], []
@@ -99,7 +100,8 @@ def bare_forward_rate(clip, folder: Path, frame, batch: int, repeats: int = 3) -
 
 def pipeline_rate(clip, folder: Path, frame, batch: int, decode_threads: int, prefetch: int) -> dict:
     """One score_frame pass over every image: images/s and where the time went."""
-    from udfs import clip_scoring, shard_writer
+    from udfs import clip_scoring
+    from udfs.download import shard_writer
 
     _sync(clip.device)
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ the banded join and SemDeDup scale.
 1. near: 1,000 base photos (tests/gen/photos.py, JPEG q90) with 5 edited copies each (50% resize,
    JPEG q30, 5% crop, +10% brightness, a small caption overlay) plus one byte-identical copy, and
    5,000 distinct photos: 12,000 images. They are hashed in this process with the function
-   `download` calls (`udfs.image_hash.phash_bytes`), not fetched through a loopback server: the
+   `download` calls (`udfs.download.image_hash.phash_bytes`), not fetched through a loopback server: the
    server would add nothing to what is measured. Precision and recall are over pairs of images
    that end in one group (connected components), for the exact layer (sha256), the pHash layer at
    several distances (all pairs, and the 4-band join the stage uses), both, and dHash.
@@ -83,7 +83,7 @@ def _groups_metrics(groups: list[int], labels: list[int], kinds: list[str]) -> d
 
 def near_quality(n_base: int = 1000, n_distinct: int = 5000) -> dict:
     from udfs import image_dedup as dd
-    from udfs import image_hash as ih
+    from udfs.download import image_hash as ih
 
     t0 = time.perf_counter()
     items = make_images(n_base, n_distinct)
@@ -143,7 +143,7 @@ def hash_speed(n: int = 300) -> dict:
     from PIL import Image
 
     from tests.gen.photos import jpeg, photo_like
-    from udfs import image_hash as ih
+    from udfs.download import image_hash as ih
 
     data = [jpeg(photo_like(i, (1024, 768))) for i in range(n)]
     decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in data]

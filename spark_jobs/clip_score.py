@@ -69,7 +69,7 @@ def _model_specs(clip_cfg: dict, storage_options: dict | None) -> tuple[dict, di
 def _count_parts(metadata_files: list[str], per_file: int) -> int | None:
     """Embedding parts from the download output's file names ({shard:05d}.parquet holds shard's
     rows, every row has its shard), without a Spark job; None when a name does not say its shard."""
-    from udfs.download_worker import shard_of
+    from udfs.download.download_worker import shard_of
 
     shards = [shard_of(uri, ".parquet") for uri in metadata_files]
     if None in shards:
@@ -101,7 +101,8 @@ def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images
     def score_partitions(batches):
         import pandas as pd
 
-        from udfs import clip_model, clip_scoring, embeddings, shard_writer
+        from udfs import clip_model, clip_scoring, embeddings
+        from udfs.download import shard_writer
 
         try:
             from pyspark import TaskContext

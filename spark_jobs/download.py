@@ -17,7 +17,7 @@ Safety: hosts are resolved and private/loopback/link-local/multicast/reserved ad
 every redirect hop (allow networks with --set download.allowed_cidrs=...); X-Robots-Tag opt-outs
 are honoured from the headers before any body byte is read.
 
-Consent (udfs/download_worker.py): page-level opt-outs (`page_opt_out`), opt-out lists,
+Consent (udfs/download/download_worker.py): page-level opt-outs (`page_opt_out`), opt-out lists,
 robots.txt and tdmrep.json are checked before an image URL is requested; every `opted_out` row
 names its `opt_out_source`, counted in the stats (`opt_out_by_source`).
 """
@@ -37,7 +37,7 @@ from spark_jobs import cli, datasets, faults  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import DOWNLOAD_INPUT, IMAGES_METADATA  # noqa: E402
 from udfs import fsio  # noqa: E402
-from udfs.download_worker import key_digits  # noqa: E402
+from udfs.download.download_worker import key_digits  # noqa: E402
 from udfs.takedown import block_store_beside  # noqa: E402
 
 NAME = "download"
@@ -56,9 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate_section(section: dict, storage_options: dict | None = None) -> None:
     """Turn bad download.* values into ConfigError before any task starts."""
-    from udfs.address_guard import parse_cidrs
-    from udfs.resize import ResizeConfig
-    from udfs.robots import ConsentConfig
+    from udfs.download.address_guard import parse_cidrs
+    from udfs.download.resize import ResizeConfig
+    from udfs.download.robots import ConsentConfig
 
     try:
         ResizeConfig.from_section(section)
@@ -93,7 +93,7 @@ def metadata_paths(output: str, storage_options: dict | None) -> list[str]:
 
 
 def completed_shards(output: str, storage_options: dict | None) -> set[int]:
-    from udfs.download_worker import MARKER_SUFFIX, shard_of
+    from udfs.download.download_worker import MARKER_SUFFIX, shard_of
 
     shards = (shard_of(uri, MARKER_SUFFIX)
               for uri in fsio.expand([fsio.join(output, "*" + MARKER_SUFFIX)], storage_options))
@@ -121,7 +121,7 @@ def _shard_task(section: dict, output: str, storage_options: dict | None, digits
     (every Arrow UDF does, ~85 MB; see session.lighten_numpy_converters)."""
 
     def run_shard(shard, items):
-        from udfs.download_worker import ShardJob, make_key, shard_name
+        from udfs.download.download_worker import ShardJob, make_key, shard_name
         from udfs.ids import pair_uid
 
         shard = int(shard)

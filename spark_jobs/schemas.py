@@ -143,7 +143,7 @@ DOWNLOAD_INPUT = DatasetSpec(
 IMAGES_METADATA = DatasetSpec(
     name="images_metadata",
     description="one row per input row of a download shard: <images>/{shard:05d}.parquet "
-                "(read with the glob <images>/*.parquet), written by udfs.download_worker",
+                "(read with the glob <images>/*.parquet), written by udfs.download.download_worker",
     schema=T.StructType([
         _s("key"),              # {shard:05d}{index:04d}: the sample's name in the tar
         _s("uid"), _s("url"), _s("text"), _s("page_url"),
@@ -163,7 +163,7 @@ IMAGES_METADATA = DatasetSpec(
         _i("attempts"),         # HTTP attempts made (retries included)
         _i("exif_orientation"),  # EXIF orientation tag of the original (1-8; null: none); stored upright
         _s("opt_out_source"),   # opted_out rows: x_robots_tag | robots_txt | tdmrep | page_meta | opt_out_list
-        _l("phash"),            # 64-bit pHash of the decoded original (udfs.image_hash, signed); null unless success
+        _l("phash"),            # 64-bit pHash of the decoded original (udfs.download.image_hash, signed); null unless success
         _s("stored_sha256"),    # of the bytes stored in the tar as KEY.<ext> (after resize); null unless success
     ]),
     # columns added after the first release (exif_orientation, opt_out_source) are optional on read:

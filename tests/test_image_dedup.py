@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from udfs import image_dedup as dd
-from udfs.image_hash import to_signed
+from udfs.download.image_hash import to_signed
 
 # --- pure rules ------------------------------------------------------------------------------------
 
@@ -210,7 +210,7 @@ def _planted():
 
 
 def _write_download_output(folder, rows, pairs_folder, dates):
-    from udfs.download_worker import metadata_table
+    from udfs.download.download_worker import metadata_table
 
     folder.mkdir(parents=True)
     pq.write_table(metadata_table(rows[:7]), folder / "00000.parquet")
@@ -341,8 +341,8 @@ def test_spark_banded_pairs_match_the_pure_banded_pairs(spark):
 def test_download_worker_records_phash(tmp_path):
     from tests.gen.image_server import ImageServer
     from tests.gen.photos import jpeg, photo_like
-    from udfs.download_worker import download_shard
-    from udfs.image_hash import hamming, phash
+    from udfs.download.download_worker import download_shard
+    from udfs.download.image_hash import hamming, phash
 
     img = photo_like(1, (400, 300))
     with ImageServer() as srv:
@@ -386,7 +386,7 @@ def test_filter_removes_eval_overlap_and_semantic_duplicates(spark, tmp_path):
     from spark_jobs.config import load_config
     from tests.gen.photos import photo_like
     from udfs import embeddings
-    from udfs.image_hash import phash_bytes
+    from udfs.download.image_hash import phash_bytes
 
     rng = np.random.default_rng(7)
     dim = 16

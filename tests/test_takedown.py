@@ -108,8 +108,8 @@ def test_remove_from_index_renumbers_to_row_order(key, method):
 
 def test_download_shard_skips_blocked_rows_and_never_writes_blocked_bytes(tmp_path):
     from tests.gen.image_server import ImageServer, encode, noise_image
-    from udfs.download_worker import download_shard
-    from udfs.shard_writer import iter_samples
+    from udfs.download.download_worker import download_shard
+    from udfs.download.shard_writer import iter_samples
 
     with ImageServer() as srv:
         bodies = {name: encode(noise_image(200, 160, seed=i)) for i, name in enumerate("abcde")}
@@ -501,7 +501,7 @@ def _small_root(tmp: Path) -> Path:
 
     from tests.gen.embeddings_layout import clustered_vectors, write_parts, write_tar
     from udfs import knn
-    from udfs.download_worker import metadata_table
+    from udfs.download.download_worker import metadata_table
 
     n = 40
     root = tmp / "root"
@@ -588,7 +588,7 @@ def test_stage_fault_injection_and_cli_errors(tmp_path, cfg):
 
 def test_tar_without_metadata_is_matched_by_its_json_members(tmp_path):
     """A shard copied without its parquet: samples are matched by the url/uid in KEY.json."""
-    from udfs.shard_writer import TarShardWriter, iter_samples
+    from udfs.download.shard_writer import TarShardWriter, iter_samples
 
     uri = str(tmp_path / "00007.tar")
     with TarShardWriter(uri) as writer:

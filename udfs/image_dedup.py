@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from udfs.image_hash import as_uint64, hamming_matrix, to_unsigned
+from udfs.download.image_hash import as_uint64, hamming_matrix, to_unsigned
 
 DUPLICATE_IMAGE = "duplicate_image"
 NEAR_DUPLICATE = "near_duplicate"
@@ -355,7 +355,7 @@ class EvalSet:
 
 def load_eval_set(uri: str, storage_options: dict | None = None) -> EvalSet:
     from udfs import embeddings, fsio
-    from udfs.image_hash import phash_bytes
+    from udfs.download.image_hash import phash_bytes
 
     if not fsio.exists(uri, storage_options):
         raise EvalSetError(f"filter.eval_images: {uri} not found")

@@ -430,7 +430,7 @@ def rewrite_parquet(uri: str, matcher: Matcher, tombstone: bool, stager: Stager,
 
 def tar_member_keys(uri: str, so: dict | None) -> set[str]:
     """Sample keys of a tar from its headers (data is skipped with seeks)."""
-    from udfs.shard_writer import split_key
+    from udfs.download.shard_writer import split_key
 
     with fsio.open_uri(uri, "rb", so) as fh:
         with tarfile.open(fileobj=fh, mode="r:") as tar:
@@ -440,7 +440,7 @@ def tar_member_keys(uri: str, so: dict | None) -> set[str]:
 def rewrite_tar(uri: str, drop_keys: dict[str, str], matcher: Matcher, stager: Stager, rel: str) -> Staged | None:
     """Copy a tar without the samples whose key is in drop_keys or whose .json member matches.
     Members of a sample are grouped by key (consecutive, as webdataset writes them)."""
-    from udfs.shard_writer import split_key
+    from udfs.download.shard_writer import split_key
 
     tmp = stager.tmp_path(uri)
     removed: dict[str, str] = {}
