@@ -37,8 +37,8 @@ from spark_jobs import cli, datasets, faults  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import DOWNLOAD_INPUT, IMAGES_METADATA  # noqa: E402
 from udfs import fsio  # noqa: E402
+from udfs.download.block_list import block_store_beside  # noqa: E402
 from udfs.download.download_worker import key_digits  # noqa: E402
-from udfs.takedown import block_store_beside  # noqa: E402
 
 NAME = "download"
 HELP = "fetch, check and resize images into webdataset shards (img2dataset-compatible)"

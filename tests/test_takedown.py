@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from udfs import takedown as td
+from udfs.download import block_list
 from udfs.ids import pair_uid, uid_to_int64
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def test_parse_list_normalises_entries_and_reports_bad_lines():
         "domain:bad host",
         f"sample_id:{2 ** 63}",
     ])
-    entries, bad = td.parse_list(text)
+    entries, bad = block_list.parse_list(text)
     assert [e.text for e in entries] == [
         "http://example.com/a/B.jpg", "sample_id:-42", "sha256:" + "ab" * 32, "domain:images.example.org"]
     assert [b["line"] for b in bad] == [8, 9, 10, 11, 12]
@@ -53,9 +54,9 @@ def test_parse_list_normalises_entries_and_reports_bad_lines():
 
 
 def test_matcher_domains_sample_ids_and_sha256():
-    entries, _ = td.parse_list("domain:example.com\nsample_id:%d\nsha256:%s\n" % (
+    entries, _ = block_list.parse_list("domain:example.com\nsample_id:%d\nsha256:%s\n" % (
         uid_to_int64(pair_uid("http://other.net/x.jpg", "a caption")), "cd" * 32))
-    m = td.Matcher(entries)
+    m = block_list.Matcher(entries)
     assert m.match(url="https://cdn.images.example.com/p.jpg") == "domain:example.com"
     assert m.match(url="https://EXAMPLE.com/p.jpg") == "domain:example.com"
     assert m.match(url="https://notexample.com/p.jpg") is None
@@ -64,7 +65,7 @@ def test_matcher_domains_sample_ids_and_sha256():
     assert m.match(uid=pair_uid("http://other.net/x.jpg", "another caption")) is None
     assert m.match(sha256="cd" * 32) == "sha256:" + "cd" * 32
     for sid in (0, -1, 2 ** 63 - 1, -2 ** 63, 1234567890123):
-        assert td.sample_id_of_uid(td.uid_of_sample_id(sid)) == sid
+        assert block_list.sample_id_of_uid(block_list.uid_of_sample_id(sid)) == sid
 
 
 # --- faiss removal per index type ----------------------------------------------------------------
@@ -218,7 +219,7 @@ def taken(chain):
     assert len(picks) == 4, "the demo chain kept fewer than 4 pairs"
     targets = []
     for r, kind in zip(picks, ("url", "url", "sample_id", "sha256")):
-        uid = td.uid_of_sample_id(r["SAMPLE_ID"])
+        uid = block_list.uid_of_sample_id(r["SAMPLE_ID"])
         targets.append({"kind": kind, "url": r["URL"], "uid": uid, "sample_id": r["SAMPLE_ID"],
                         "sha256": meta[uid]["sha256"], "key": r["key"], "subset": r["subset"],
                         "text": r["TEXT"]})
@@ -237,7 +238,7 @@ def taken(chain):
         "tar_images": _images_in_tars(root),
         "vectors": _vectors_by_uid(root),
         "hashes": _tree_hashes(root),
-        "subset_of_uid": {td.uid_of_sample_id(r["SAMPLE_ID"]): r["subset"] for r in rows},
+        "subset_of_uid": {block_list.uid_of_sample_id(r["SAMPLE_ID"]): r["subset"] for r in rows},
     }
     args = argparse.Namespace(root=str(root), list_uri=str(list_file))
     result = cli._load_stage("spark_jobs.takedown").run(None, chain["cfg"], args)
@@ -259,7 +260,7 @@ def _vectors_by_uid(root: Path) -> dict[str, np.ndarray]:
             continue
         img, _, meta = embeddings.read_retrieval(str(layout))
         for vec, sid in zip(img, meta["SAMPLE_ID"]):
-            out[td.uid_of_sample_id(int(sid))] = vec.astype(np.float32)
+            out[block_list.uid_of_sample_id(int(sid))] = vec.astype(np.float32)
     return out
 
 
@@ -268,7 +269,7 @@ def _row_uid(row: dict) -> str | None:
         return row["uid"]
     for col in ("SAMPLE_ID", "hash"):
         if row.get(col) is not None:
-            return td.uid_of_sample_id(row[col])
+            return block_list.uid_of_sample_id(row[col])
     return None
 
 
@@ -276,7 +277,7 @@ def _row_uid(row: dict) -> str | None:
 def test_record_and_counts(taken):
     record, result = taken["record"], taken["result"]
     assert result["changed"] and result["items_removed"] == len(taken["uids_gone"])
-    assert set(record["removed_sample_ids"]) == {td.sample_id_of_uid(u) for u in taken["uids_gone"]}
+    assert set(record["removed_sample_ids"]) == {block_list.sample_id_of_uid(u) for u in taken["uids_gone"]}
     assert all(n > 0 for n in result["matches_by_entry"].values()), result["matches_by_entry"]
     assert [b["text"] for b in record["bad_lines"]] == ["not an entry"]
     kinds = {f["kind"] for f in record["files"]}
@@ -512,7 +513,7 @@ def _small_root(tmp: Path) -> Path:
     meta = [r for f in sorted((layout / "metadata").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     (root / "dataset" / "laion2B-en").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(meta), root / "dataset" / "laion2B-en" / "part-0.parquet")
-    records = [{"key": r["key"], "uid": td.uid_of_sample_id(r["SAMPLE_ID"]), "url": r["URL"], "text": r["TEXT"],
+    records = [{"key": r["key"], "uid": block_list.uid_of_sample_id(r["SAMPLE_ID"]), "url": r["URL"], "text": r["TEXT"],
                 "shard": 0, "status": "success", "bytes": 1000 + i, "sha256": f"{i:064x}"} for i, r in enumerate(meta)]
     pq.write_table(metadata_table(records), root / "images" / "00000.parquet")
     knn.build_subset(str(layout), str(root / "indices" / "laion2B-en"), knn.BuildParams(recall_sample=10, nb_cores=1))
@@ -595,14 +596,14 @@ def test_tar_without_metadata_is_matched_by_its_json_members(tmp_path):
         for i in range(5):
             rec = {"key": f"00007000{i}", "url": f"https://img{i}.example.com/{i}.jpg", "uid": f"{i:016x}"}
             writer.write(rec["key"], {"jpg": bytes([i]) * 100, "txt": b"caption", "json": json.dumps(rec).encode()})
-    entries, _ = td.parse_list("domain:img1.example.com\nhttps://img3.example.com/3.jpg\n")
+    entries, _ = block_list.parse_list("domain:img1.example.com\nhttps://img3.example.com/3.jpg\n")
     stager = td.Stager("r1", None)
-    staged = td.rewrite_tar(uri, {}, td.Matcher(entries), stager, "00007.tar")
+    staged = td.rewrite_tar(uri, {}, block_list.Matcher(entries), stager, "00007.tar")
     assert staged.report["samples_removed"] == 2 and staged.report["members_removed"] == 6
     (tmp, dest), = staged.swaps
     td.swap(tmp, dest, None)
     assert [s["__key__"] for s in iter_samples(uri)] == ["000070000", "000070002", "000070004"]
-    assert td.rewrite_tar(uri, {}, td.Matcher(entries), stager, "00007.tar") is None
+    assert td.rewrite_tar(uri, {}, block_list.Matcher(entries), stager, "00007.tar") is None
     assert sorted(os.listdir(tmp_path)) == ["00007.tar"]     # no staged file left when nothing matched
 
 

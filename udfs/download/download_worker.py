@@ -137,7 +137,7 @@ class ShardJob:
                                      cache_key=self.fetcher.config.user_agent)
         self.fetcher.gate = self._gate
         # clipcrawl takedown's block store: rows it names are neither fetched nor written
-        from udfs.takedown import load_block_list
+        from udfs.download.block_list import load_block_list
         self.blocked = load_block_list(section.get("block_store"), self.storage_options)
 
     def _fetch_document(self, url: str, max_bytes: int) -> tuple:
