@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from udfs import takedown as td
 from udfs.download import block_list
 from udfs.ids import pair_uid, uid_to_int64
+from udfs.takedown import rewrite as td
 
 REPO = Path(__file__).resolve().parent.parent
 
