@@ -82,8 +82,8 @@ def _groups_metrics(groups: list[int], labels: list[int], kinds: list[str]) -> d
 
 
 def near_quality(n_base: int = 1000, n_distinct: int = 5000) -> dict:
-    from udfs import image_dedup as dd
     from udfs.download import image_hash as ih
+    from udfs.image_dedup import layers as dd
 
     t0 = time.perf_counter()
     items = make_images(n_base, n_distinct)
@@ -227,7 +227,7 @@ def banded_scale(work: Path, sizes: list[int], bands: int = 4, distance: int = 6
     from pyspark.sql import functions as F
 
     from spark_jobs.image_dedup import banded_pairs, connected_components
-    from udfs.image_dedup import band_layout
+    from udfs.image_dedup.layers import band_layout
 
     spark = _spark(work)
     out = []
@@ -292,7 +292,7 @@ def semdedup_scale(rows: int, dim: int = 512, clusters: int = 1000, eps: float =
     per cluster group (here without Spark, to measure the algorithm's own time and memory)."""
     import faiss
 
-    from udfs import image_dedup as dd
+    from udfs.image_dedup import layers as dd
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(clusters * 2, dim)).astype(np.float32)
@@ -392,7 +392,7 @@ def write_clustered_embeddings(path: Path, rows: int, dim: int = 512, clusters: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from udfs import embeddings
+    from udfs.clip import embeddings
 
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

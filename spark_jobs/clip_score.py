@@ -32,7 +32,8 @@ import time  # noqa: E402
 from spark_jobs import cli, datasets  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import IMAGE_DEDUP, IMAGES_METADATA, SCORED  # noqa: E402
-from udfs import embeddings, fsio  # noqa: E402
+from udfs import fsio  # noqa: E402
+from udfs.clip import embeddings
 
 NAME = "clip-score"
 HELP = "CLIP similarity and embeddings for the downloaded pairs (open_clip, GPU when present)"
@@ -53,7 +54,7 @@ def tar_uri(images: str, shard: int) -> str:
 
 def _model_specs(clip_cfg: dict, storage_options: dict | None) -> tuple[dict, dict | None]:
     """Validate the configured model(s) on the driver, before any task starts."""
-    from udfs.clip_model import ModelLoadError, check_model_spec
+    from udfs.clip.clip_model import ModelLoadError, check_model_spec
 
     try:
         main = check_model_spec(clip_cfg.get("model"), clip_cfg.get("pretrained"), storage_options)
@@ -90,7 +91,7 @@ def image_dedup_source(path: str, storage_options: dict | None) -> tuple[str | N
 def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images: str, output: str,
                           storage_options: dict | None):
     """The mapInPandas function. It closes over plain dicts and strings only: the model is built
-    inside the worker, once per process (`udfs.clip_model.cached_clip`)."""
+    inside the worker, once per process (`udfs.clip.clip_model.cached_clip`)."""
     batch_size = int(clip_cfg.get("batch_size") or 256)
     prefetch = int(clip_cfg.get("prefetch_batches") or 2)
     decode_threads = max(1, int(clip_cfg.get("decode_threads") or 1))
@@ -101,7 +102,7 @@ def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images
     def score_partitions(batches):
         import pandas as pd
 
-        from udfs import clip_model, clip_scoring, embeddings
+        from udfs.clip import clip_model, clip_scoring, embeddings
         from udfs.download import shard_writer
 
         try:
@@ -180,7 +181,7 @@ def task_device(requested: str, gpus: list[str] | None, has_cuda: bool | None = 
     """The torch device of this task: with `auto`, the first GPU Spark assigned ("cuda:3"), not
     "cuda:0" by habit, so tasks sharing a multi-GPU executor each use their own GPU; the CPU when
     the worker sees no CUDA."""
-    from udfs.clip_model import select_device
+    from udfs.clip.clip_model import select_device
 
     return select_device(requested, gpus, has_cuda)
 

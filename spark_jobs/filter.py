@@ -9,7 +9,7 @@ Reads the clip_score output (`<scored>`, contract 3) and writes under `<dataset>
 and every row not kept in `<dataset>_rejected` (status below_threshold / not_scored / the earlier
 status), so kept + rejected == input rows.
 
-Language: filter.language_detector (default hybrid; see udfs/langid.py for the measured choice);
+Language: filter.language_detector (default hybrid; see udfs/filter/langid.py for the measured choice);
 a caption whose confidence is below filter.min_language_confidence (null: the detector's tuned
 cut-off) is "no language". Every scored row keeps LANGUAGE and language_confidence (rejected rows
 too), and the stats name the detector and the cut-off applied, so a split can be redone offline.
@@ -17,7 +17,7 @@ Thresholds: filter.thresholds (LAION-5B: 0.28 en / 0.26 multi / 0.26 nolang), or
 filter.presets when filter.preset is set (laion400m: 0.30). Kept when score >= threshold.
 English is scored with `similarity`, other buckets with `similarity_multilingual` when present.
 Safety: punsafe / pwatermark from the heads at filter.punsafe_head / filter.pwatermark_head
-(udfs/safety_heads.py), null when none is configured.
+(udfs/filter/safety_heads.py), null when none is configured.
 """
 
 if __package__ in (None, ""):  # run as `spark-submit spark_jobs/filter.py`: make the repo importable
@@ -34,7 +34,8 @@ import uuid  # noqa: E402
 from spark_jobs import cli, datasets  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import FILTER_INPUT, FILTER_REJECTED, SUBSET  # noqa: E402
-from udfs import embeddings, fsio  # noqa: E402
+from udfs import fsio  # noqa: E402
+from udfs.clip import embeddings
 
 NAME = "filter"
 HELP = "CLIP-similarity threshold and language split into laion2B-en / laion2B-multi / laion1B-nolang"
@@ -53,7 +54,7 @@ def resolve_thresholds(section: dict) -> dict[str, float]:
     """Per-bucket thresholds: `filter.thresholds`, or all three from `filter.presets[preset]` when
     `filter.preset` is set (a preset is an explicit choice, so it wins; `filter.thresholds` keeps
     holding the thresholds of the default run, which is what other readers of the config see)."""
-    from udfs.subset_filter import BUCKETS
+    from udfs.filter.subset_filter import BUCKETS
 
     preset_name = section.get("preset")
     presets = section.get("presets") or {}
@@ -83,8 +84,8 @@ def resolve_thresholds(section: dict) -> dict[str, float]:
 
 def build_settings(cfg) -> dict:
     """Everything the worker functions need, as a small picklable dict (checked on the driver)."""
-    from udfs import langid, safety_heads
-    from udfs.subset_filter import BUCKETS
+    from udfs.filter import langid, safety_heads
+    from udfs.filter.subset_filter import BUCKETS
 
     section = cfg.section("filter")
     storage_options = cfg.get("storage.storage_options") or None
@@ -108,7 +109,7 @@ def build_settings(cfg) -> dict:
         "min_language_confidence": detector.min_confidence,
         "min_language_confidence_source": ("filter.min_language_confidence"
                                            if section.get("min_language_confidence") is not None
-                                           else f"{detector.name} default (udfs.langid.DEFAULT_CUTOFFS)"),
+                                           else f"{detector.name} default (udfs.filter.langid.DEFAULT_CUTOFFS)"),
         "languages": list(section["languages"]) if section.get("languages") else None,
         "punsafe_head": section.get("punsafe_head"),
         "pwatermark_head": section.get("pwatermark_head"),
@@ -124,7 +125,7 @@ def build_settings(cfg) -> dict:
 def hygiene_settings(cfg, storage_options) -> dict:
     """filter.semdedup and the eval set, checked on the driver (the eval set is loaded once here,
     so a bad folder fails before any task)."""
-    from udfs.image_dedup import EvalSetError, load_eval_set
+    from udfs.image_dedup.layers import EvalSetError, load_eval_set
 
     section = cfg.section("filter")
     sd = dict(section.get("semdedup") or {})
@@ -177,7 +178,7 @@ def _check_head_dims(df, settings: dict) -> None:
 
 
 def annotate(df, settings: dict):
-    """Every input row with its decision (udfs.subset_filter.annotate per Arrow batch)."""
+    """Every input row with its decision (udfs.filter.subset_filter.annotate per Arrow batch)."""
     from pyspark.sql import functions as F
 
     worker_settings = {k: v for k, v in settings.items() if k != "histogram"}
@@ -188,7 +189,7 @@ def annotate(df, settings: dict):
             df = df.withColumn(col, F.lit(None).cast(kind))
 
     def run_batches(batches):
-        from udfs.subset_filter import annotate as annotate_batch
+        from udfs.filter.subset_filter import annotate as annotate_batch
 
         for pdf in batches:
             yield annotate_batch(pdf, worker_settings)
@@ -227,8 +228,8 @@ def eval_overlap(df, settings: dict):
     def match(batches):
         import pandas as pd
 
-        from udfs import embeddings
-        from udfs.image_dedup import cached_eval_set
+        from udfs.clip import embeddings
+        from udfs.image_dedup.layers import cached_eval_set
 
         eval_set = cached_eval_set(uri, so, token)
         for pdf in batches:
@@ -248,7 +249,7 @@ def semantic_duplicates(spark, annotated, settings: dict, output: str):
     Plan: a sample of the kept image embeddings (filter.semdedup.train_rows) trains a spherical
     k-means (faiss) on the driver; the centroids go to `<output>/_stats/semdedup_centroids.npy`;
     a mapInPandas assigns every kept row its nearest centroid; `groupBy(scope, cluster)
-    .applyInPandas` runs udfs.image_dedup.semdedup_cluster on each group (scope = the language
+    .applyInPandas` runs udfs.image_dedup.layers.semdedup_cluster on each group (scope = the language
     bucket, or one scope for filter.semdedup.scope=global). One cluster is in one task's memory:
     at 10M rows and 1000 clusters that is ~10k x 512 floats (20 MB) per group."""
     import faiss
@@ -279,7 +280,7 @@ def semantic_duplicates(spark, annotated, settings: dict, output: str):
     so, eps, scope_global = settings["storage_options"], float(sd["eps"]), sd["scope"] == "global"
 
     def assign(batches):
-        from udfs.image_dedup import cached_centroids
+        from udfs.image_dedup.layers import cached_centroids
 
         index = cached_centroids(centroids_uri, so)
         for pdf in batches:
@@ -292,7 +293,7 @@ def semantic_duplicates(spark, annotated, settings: dict, output: str):
     def dedup(pdf):
         import pandas as pd
 
-        from udfs.image_dedup import cached_centroids, semantic_message, semdedup_cluster
+        from udfs.image_dedup.layers import cached_centroids, semantic_message, semdedup_cluster
 
         centroid = cached_centroids(centroids_uri, so).reconstruct(int(pdf["cluster"].iloc[0]))
         emb = embeddings.decode_rows(pdf["image_embedding"])
@@ -320,7 +321,7 @@ def _subset_frame(kept):
 def write_embeddings(subset_df, root: str, rows: int, settings: dict) -> None:
     """clip-retrieval layout for one subset: ceil(rows / embeddings_per_file) parts, rows hashed by
     uid and sorted within a part, so a retried task rewrites the same files with the same rows."""
-    from udfs.subset_filter import parts_for
+    from udfs.filter.subset_filter import parts_for
 
     storage_options = settings["storage_options"]
     fs, path = fsio.filesystem(root, storage_options)
@@ -334,7 +335,7 @@ def write_embeddings(subset_df, root: str, rows: int, settings: dict) -> None:
         import pandas as pd
         from pyspark import TaskContext
 
-        from udfs.subset_filter import write_embedding_part
+        from udfs.filter.subset_filter import write_embedding_part
 
         frames = list(batches)
         pdf = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

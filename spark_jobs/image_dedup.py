@@ -8,7 +8,7 @@ duplicates the pHash distance to it (also in `error_message`). `clip-score --inp
 only the rows still `success`, reading the images from the download folder named in
 `<output>/_stats/stats.json` (`images`).
 
-Rules (udfs/image_dedup.py): exact: the earliest `record_date` (joined from the download input by
+Rules (udfs/image_dedup/layers.py): exact: the earliest `record_date` (joined from the download input by
 uid), then the smallest uid; near: the largest original_width x original_height, then the exact
 rule. Near pairs are found without an all-pairs join: the hash is cut into `image_dedup.bands`
 bands, rows are grouped by band and the value's top bits, pairs sharing a band value are verified
@@ -31,7 +31,7 @@ from spark_jobs import cli, datasets  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import IMAGE_DEDUP, IMAGES_METADATA  # noqa: E402
 from udfs import fsio  # noqa: E402
-from udfs.image_dedup import DUPLICATE_IMAGE, NEAR_DUPLICATE, band_layout  # noqa: E402
+from udfs.image_dedup.layers import DUPLICATE_IMAGE, NEAR_DUPLICATE, band_layout  # noqa: E402
 
 NAME = "image-dedup"
 HELP = "mark repeated images (same sha256, or pHash near-duplicates) so clip-score skips them"
@@ -112,7 +112,7 @@ def banded_pairs(nodes, distance: int, bands: int, group_bits: int = GROUP_BITS)
 
     `nodes` has `node` (long) and `phash` (long). Each row becomes `bands` rows (band, group), group =
     the top `group_bits` of the band's value; `groupBy(band, group).applyInPandas` runs
-    udfs.image_dedup.bucket_pairs on each group, which compares only rows sharing the whole band
+    udfs.image_dedup.layers.bucket_pairs on each group, which compares only rows sharing the whole band
     value (and a part of the other bits, pigeonhole) and emits a pair from the first band it shares.
     The shuffle is `bands` rows of 16 bytes per hash, linear in rows (a join on (band, value) shuffled
     and verified rows^2 / 2^16 candidate pairs); a group is one task's memory."""
@@ -129,7 +129,7 @@ def banded_pairs(nodes, distance: int, bands: int, group_bits: int = GROUP_BITS)
     def verify(key, pdf):
         import pandas as pd
 
-        from udfs.image_dedup import bucket_pairs
+        from udfs.image_dedup.layers import bucket_pairs
 
         a, b, d = bucket_pairs(pdf["node"].to_numpy(), pdf["phash"].to_numpy(), int(key[0]), bands, distance)
         return pd.DataFrame({"a": a, "b": b, "d": d.astype("int32")})

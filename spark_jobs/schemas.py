@@ -270,7 +270,7 @@ SCORED = DatasetSpec(
         T.StructField("similarity", T.DoubleType(), True),               # cosine; null unless scored
         T.StructField("similarity_multilingual", T.DoubleType(), True),  # null unless a multilingual model is set
         T.StructField("image_embedding", T.BinaryType(), True),  # little-endian float16, L2-normalised
-        T.StructField("text_embedding", T.BinaryType(), True),   # (udfs.embeddings.encode / decode)
+        T.StructField("text_embedding", T.BinaryType(), True),   # (udfs.clip.embeddings.encode / decode)
         _s("tar_path"),         # URI of the shard tar holding the sample (null when it is not in one)
     ]),
     partition_by=("status",),

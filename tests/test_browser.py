@@ -84,7 +84,7 @@ def page_url(tmp_path_factory, cfg):
     from serving.http import make_server
     from serving.service import KnnService
     from tests.gen.shapes import all_classes
-    from udfs.clip_model import load_clip
+    from udfs.clip.clip_model import load_clip
 
     tmp = tmp_path_factory.mktemp("browser")
     run_cfg = cfg.with_overrides(tiny_clip_overrides())

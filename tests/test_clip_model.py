@@ -1,4 +1,4 @@
-"""udfs.clip_model and udfs.embeddings: loading (local folder, checkpoints, errors), device and
+"""udfs.clip.clip_model and udfs.clip.embeddings: loading (local folder, checkpoints, errors), device and
 precision selection, embeddings on the synthetic shapes, float16 codec and clip-retrieval layout."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.gen import shapes
-from udfs import clip_model, embeddings
+from udfs.clip import clip_model, embeddings
 
 TINY = Path(__file__).resolve().parent / "fixtures" / "tiny_clip"
 TINY_SPEC = "local-dir:tests/fixtures/tiny_clip"

@@ -66,7 +66,7 @@ def test_scorer_loads_the_model_on_the_tasks_gpu(monkeypatch, tmp_path):
     import torch
 
     from spark_jobs import clip_score
-    from udfs import clip_model
+    from udfs.clip import clip_model
 
     asked = []
 

@@ -1,4 +1,4 @@
-"""Image dedup layers: the pure rules (udfs/image_dedup.py) and the `image-dedup` stage on a
+"""Image dedup layers: the pure rules (udfs/image_dedup/layers.py) and the `image-dedup` stage on a
 fabricated download output whose groups of copies, and the copy each group keeps, are planted by
 hand."""
 
@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from udfs import image_dedup as dd
 from udfs.download.image_hash import to_signed
+from udfs.image_dedup import layers as dd
 
 # --- pure rules ------------------------------------------------------------------------------------
 
@@ -385,7 +385,7 @@ def test_filter_removes_eval_overlap_and_semantic_duplicates(spark, tmp_path):
     from spark_jobs import filter as filter_stage
     from spark_jobs.config import load_config
     from tests.gen.photos import photo_like
-    from udfs import embeddings
+    from udfs.clip import embeddings
     from udfs.download.image_hash import phash_bytes
 
     rng = np.random.default_rng(7)
@@ -447,7 +447,7 @@ def test_filter_removes_eval_overlap_and_semantic_duplicates(spark, tmp_path):
 
 
 def test_eval_set_errors_are_config_errors(tmp_path):
-    from udfs.image_dedup import EvalSetError, load_eval_set
+    from udfs.image_dedup.layers import EvalSetError, load_eval_set
 
     with pytest.raises(EvalSetError, match="not found"):
         load_eval_set(str(tmp_path / "nope"))

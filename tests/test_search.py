@@ -58,7 +58,7 @@ def shapes_index(tmp_path_factory):
     reason = tiny_clip_missing()
     if reason:
         pytest.skip(reason)
-    from udfs.clip_model import load_clip
+    from udfs.clip.clip_model import load_clip
 
     tmp = tmp_path_factory.mktemp("shapes")
     model = load_clip(tiny_clip_overrides()[0].split("=", 1)[1], None, device="cpu")
@@ -77,7 +77,7 @@ def _overrides():
 def test_text_query_finds_the_shape(shapes_index, capsys, query):
     """The printed results are the exact top-k for the query as the clip config embeds it, and
     the best one is the shape asked for."""
-    from udfs.clip_model import load_clip
+    from udfs.clip.clip_model import load_clip
 
     tmp, classes = shapes_index
     rc = search.main(["--index", str(tmp / "indices" / "laion2B-en"), "--text", query, "-k", "3",

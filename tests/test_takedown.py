@@ -251,7 +251,7 @@ def taken(chain):
 
 
 def _vectors_by_uid(root: Path) -> dict[str, np.ndarray]:
-    from udfs import embeddings
+    from udfs.clip import embeddings
 
     out = {}
     for subset in SUBSETS:
@@ -337,7 +337,8 @@ def test_no_tar_holds_them(taken, chain):
 def test_indices_shrank_by_the_removed_count_and_stay_aligned(taken, chain):
     import faiss
 
-    from udfs import embeddings, knn
+    from udfs import knn
+    from udfs.clip import embeddings
 
     root = chain["root"]
     gone_per_subset: dict[str, int] = {}
@@ -550,7 +551,7 @@ def test_takedown_on_s3(tmp_path, moto_s3):
     assert len(subset_keys) == 37 and not set(subset_keys) & gone
     ids = pq.read_table(back / "indices" / "laion2B-en" / "ids.parquet").to_pylist()
     assert [r["key"] for r in ids] == subset_keys and [r["index_id"] for r in ids] == list(range(37))
-    from udfs import embeddings
+    from udfs.clip import embeddings
 
     img, txt, m = embeddings.read_retrieval(str(back / "dataset" / "embeddings" / "laion2B-en"))
     assert len(img) == len(txt) == len(m) == 37 and list(m["key"]) == subset_keys

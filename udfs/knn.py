@@ -27,7 +27,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from udfs import embeddings, fsio
+from udfs import fsio
+from udfs.clip import embeddings
 
 log = logging.getLogger(__name__)
 
@@ -948,7 +949,7 @@ class QueryEncoder:
     @property
     def model(self):
         if self._model is None:
-            from udfs.clip_model import load_clip
+            from udfs.clip.clip_model import load_clip
 
             self._model = load_clip(self.clip.get("model"), self.clip.get("pretrained"),
                                     device=self.clip.get("device", "auto"),

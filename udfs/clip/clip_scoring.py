@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from udfs import embeddings
+from udfs.clip import embeddings
 
 log = logging.getLogger(__name__)
 
