@@ -282,7 +282,7 @@ SCORED = DatasetSpec(
 INDEX_IDS = DatasetSpec(
     name="index_ids",
     description="<indices>/<subset>/ids.parquet: faiss index id -> the subset row it stands for "
-                "(written by udfs.knn.write_ids with pyarrow, one row group per embeddings part)",
+                "(written by udfs.index.layout.write_ids with pyarrow, one row group per embeddings part)",
     schema=T.StructType([
         _l("index_id"),         # row number in the order autofaiss read the npy files (path order)
         _l("SAMPLE_ID"),

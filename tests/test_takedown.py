@@ -337,8 +337,8 @@ def test_no_tar_holds_them(taken, chain):
 def test_indices_shrank_by_the_removed_count_and_stay_aligned(taken, chain):
     import faiss
 
-    from udfs import knn
     from udfs.clip import embeddings
+    from udfs.index import layout as index_layout
 
     root = chain["root"]
     gone_per_subset: dict[str, int] = {}
@@ -352,13 +352,13 @@ def test_indices_shrank_by_the_removed_count_and_stay_aligned(taken, chain):
         assert [r["index_id"] for r in ids] == list(range(len(ids)))
         assert not {_row_uid(r) for r in ids} & taken["uids_gone"]
         layout = root / "dataset" / "embeddings" / subset
-        parts = knn.list_parts(str(layout))       # raises unless every part is row-aligned
+        parts = index_layout.list_parts(str(layout))       # raises unless every part is row-aligned
         meta = [r for p in parts for r in pq.read_table(p.metadata).to_pylist()]
         assert [r["SAMPLE_ID"] for r in meta] == [r["SAMPLE_ID"] for r in ids]
         for kind in ("image", "text"):
-            index = faiss.read_index(str(folder / knn.INDEX_FILES[kind]))
+            index = faiss.read_index(str(folder / index_layout.INDEX_FILES[kind]))
             assert index.ntotal == before - gone_per_subset.get(subset, 0), (subset, kind)
-            vectors = np.concatenate([knn.load_part(p, kind) for p in parts])
+            vectors = np.concatenate([index_layout.load_part(p, kind) for p in parts])
             if index.ntotal:   # the demo's indices are Flat: row i of the embeddings is vector i
                 assert np.allclose(index.reconstruct_n(0, index.ntotal), vectors, atol=1e-3)
         infos = json.loads((folder / "index_infos.json").read_text())
@@ -383,7 +383,7 @@ def _search_cli(root: Path, subset: str, vector: np.ndarray, tmp: Path) -> list[
 def test_search_and_serve_do_not_return_them(taken, chain, cfg, tmp_path):
     from serving.http import make_server
     from serving.service import KnnService
-    from udfs import knn
+    from udfs.index import search
 
     root = chain["root"]
     targets = [t for t in taken["targets"] if t["uid"] in taken["before"]["vectors"]]
@@ -392,7 +392,7 @@ def test_search_and_serve_do_not_return_them(taken, chain, cfg, tmp_path):
         assert not {h["URL"] for h in hits} & taken["urls_gone"]
         assert t["sample_id"] not in {h["SAMPLE_ID"] for h in hits}
 
-    service = KnnService(knn.open_indices(str(root / "indices")), cfg.section("serve"), encoder=None)
+    service = KnnService(search.open_indices(str(root / "indices")), cfg.section("serve"), encoder=None)
     srv = make_server(service, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -502,8 +502,8 @@ def _small_root(tmp: Path) -> Path:
     from PIL import Image
 
     from tests.gen.embeddings_layout import clustered_vectors, write_parts, write_tar
-    from udfs import knn
     from udfs.download.download_worker import metadata_table
+    from udfs.index import build, tuning
 
     n = 40
     root = tmp / "root"
@@ -517,7 +517,7 @@ def _small_root(tmp: Path) -> Path:
     records = [{"key": r["key"], "uid": block_list.uid_of_sample_id(r["SAMPLE_ID"]), "url": r["URL"], "text": r["TEXT"],
                 "shard": 0, "status": "success", "bytes": 1000 + i, "sha256": f"{i:064x}"} for i, r in enumerate(meta)]
     pq.write_table(metadata_table(records), root / "images" / "00000.parquet")
-    knn.build_subset(str(layout), str(root / "indices" / "laion2B-en"), knn.BuildParams(recall_sample=10, nb_cores=1))
+    build.build_subset(str(layout), str(root / "indices" / "laion2B-en"), tuning.BuildParams(recall_sample=10, nb_cores=1))
     return root
 
 

@@ -456,11 +456,11 @@ def rewrite_index_folder(folder: str, matcher: Matcher, stager: Stager, root: st
     import faiss
     import pyarrow as pa
 
-    from udfs import knn
+    from udfs.index import layout as index_layout
 
     so = stager.so
-    ids_uri = fsio.join(folder, knn.IDS_FILE)
-    infos_uri = fsio.join(folder, knn.INFOS_FILE)
+    ids_uri = fsio.join(folder, index_layout.IDS_FILE)
+    infos_uri = fsio.join(folder, index_layout.INFOS_FILE)
     table, compression = _read_parquet(ids_uri, so)
     labels = matcher.match_table(table)
     gone = np.array([lab is not None for lab in labels], dtype=bool)
@@ -483,7 +483,7 @@ def rewrite_index_folder(folder: str, matcher: Matcher, stager: Stager, root: st
     staged = Staged(report=report)
     scratch = tempfile.mkdtemp(prefix="clipcrawl-takedown-")
     try:
-        for kind, file in knn.INDEX_FILES.items():
+        for kind, file in index_layout.INDEX_FILES.items():
             uri = fsio.join(folder, file)
             if not fsio.exists(uri, so):
                 continue
