@@ -418,10 +418,10 @@ def write_clustered_embeddings(path: Path, rows: int, dim: int = 512, clusters: 
 
 
 def semdedup_spark(work: Path, rows: int, clusters: int = 1000, eps: float = 0.05) -> dict:
-    """The filter stage's SemDeDup (spark_jobs.filter.semantic_duplicates: driver k-means on a
+    """The filter stage's SemDeDup (spark_jobs.columns.semantic_duplicates: driver k-means on a
     sample, mapInPandas assignment, groupBy(scope, cluster).applyInPandas) on local[2], scope
     global: seconds per step and the peak RSS of driver + JVM + Python workers together."""
-    from spark_jobs.filter import semantic_duplicates
+    from spark_jobs.columns import semantic_duplicates
 
     path = work / f"semdedup_{rows}"
     t0 = time.perf_counter()
