@@ -226,7 +226,7 @@ def synthetic_hashes(spark, rows: int, copy_fraction: float = 0.1):
 def banded_scale(work: Path, sizes: list[int], bands: int = 4, distance: int = 6) -> list[dict]:
     from pyspark.sql import functions as F
 
-    from spark_jobs.image_dedup import banded_pairs, connected_components
+    from spark_jobs.columns import banded_pairs, connected_components
     from udfs.image_dedup.layers import band_layout
 
     spark = _spark(work)

@@ -298,7 +298,7 @@ def test_stage_disabled_writes_only_stats_and_clip_score_reads_the_download(spar
 
 
 def test_spark_components_match_union_find_on_random_groups(spark):
-    from spark_jobs.image_dedup import connected_components
+    from spark_jobs.columns import connected_components
 
     rng = random.Random(11)
     edges = []
@@ -324,7 +324,7 @@ def test_spark_components_match_union_find_on_random_groups(spark):
 
 
 def test_spark_banded_pairs_match_the_pure_banded_pairs(spark):
-    from spark_jobs.image_dedup import banded_pairs
+    from spark_jobs.columns import banded_pairs
 
     hashes = _planted_hashes(13)
     rows = [(i * 5 + 7, to_signed(h)) for i, h in enumerate(hashes)]
