@@ -1,7 +1,8 @@
 """Spark column twins of udfs rules, for the stages: the same rule evaluated in the JVM.
 
-A rule whose Python form lives in udfs/ and that a stage also needs as a Spark expression (so the
-rows stay in the JVM) is written here once, beside a test that checks both forms agree:
+A rule whose Python form lives in udfs/ and that a stage also needs over DataFrames (so the rows
+stay in the JVM, or a udfs function runs per Arrow batch) is written here once, not inside a stage
+(tests/test_dedup.py checks the key columns against udfs/dedup/dedup_keys.py):
 - dedup keys (udfs/dedup/dedup_keys.py): url and pair keys, their digests and Bloom shard;
 - shard partitioning: one Bloom shard per task;
 - the Bloom probes of udfs/dedup/probe.py as iterator Arrow UDF columns, and the key rank;
