@@ -282,3 +282,12 @@ def test_stage_modules_are_thin():
                       f"stats into udfs/<stage>/ or the shared layer): {over}")
     done = {rel for rel in PENDING if sizes.get(rel, 0) <= STAGE_MAX_LINES}
     assert not done, f"take these off PENDING, they are thin now: {sorted(done)}"
+
+
+def test_roots_found_from_a_modules_own_path_are_still_the_repository():
+    """A moved module moves its __file__: a repository root computed from it must follow."""
+    from spark_jobs import package
+    from udfs.clip import clip_model
+
+    assert clip_model._REPO_ROOT == REPO
+    assert package.REPO == REPO
