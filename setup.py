@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
@@ -43,7 +43,8 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["spark_jobs", "udfs", "spark_jobs.conf", "reporting", "serving"],
+    # every package with an __init__.py, so udfs/<stage>/ subpackages are never left out of the wheel
+    packages=find_packages(include=["spark_jobs", "udfs", "udfs.*", "reporting", "serving"]) + ["spark_jobs.conf"],
     # conf/ ships inside the package so a wheel or --py-files zip finds base.yaml and the profiles.
     package_dir={"spark_jobs.conf": "conf"},
     package_data={"spark_jobs.conf": ["*.yaml", "presets/*.yaml", "gpu/*.sh"], "serving": ["static/*.html"]},

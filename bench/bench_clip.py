@@ -51,7 +51,8 @@ def _preprocessed(model, folder: Path, frame):
     """All images decoded and preprocessed, and all captions tokenised (untimed: the raw limit)."""
     import torch
 
-    from udfs import clip_scoring, shard_writer
+    from udfs.clip import clip_scoring
+    from udfs.download import shard_writer
 
     tensors, texts = [], dict(zip(frame["key"], frame["text"]))
     keys = []
@@ -78,7 +79,8 @@ def _raw(model, images, tokens, batch_size: int) -> float:
 
 
 def _ours(model, folder: Path, frame, batch_size: int, prefetch: int):
-    from udfs import clip_scoring, shard_writer
+    from udfs.clip import clip_scoring
+    from udfs.download import shard_writer
 
     t0 = time.perf_counter()
     out, img, _, timings = clip_scoring.score_frame(frame, model, _tar_of(folder), shard_writer.iter_samples,
@@ -152,7 +154,7 @@ def run(work: Path, quick: bool) -> list[dict]:
 def _run(work: Path, quick: bool) -> list[dict]:
     import torch
 
-    from udfs import clip_model
+    from udfs.clip import clip_model
 
     threads = torch.get_num_threads()
     figures: list[dict] = []

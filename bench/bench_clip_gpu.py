@@ -1,4 +1,4 @@
-"""GPU readiness of clip-score's scoring path: `udfs.clip_scoring.score_frame` without Spark.
+"""GPU readiness of clip-score's scoring path: `udfs.clip.clip_scoring.score_frame` without Spark.
 
 What a GPU executor runs per task, and the knobs that keep a GPU fed (clip-retrieval's lesson: the
 GPU starves on JPEG decoding, not on the model):
@@ -67,7 +67,8 @@ def bare_forward_rate(clip, folder: Path, frame, batch: int, repeats: int = 3) -
     """Images/s of the forward passes alone, on tensors already preprocessed and on the device."""
     import torch
 
-    from udfs import clip_scoring, shard_writer
+    from udfs.clip import clip_scoring
+    from udfs.download import shard_writer
 
     n = min(len(frame), batch * 8)
     tensors, keys = [], []
@@ -99,7 +100,8 @@ def bare_forward_rate(clip, folder: Path, frame, batch: int, repeats: int = 3) -
 
 def pipeline_rate(clip, folder: Path, frame, batch: int, decode_threads: int, prefetch: int) -> dict:
     """One score_frame pass over every image: images/s and where the time went."""
-    from udfs import clip_scoring, shard_writer
+    from udfs.clip import clip_scoring
+    from udfs.download import shard_writer
 
     _sync(clip.device)
     t0 = time.perf_counter()
@@ -116,7 +118,7 @@ def pipeline_rate(clip, folder: Path, frame, batch: int, decode_threads: int, pr
 def load(model: str, pretrained: str | None, precision: str, compile_model: bool):
     import torch
 
-    from udfs import clip_model
+    from udfs.clip import clip_model
 
     clip = clip_model.load_clip(model, pretrained, device="auto", precision=precision)
     if compile_model:
@@ -146,7 +148,7 @@ def measure(model: str, pretrained: str | None, images: int, batch: int, threads
 
 def run(work: Path, quick: bool) -> list[dict]:
     """`make bench` entry. The goal applies to a GPU only; without one this proves the script runs."""
-    from udfs import clip_model
+    from udfs.clip import clip_model
 
     if clip_model.cuda_available():
         res = measure("ViT-B-32", None, 4096 if quick else 16384, 256, [2, 4, 8, 12, 16], work=work)

@@ -82,9 +82,8 @@ def task_memory(work: Path, keys_per_shard: int, rows: int = 1_000_000) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from spark_jobs import dedup
-    from udfs import bloom
-    from udfs.bloom_store import BloomStore
+    from udfs.dedup import bloom, probe
+    from udfs.dedup.bloom_store import BloomStore
 
     root = work / f"mem-{keys_per_shard}"
     shutil.rmtree(root, ignore_errors=True)
@@ -114,7 +113,7 @@ def task_memory(work: Path, keys_per_shard: int, rows: int = 1_000_000) -> dict:
     keys = ((b.column("_shard"), b.column("_digest"), b.column("_digest_b"),
              pa.array((b.column("_rank").to_numpy() == 1) & ~b.column("_failed").to_numpy(zero_copy_only=False)))
             for b in batches)
-    for _ in dedup.probe_seen(plan, keys):
+    for _ in probe.probe_seen(plan, keys):
         pass
     seconds = time.time() - t0
     _, peak = tracemalloc.get_traced_memory()
@@ -203,7 +202,7 @@ def floor_breakdown(work: Path, rows: int, rounds: int = 2) -> list[tuple[str, f
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from spark_jobs import dedup
+    from spark_jobs import columns
     from spark_jobs.config import load_config
     from spark_jobs.session import get_spark
     work.mkdir(parents=True, exist_ok=True)
@@ -229,19 +228,19 @@ def floor_breakdown(work: Path, rows: int, rounds: int = 2) -> list[tuple[str, f
         return spark.read.parquet(str(src))
 
     def keys():
-        return dedup.with_key_digest(read(), "url", "text", "_digest", "_shard", 16)
+        return columns.with_key_digest(read(), "url", "text", "_digest", "_shard", 16)
 
     def keys_xxhash():  # the same normalised key, two seeded 64-bit xxhash64 words instead of SHA-256
-        k = dedup.pair_key_column(F.col("url"), F.col("text"))
+        k = columns.pair_key_column(F.col("url"), F.col("text"))
         return (read().withColumn("_k", k).withColumn("_h1", F.xxhash64("_k"))
                 .withColumn("_h2", F.xxhash64(F.lit(1), "_k")).drop("_k"))
 
     def shuffled():
-        return dedup.shard_partitioning(spark, keys().withColumn("_failed", F.lit(False)), "_shard", "_part", 16)
+        return columns.shard_partitioning(spark, keys().withColumn("_failed", F.lit(False)), "_shard", "_part", 16)
 
     def windowed():
         w = Window.partitionBy("_digest", "_part").orderBy(
-            *[F.col(c).asc_nulls_last() for c in dedup.REPRESENTATIVE_ORDER])
+            *[F.col(c).asc_nulls_last() for c in columns.REPRESENTATIVE_ORDER])
         return shuffled().withColumn("_rank", F.row_number().over(w)).withColumn("_kept_uid", F.first("uid").over(w))
 
     def parquet(df, name):

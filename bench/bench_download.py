@@ -13,7 +13,7 @@ at equal concurrency, which is how threads were chosen over asyncio.
 Four runs: `clipcrawl download` under Spark local[2] as a fresh command (JVM start included in its
 time and memory), the same stage on a running SparkSession (child process: start and warm the
 session with a small download, then time the stage; memory is the whole child's), our shard
-engine (`udfs.download_worker`) in a plain 2-process pool (the like-for-like comparison with
+engine (`udfs.download.download_worker`) in a plain 2-process pool (the like-for-like comparison with
 img2dataset's multiprocessing distributor), and img2dataset in its own venv under the bench work
 dir (created on first use: `python3 -m venv; pip install img2dataset==1.47.0`, cached).
 
@@ -203,7 +203,7 @@ def engine_main(inp: str, out: str, shard_size: int) -> None:
     import pyarrow.parquet as pq
 
     from spark_jobs.config import load_config
-    from udfs.download_worker import make_key
+    from udfs.download.download_worker import make_key
     from udfs.ids import pair_uid
 
     section = load_config("local", overrides=download_sets(shard_size)).section("download")
@@ -239,7 +239,7 @@ def session_main(inp: str, out: str, shard_size: int, warm_inp: str) -> None:
 
 
 def _engine_shard(shard, rows, section, out):
-    from udfs.download_worker import download_shard
+    from udfs.download.download_worker import download_shard
 
     return download_shard(shard, rows, section, out)
 
@@ -393,7 +393,7 @@ def _size_figures(n: int, rounds: int, results: dict) -> list[dict]:
             {"name": f"throughput at {n} URLs, shard engine vs img2dataset", "value": round(engine["images_per_s"], 1),
              "unit": "rows/s", "peer": peer, "peer_value": round(i2d["images_per_s"], 1),
              "ratio": round(engine["images_per_s"] / i2d["images_per_s"], 2), "goal": ">= 1.5",
-             "note": f"udfs.download_worker in a 2-process pool, no Spark; successes {engine['ok']}"},
+             "note": f"udfs.download.download_worker in a 2-process pool, no Spark; successes {engine['ok']}"},
             {"name": f"peak memory at {n} URLs, shard engine vs img2dataset", "value": round(engine["peak_rss_mb"]),
              "unit": "MB", "peer": peer, "peer_value": round(i2d["peak_rss_mb"]),
              "ratio": round(engine["peak_rss_mb"] / i2d["peak_rss_mb"], 2), "goal": "<= 1.0", "note": "process-tree RSS"},
@@ -423,7 +423,7 @@ def _delayed_resolver(host, port):
 
 
 def _lever_shard(shard, rows, section, out):
-    from udfs.download_worker import download_shard
+    from udfs.download.download_worker import download_shard
 
     return download_shard(shard, rows, section, out, resolver=_delayed_resolver)
 
@@ -439,7 +439,7 @@ def levers(work: Path, images: list[Path], n: int = 2000, rounds: int = 2) -> li
 
     from spark_jobs.config import load_config
     from tests.gen.image_server import ImageServer
-    from udfs.download_worker import make_key
+    from udfs.download.download_worker import make_key
 
     work.mkdir(parents=True, exist_ok=True)
     variants = {
@@ -502,7 +502,7 @@ def fetch_levers(images: list[Path], n: int = 600, rounds: int = 3) -> list[dict
     from concurrent.futures import ThreadPoolExecutor
 
     from tests.gen.image_server import ImageServer
-    from udfs.fetch import FetchConfig, Fetcher
+    from udfs.download.fetch import FetchConfig, Fetcher
 
     variants = {"all on": {}, "DNS cache off": {"dns_cache_hosts": 0}, "keep-alive off": {"keep_alive": False}}
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -641,7 +641,7 @@ def _bench_resolver(host, port):
 
 
 def _consent_shard(shard, rows, section, out):
-    from udfs.download_worker import download_shard
+    from udfs.download.download_worker import download_shard
 
     return download_shard(shard, rows, section, out, resolver=_bench_resolver)
 
@@ -650,7 +650,7 @@ def _consent_run(urls: list[str], out: Path, shard_size: int, consent: bool, cac
     from multiprocessing import Pool
 
     from spark_jobs.config import load_config
-    from udfs.download_worker import make_key
+    from udfs.download.download_worker import make_key
 
     subprocess.run(["rm", "-rf", str(out)], check=True)
     sets = [*download_sets(shard_size), f"download.robots_txt={str(consent).lower()}",
@@ -801,7 +801,7 @@ def fetch_threads_vs_asyncio(urls: list[str], concurrency: int = THREADS) -> dic
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from udfs.fetch import FetchConfig, Fetcher
+    from udfs.download.fetch import FetchConfig, Fetcher
 
     fetcher = Fetcher(FetchConfig(allowed_cidrs="127.0.0.0/8", retries=0, per_domain_concurrency=concurrency))
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ the banded join and SemDeDup scale.
 1. near: 1,000 base photos (tests/gen/photos.py, JPEG q90) with 5 edited copies each (50% resize,
    JPEG q30, 5% crop, +10% brightness, a small caption overlay) plus one byte-identical copy, and
    5,000 distinct photos: 12,000 images. They are hashed in this process with the function
-   `download` calls (`udfs.image_hash.phash_bytes`), not fetched through a loopback server: the
+   `download` calls (`udfs.download.image_hash.phash_bytes`), not fetched through a loopback server: the
    server would add nothing to what is measured. Precision and recall are over pairs of images
    that end in one group (connected components), for the exact layer (sha256), the pHash layer at
    several distances (all pairs, and the 4-band join the stage uses), both, and dHash.
@@ -82,8 +82,8 @@ def _groups_metrics(groups: list[int], labels: list[int], kinds: list[str]) -> d
 
 
 def near_quality(n_base: int = 1000, n_distinct: int = 5000) -> dict:
-    from udfs import image_dedup as dd
-    from udfs import image_hash as ih
+    from udfs.download import image_hash as ih
+    from udfs.image_dedup import layers as dd
 
     t0 = time.perf_counter()
     items = make_images(n_base, n_distinct)
@@ -143,7 +143,7 @@ def hash_speed(n: int = 300) -> dict:
     from PIL import Image
 
     from tests.gen.photos import jpeg, photo_like
-    from udfs import image_hash as ih
+    from udfs.download import image_hash as ih
 
     data = [jpeg(photo_like(i, (1024, 768))) for i in range(n)]
     decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in data]
@@ -226,8 +226,8 @@ def synthetic_hashes(spark, rows: int, copy_fraction: float = 0.1):
 def banded_scale(work: Path, sizes: list[int], bands: int = 4, distance: int = 6) -> list[dict]:
     from pyspark.sql import functions as F
 
-    from spark_jobs.image_dedup import banded_pairs, connected_components
-    from udfs.image_dedup import band_layout
+    from spark_jobs.columns import banded_pairs, connected_components
+    from udfs.image_dedup.layers import band_layout
 
     spark = _spark(work)
     out = []
@@ -292,7 +292,7 @@ def semdedup_scale(rows: int, dim: int = 512, clusters: int = 1000, eps: float =
     per cluster group (here without Spark, to measure the algorithm's own time and memory)."""
     import faiss
 
-    from udfs import image_dedup as dd
+    from udfs.image_dedup import layers as dd
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(clusters * 2, dim)).astype(np.float32)
@@ -392,7 +392,7 @@ def write_clustered_embeddings(path: Path, rows: int, dim: int = 512, clusters: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from udfs import embeddings
+    from udfs.clip import embeddings
 
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -418,10 +418,10 @@ def write_clustered_embeddings(path: Path, rows: int, dim: int = 512, clusters: 
 
 
 def semdedup_spark(work: Path, rows: int, clusters: int = 1000, eps: float = 0.05) -> dict:
-    """The filter stage's SemDeDup (spark_jobs.filter.semantic_duplicates: driver k-means on a
+    """The filter stage's SemDeDup (spark_jobs.columns.semantic_duplicates: driver k-means on a
     sample, mapInPandas assignment, groupBy(scope, cluster).applyInPandas) on local[2], scope
     global: seconds per step and the peak RSS of driver + JVM + Python workers together."""
-    from spark_jobs.filter import semantic_duplicates
+    from spark_jobs.columns import semantic_duplicates
 
     path = work / f"semdedup_{rows}"
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Both builds index the same N x 512 random unit vectors (float16 npy, 1M in the full run) from
 the same folder, each in a fresh child process so peak RSS (ru_maxrss) belongs to one build.
-"Ours" is `udfs.knn.build_tuned_kind_index` (build-index's per-kind path: autofaiss, recall widening,
+"Ours" is `udfs.index.build.build_tuned_kind_index` (build-index's per-kind path: autofaiss, recall widening,
 recall fallback) with the `index:` section of conf/base.yaml (4 GB index budget, 8 GB build memory,
 10 ms query budget); the peer is `autofaiss.build_index` with nothing
 but the paths (16 GB / 32 GB defaults). Recall@10 of both is measured against exact flat search
@@ -58,12 +58,12 @@ def _child(kind: str, emb: str, out: str) -> None:
     t0 = time.time()
     if kind == "ours":
         from spark_jobs.config import load_config
-        from udfs import knn
+        from udfs.index import build, tuning
 
-        params = knn.BuildParams.from_config(load_config("local").section("index"))
+        params = tuning.BuildParams.from_config(load_config("local").section("index"))
         # build-index's own per-kind path: autofaiss's build, recall measured and search parameters
         # widened to index.min_recall, then the re-ranking fallback; all of it counts as the build.
-        infos = knn.build_tuned_kind_index(emb, _parts(Path(emb)), "image", f"{out}/knn.index",
+        infos = build.build_tuned_kind_index(emb, _parts(Path(emb)), "image", f"{out}/knn.index",
                                            f"{out}/infos.json", params)
     else:
         from autofaiss import build_index
@@ -86,20 +86,20 @@ def run_child(kind: str, emb: Path, out: Path) -> dict:
 def recall_of(index_path: Path, infos: dict, emb: Path, sample: int) -> float:
     import faiss
 
-    from udfs import knn
+    from udfs.index import layout, tuning
 
     index = faiss.read_index(str(index_path))
-    knn.apply_index_param(index, infos.get("index_param"))
+    layout.apply_index_param(index, infos.get("index_param"))
     # seed=1: other queries than the ones our build tuned on (seed 0), so tuning is not graded on
     # its own training queries.
-    return knn.measure_recall(index, _parts(emb), "image", sample, 10, seed=1)["recall@10"]
+    return tuning.measure_recall(index, _parts(emb), "image", sample, 10, seed=1)["recall@10"]
 
 
 def _parts(emb: Path):
-    from udfs import knn
+    from udfs.index import layout
 
     files = sorted(emb.glob("img_emb_*.npy"), key=str)
-    return [knn.EmbeddingPart(str(i), str(f), str(f), "", int(np.load(f, mmap_mode="r").shape[0]))
+    return [layout.EmbeddingPart(str(i), str(f), str(f), "", int(np.load(f, mmap_mode="r").shape[0]))
             for i, f in enumerate(files)]
 
 
@@ -154,7 +154,7 @@ def serve_latency(index_root: Path, requests: int, threads: int, max_seconds: fl
 def run(work: Path, quick: bool, n: int | None = None) -> list[dict]:
     """Full run: 1M vectors (~16 min on this quiet 2-core machine: two HNSW32 builds); --quick: 20k.
     `python -m bench.bench_index --n 200000` runs another size."""
-    from udfs import knn
+    from udfs.index import layout
 
     n = n or (20_000 if quick else 1_000_000)
     parts = max(2, min(10, n // 100_000))
@@ -170,13 +170,13 @@ def run(work: Path, quick: bool, n: int | None = None) -> list[dict]:
     subset = work / "served" / "bench"
     subset.mkdir(parents=True, exist_ok=True)
     for kind in ("image", "text"):
-        target = subset / knn.INDEX_FILES[kind]
+        target = subset / layout.INDEX_FILES[kind]
         if target.exists():
             target.unlink()
         os.link(work / "ours" / "knn.index", target)
-    _write_bench_ids(subset / knn.IDS_FILE, n)
+    _write_bench_ids(subset / layout.IDS_FILE, n)
     kind_infos = {k: v for k, v in ours["infos"].items()}
-    (subset / knn.INFOS_FILE).write_text(json.dumps(
+    (subset / layout.INFOS_FILE).write_text(json.dumps(
         {"status": "ok", "nb_vectors": n, "indices": {"image": kind_infos, "text": kind_infos}}, default=str))
     rng = np.random.default_rng(7)
     queries = rng.standard_normal((256, DIM)).astype(np.float32)

@@ -9,7 +9,7 @@ set. A caption is right when the code matches its label (None for "none"); CLD3'
 
 Speed: captions/s of `detect_batch` over the set once the detector is warm, in CPU seconds of
 this process (best of several passes: the machine is shared, and CPU time is what a core
-gives). Cold start and memory: a fresh interpreter imports udfs.langid, builds the detector and
+gives). Cold start and memory: a fresh interpreter imports udfs.filter.langid, builds the detector and
 runs one pass, as every Spark Python worker does once: wall and CPU seconds, and the RSS it adds
 (peak RSS minus RSS after the import).
 
@@ -104,14 +104,14 @@ class ScriptThenFastText:
     ablation that shows what the word evidence adds."""
 
     def __init__(self):
-        from udfs import langid
+        from udfs.filter import langid
 
         self.name = "script+fasttext"
         self._hybrid = langid.build_detector("hybrid", 0.0)
         self._fasttext = langid.build_detector("fasttext", 0.0)
 
     def detect_batch(self, texts):
-        from udfs import langid
+        from udfs.filter import langid
 
         out = []
         for text in texts:
@@ -126,7 +126,7 @@ class ScriptThenFastText:
 def variants(quick: bool = False) -> list[tuple[str, object]]:
     """(label, builder) for every detector measured; builders take no argument (cut-off 0, so
     the sweep sees every confidence)."""
-    from udfs import langid
+    from udfs.filter import langid
 
     have = set(langid.available_detectors())
     out = [("hybrid (default)", lambda: langid.build_detector("hybrid", 0.0))]
@@ -160,7 +160,7 @@ import sys, time
 t0, c0 = time.perf_counter(), time.process_time()
 sys.path.insert(0, {repo!r})
 from bench.bench_langid import load_alt_texts
-from udfs import langid
+from udfs.filter import langid
 texts = [r["caption"] for r in load_alt_texts()]
 def rss(key):
     return [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)][0] / 1024
@@ -270,8 +270,8 @@ def run(work: Path, quick: bool) -> list[dict]:
 
 
 def tune_hybrid() -> None:
-    """The parameter search behind udfs.langid.HYBRID_PARAMS, on the tune half only."""
-    from udfs import langid
+    """The parameter search behind udfs.filter.langid.HYBRID_PARAMS, on the tune half only."""
+    from udfs.filter import langid
 
     rows = [r for r in load_alt_texts() if r["split"] == "tune"]
     texts, gold = [r["caption"] for r in rows], [r["label"] for r in rows]

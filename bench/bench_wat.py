@@ -8,7 +8,7 @@ cached under the work folder. Then, interleaved and repeated (best of N), on one
 - reference: the loop of rom1504/cc2dataset (FastWARC ArchiveIterator over metadata records,
   json.loads, keep IMG@/src links with an absolute http URL and a non-empty alt, md5 uid).
   cc2dataset uses simdjson, which is not installed here; the standard json module stands in;
-- ours: `udfs.wat.extract_file` with the default FastWARC reader, every row produced (URL
+- ours: `udfs.extract.wat.extract_file` with the default FastWARC reader, every row produced (URL
   resolution and normalisation, alt rules, uid, rejected rows with reasons, truncation check);
 - ours with the warcio reader (the reader the issue names; same rows, slower).
 
@@ -98,7 +98,7 @@ def reference_loop(path: Path) -> tuple[int, int]:
 
 
 def ours(path: Path, reader: str = "fastwarc") -> tuple[int, int]:
-    from udfs import wat
+    from udfs.extract import wat
 
     opts = wat.ExtractOptions(reader=reader)
     # every row is produced; the last one is the file outcome
@@ -154,7 +154,7 @@ def stage_json(path: Path) -> None:
     another shape, none in this file)."""
     from fastwarc.warc import ArchiveIterator
 
-    from udfs import wat
+    from udfs.extract import wat
 
     decode = wat._typed_decode
     with open(path, "rb") as fh:
@@ -183,7 +183,7 @@ def stage_orjson(path: Path) -> None:
 def stage_links(path: Path) -> None:
     from fastwarc.warc import ArchiveIterator
 
-    from udfs import wat
+    from udfs.extract import wat
 
     with open(path, "rb") as fh:
         for rec in ArchiveIterator(fh, parse_http=False, fsspec_args=False):
@@ -325,7 +325,7 @@ def real_archive_row(reps: int) -> dict | None:
     WAT excerpts, whirlwind), read as WARC: HTML parsing, the tolerant HTTP layer and charset
     decoding included. The peer is the tests' independent reader (warcio + html.parser)."""
     from tests.test_real_archives import ALL_FILES, reference
-    from udfs import wat
+    from udfs.extract import wat
 
     files = [p for p in ALL_FILES if p.suffix != ".md"]
     if not files:
@@ -402,11 +402,11 @@ _CHARSET_CASES = [("ja", "euc_jp"), ("ja", "shift_jis"), ("ja", "iso2022_jp"), (
 
 def charset_row() -> dict:
     """Undeclared legacy pages (no charset in the header or a <meta>), 1 to 4 sentences each, in
-    15 language/charset pairs: the share whose text udfs.charsets gets exactly right, against
+    15 language/charset pairs: the share whose text udfs.extract.charsets gets exactly right, against
     charset-normalizer alone (the detector it falls back to), and the time per page."""
     from charset_normalizer import from_bytes
 
-    from udfs import charsets
+    from udfs.extract import charsets
 
     pages = []
     for lang, enc in _CHARSET_CASES:

@@ -25,7 +25,7 @@ import numpy as np
 
 from serving.thumbnails import ThumbnailReader
 from serving.vectors import RowVectors
-from udfs import knn
+from udfs.index import layout, search
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ def decode_image(data: str | bytes, max_bytes: int):
 class KnnService:
     """Loaded subsets + the query encoder + the request logic."""
 
-    def __init__(self, indices: dict[str, knn.SubsetIndex], serve_cfg: dict,
-                 encoder: knn.QueryEncoder | None = None, storage_options: dict | None = None):
+    def __init__(self, indices: dict[str, search.SubsetIndex], serve_cfg: dict,
+                 encoder: search.QueryEncoder | None = None, storage_options: dict | None = None):
         if not indices:
             raise ValueError("no index to serve")
         self.indices = indices
@@ -135,7 +135,7 @@ class KnnService:
                 found.update(v if v else "none" for v in pc.unique(idx.ids.column("LANGUAGE")).to_pylist())
         return sorted(found, key=lambda v: (v == "none", v))
 
-    def subset(self, name: Any) -> knn.SubsetIndex:
+    def subset(self, name: Any) -> search.SubsetIndex:
         if name is None or name == "":
             return next(iter(self.indices.values()))
         if not isinstance(name, str) or name not in self.indices:
@@ -199,7 +199,7 @@ class KnnService:
         return np.asarray(total, dtype=np.float32)
 
     # -- the query ---------------------------------------------------------------------------
-    def subsets_for(self, name: Any) -> list[knn.SubsetIndex]:
+    def subsets_for(self, name: Any) -> list[search.SubsetIndex]:
         """The subsets one query runs on: all of them for a missing/empty name or "all"."""
         if name is None or name in ("", ALL_SUBSETS):
             return list(self.indices.values())
@@ -219,7 +219,7 @@ class KnnService:
         max_k = int(self.cfg["max_k"])
         k = _int_field(body, ("num_images", "num_results", "k"), int(self.cfg["default_k"]), 1, max_k)
         modality = body.get("modality") or "image"
-        if modality not in knn.INDEX_FILES:
+        if modality not in layout.INDEX_FILES:
             raise ApiError(400, f"modality must be 'image' or 'text', got {modality!r}")
         deduplicate = _bool_field(body, "deduplicate", True)
         safety = _bool_field(body, "use_safety_model", False) or _bool_field(body, "hide_unsafe", False)
@@ -239,7 +239,7 @@ class KnnService:
         for subset in subsets:
             try:
                 hits = subset.search(vector, modality, num_ids)
-            except knn.QueryError as exc:
+            except layout.QueryError as exc:
                 raise ApiError(400, str(exc)) from None
             rows.extend(dict(r, subset=subset.name) for r in hits)
         rows.sort(key=lambda r: -r["score"])
@@ -256,7 +256,7 @@ class KnnService:
         subset = self.subset(indice_name)
         index_id = _row_id(subset, raw_id)
         modality = modality or "image"
-        if modality not in knn.INDEX_FILES:
+        if modality not in layout.INDEX_FILES:
             raise ApiError(400, f"modality must be 'image' or 'text', got {modality!r}")
         try:
             vec, source = self.vectors.vector(subset, index_id, modality)

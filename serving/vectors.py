@@ -14,7 +14,9 @@ import threading
 
 import numpy as np
 
-from udfs import fsio, knn
+from udfs import fsio
+from udfs.index import layout as index_layout
+from udfs.index import search
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ class RowVectors:
         self._parts: dict[tuple[str, str], list | None] = {}
         self._lock = threading.Lock()
 
-    def _layout(self, subset: knn.SubsetIndex) -> list | None:
+    def _layout(self, subset: search.SubsetIndex) -> list | None:
         """[(first id, rows, npy uri per kind)] when the embeddings folder matches the index."""
         key = (subset.name, subset.folder)
         with self._lock:
@@ -35,7 +37,7 @@ class RowVectors:
         root = subset.infos.get("subset_root")
         if root:
             try:
-                parts = knn.list_parts(root, self.storage_options)
+                parts = index_layout.list_parts(root, self.storage_options)
                 if sum(p.rows for p in parts) == subset.size:
                     offset, layout = 0, []
                     for p in parts:
@@ -44,7 +46,7 @@ class RowVectors:
                 else:
                     log.warning("%s has %d rows, the index %d: search similar uses the index's vectors",
                                 root, sum(p.rows for p in parts), subset.size)
-            except (knn.EmbeddingLayoutError, OSError, ValueError) as exc:
+            except (index_layout.EmbeddingLayoutError, OSError, ValueError) as exc:
                 log.warning("embeddings of %s not readable (%s): search similar uses the index's vectors",
                             subset.name, exc)
         with self._lock:
@@ -64,7 +66,7 @@ class RowVectors:
             data = fh.read(dim * dtype.itemsize)
         return np.frombuffer(data, dtype=dtype).astype(np.float32)
 
-    def _from_index(self, subset: knn.SubsetIndex, modality: str, index_id: int) -> np.ndarray:
+    def _from_index(self, subset: search.SubsetIndex, modality: str, index_id: int) -> np.ndarray:
         import faiss
 
         index = subset.indices[modality]
@@ -78,7 +80,7 @@ class RowVectors:
                 ivf.make_direct_map()   # IVF lists know no id -> position map until asked
                 return np.asarray(index.reconstruct(int(index_id)), dtype=np.float32)
 
-    def vector(self, subset: knn.SubsetIndex, index_id: int, modality: str = "image") -> tuple[np.ndarray, str]:
+    def vector(self, subset: search.SubsetIndex, index_id: int, modality: str = "image") -> tuple[np.ndarray, str]:
         """(unit vector, where it came from: 'embeddings' or 'index')."""
         layout = self._layout(subset)
         vec, source = None, "embeddings"

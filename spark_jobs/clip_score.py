@@ -27,12 +27,12 @@ if __package__ in (None, ""):  # run as `spark-submit spark_jobs/clip_score.py`:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 from spark_jobs import cli, datasets  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import IMAGE_DEDUP, IMAGES_METADATA, SCORED  # noqa: E402
-from udfs import embeddings, fsio  # noqa: E402
+from udfs import fsio  # noqa: E402
+from udfs.clip import embeddings, partition  # noqa: E402
 
 NAME = "clip-score"
 HELP = "CLIP similarity and embeddings for the downloaded pairs (open_clip, GPU when present)"
@@ -47,13 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="scored output folder")
 
 
-def tar_uri(images: str, shard: int) -> str:
-    return fsio.join(images, f"{int(shard):05d}.tar")
-
-
 def _model_specs(clip_cfg: dict, storage_options: dict | None) -> tuple[dict, dict | None]:
     """Validate the configured model(s) on the driver, before any task starts."""
-    from udfs.clip_model import ModelLoadError, check_model_spec
+    from udfs.clip.clip_model import ModelLoadError, check_model_spec
 
     try:
         main = check_model_spec(clip_cfg.get("model"), clip_cfg.get("pretrained"), storage_options)
@@ -69,12 +65,34 @@ def _model_specs(clip_cfg: dict, storage_options: dict | None) -> tuple[dict, di
 def _count_parts(metadata_files: list[str], per_file: int) -> int | None:
     """Embedding parts from the download output's file names ({shard:05d}.parquet holds shard's
     rows, every row has its shard), without a Spark job; None when a name does not say its shard."""
-    from udfs.download_worker import shard_of
+    from udfs.download.download_worker import shard_of
 
     shards = [shard_of(uri, ".parquet") for uri in metadata_files]
     if None in shards:
         return None
     return max(1, len({s // per_file for s in shards}))
+
+
+def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images: str, output: str,
+                          storage_options: dict | None):
+    """The mapInPandas function: udfs.clip.partition.score_partition with the task's context. It
+    closes over plain dicts and strings only: the model is built inside the worker, once per process."""
+    columns = SCORED.schema.fieldNames()
+    part_stats_dir = fsio.join(output, datasets.STATS_DIR, PART_STATS_DIR)
+
+    def score_partitions(batches):
+        from udfs.clip.partition import score_partition
+
+        try:
+            from pyspark import TaskContext
+
+            ctx = TaskContext.get()
+        except ImportError:  # pragma: no cover - only outside Spark
+            ctx = None
+        yield from score_partition(batches, ctx, clip_cfg, main, multi, images, part_stats_dir, output,
+                                   storage_options, columns)
+
+    return score_partitions
 
 
 def image_dedup_source(path: str, storage_options: dict | None) -> tuple[str | None, str]:
@@ -85,131 +103,6 @@ def image_dedup_source(path: str, storage_options: dict | None) -> tuple[str | N
         if stats.get("stage") == "image-dedup":
             return (path if stats.get("enabled") else None), stats["images"]
     return None, path
-
-
-def make_partition_scorer(clip_cfg: dict, main: dict, multi: dict | None, images: str, output: str,
-                          storage_options: dict | None):
-    """The mapInPandas function. It closes over plain dicts and strings only: the model is built
-    inside the worker, once per process (`udfs.clip_model.cached_clip`)."""
-    batch_size = int(clip_cfg.get("batch_size") or 256)
-    prefetch = int(clip_cfg.get("prefetch_batches") or 2)
-    decode_threads = max(1, int(clip_cfg.get("decode_threads") or 1))
-    per_file = max(1, int(clip_cfg.get("shards_per_embedding_file") or 1))
-    out_rows = max(1, int(clip_cfg.get("output_rows_per_batch") or 4096))
-    columns = SCORED.schema.fieldNames()
-
-    def score_partitions(batches):
-        import pandas as pd
-
-        from udfs import clip_model, clip_scoring, embeddings, shard_writer
-
-        try:
-            from pyspark import TaskContext
-
-            ctx = TaskContext.get()
-        except ImportError:  # pragma: no cover - only outside Spark
-            ctx = None
-        pid = ctx.partitionId() if ctx is not None else 0
-        gpus = assigned_gpus(ctx)
-        threads = clip_cfg.get("torch_threads") or (ctx.cpus() if ctx is not None else None)
-
-        frames = [b for b in batches if len(b)]
-        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns[:-5])
-        part_stats = {"partition": pid, "rows": int(len(frame)), "parts": [], "model_load_seconds": 0.0}
-        started = time.perf_counter()
-        model = multi_model = None
-        if len(frame) and (frame["status"] == clip_scoring.SUCCESS).any():
-            t0 = time.perf_counter()
-            if threads:
-                import torch
-
-                torch.set_num_threads(int(threads))
-            device = task_device(clip_cfg.get("device", "auto"), gpus)
-            model = clip_model.cached_clip(main["model"], main["pretrained"], device,
-                                           clip_cfg.get("precision", "auto"), None, storage_options)
-            if multi is not None:
-                multi_model = clip_model.cached_clip(multi["model"], multi["pretrained"], device,
-                                                     clip_cfg.get("precision", "auto"), None, storage_options)
-            part_stats["model_load_seconds"] = round(time.perf_counter() - t0, 3)
-            part_stats["device"] = model.device
-        part_stats["gpu_addresses"] = gpus
-
-        def read_samples(uri):
-            return shard_writer.iter_samples(uri, storage_options)
-
-        def tar_of(shard):
-            return tar_uri(images, shard)
-
-        if len(frame):
-            part_key = (frame["shard"].fillna(-per_file).astype("int64") // per_file)
-            for part, group in frame.groupby(part_key, sort=True):
-                if model is None:  # nothing to score in this partition
-                    scored = clip_scoring.score_frame(group, _NoModel(), tar_of, read_samples)[0]
-                    timings = clip_scoring.Timings()
-                else:
-                    scored, img, txt, timings = clip_scoring.score_frame(
-                        group, model, tar_of, read_samples, batch_size, prefetch, multi_model, decode_threads)
-                    if len(img) and part >= 0:
-                        t0 = time.perf_counter()
-                        embeddings.write_retrieval_part(output, int(part), img, txt,
-                                                        clip_scoring.retrieval_metadata(scored), storage_options)
-                        timings.write += time.perf_counter() - t0
-                        timings.extra["retrieval_rows"] = int(len(img))
-                part_stats["parts"].append({"part": int(part), **timings.as_dict()})
-                for chunk in clip_scoring.iter_chunks(scored[columns], out_rows):
-                    yield chunk
-        part_stats["seconds"] = round(time.perf_counter() - started, 3)
-        fsio.write_json(fsio.join(output, datasets.STATS_DIR, PART_STATS_DIR, f"partition_{pid:05d}.json"),
-                        part_stats, storage_options)
-        log.info("clip-score partition %d: %d rows in %.1fs", pid, len(frame), part_stats["seconds"])
-
-    return score_partitions
-
-
-def assigned_gpus(ctx) -> list[str] | None:
-    """The GPU addresses Spark assigned to this task (`spark.task.resource.gpu.amount` with the
-    executor's discovery script), from `TaskContext.resources()`; None without GPU scheduling."""
-    resources = ctx.resources() if ctx is not None else {}
-    gpu = resources.get("gpu")
-    addresses = [str(a).strip() for a in gpu.addresses] if gpu is not None else []
-    return addresses or None
-
-
-def task_device(requested: str, gpus: list[str] | None, has_cuda: bool | None = None) -> str:
-    """The torch device of this task: with `auto`, the first GPU Spark assigned ("cuda:3"), not
-    "cuda:0" by habit, so tasks sharing a multi-GPU executor each use their own GPU; the CPU when
-    the worker sees no CUDA."""
-    from udfs.clip_model import select_device
-
-    return select_device(requested, gpus, has_cuda)
-
-
-class _NoModel:
-    """Stands in for a model in partitions without success rows (nothing is encoded)."""
-
-    dim = 0
-
-
-def _sum_part_stats(output: str, storage_options: dict | None) -> dict:
-    files = fsio.expand([fsio.join(output, datasets.STATS_DIR, PART_STATS_DIR, "partition_*.json")],
-                        storage_options)
-    entries = [fsio.read_json(f, storage_options) for f in files]
-    totals = {k: 0.0 for k in ("read", "preprocess", "inference", "wait", "write", "model_load")}
-    images = batches = 0
-    per_part = []
-    for e in entries:
-        totals["model_load"] += e.get("model_load_seconds", 0.0)
-        for p in e.get("parts", []):
-            for k in ("read", "preprocess", "inference", "wait", "write"):
-                totals[k] += p.get(k, 0.0)
-            images += p.get("images", 0)
-            batches += p.get("batches", 0)
-            per_part.append({"partition": e["partition"], **p})
-    devices = sorted({e["device"] for e in entries if e.get("device")})
-    return {"partitions": len(entries), "images_scored": images, "batches": batches,
-            "task_seconds": {k: round(v, 3) for k, v in totals.items()},
-            "images_per_inference_second": round(images / totals["inference"], 2) if totals["inference"] else None,
-            "devices": devices, "per_part": per_part[:2000]}
 
 
 def run(spark, cfg, args) -> dict:
@@ -262,7 +155,7 @@ def run(spark, cfg, args) -> dict:
                     F.min("similarity").alias("min"), F.max("similarity").alias("max"),
                     F.count("similarity_multilingual").alias("n_multi")).collect()[0])
         layout = embeddings.check_retrieval_layout(output, storage_options)
-        tasks = _sum_part_stats(output, storage_options)
+        tasks = partition.sum_part_stats(fsio.join(output, datasets.STATS_DIR, PART_STATS_DIR), storage_options)
     if layout["rows"] != int(sim["n"]):
         raise RuntimeError(f"clip-retrieval layout has {layout['rows']} rows, parquet has {sim['n']} scored rows")
     stats = {

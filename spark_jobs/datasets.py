@@ -261,3 +261,48 @@ class StageTimer:
 
     def summary(self) -> dict[str, Any]:
         return {"seconds": round(time.time() - self.started, 3), "phase_seconds": dict(self.phases)}
+
+
+def write_embeddings(subset_df, root: str, rows: int, settings: dict) -> None:
+    """clip-retrieval layout for one subset: ceil(rows / embeddings_per_file) parts, rows hashed by
+    uid and sorted within a part, so a retried task rewrites the same files with the same rows."""
+    from udfs.filter.subset_filter import parts_for
+
+    storage_options = settings["storage_options"]
+    fs, path = fsio.filesystem(root, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)  # stale parts of an earlier run must not mix with this one
+    if not rows:
+        return
+    parts = parts_for(rows, settings["embeddings_per_file"])
+
+    def write_part(batches):
+        import pandas as pd
+        from pyspark import TaskContext
+
+        from udfs.filter.subset_filter import write_embedding_part
+
+        frames = list(batches)
+        pdf = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        part = TaskContext.get().partitionId()
+        n = write_embedding_part(root, part, pdf, storage_options)
+        yield pd.DataFrame({"part": [part], "rows": [n]})
+
+    (subset_df.repartition(parts, "uid").sortWithinPartitions("uid")
+     .mapInPandas(write_part, "part int, rows long").collect())
+
+
+def similarity_histogram(df, column: str, hist: dict) -> list[int]:
+    """Counts per bin [min + k*width, min + (k+1)*width) (values outside are clamped to the end
+    bins). The bin position is rounded to 1e-9 first, so a value on an edge such as 0.26 lands in
+    the bin it starts, not the one below through floating-point error."""
+    from pyspark.sql import functions as F
+
+    lo, hi, bins = float(hist["min"]), float(hist["max"]), int(hist["bins"])
+    width = (hi - lo) / bins
+    b = F.floor(F.round((F.col(column) - F.lit(lo)) / F.lit(width), 9)).cast("int")
+    b = F.least(F.greatest(b, F.lit(0)), F.lit(bins - 1))
+    counts = [0] * bins
+    for r in df.where(F.col(column).isNotNull()).groupBy(b.alias("b")).count().collect():
+        counts[r["b"]] += int(r["count"])
+    return counts

@@ -17,7 +17,7 @@ Safety: hosts are resolved and private/loopback/link-local/multicast/reserved ad
 every redirect hop (allow networks with --set download.allowed_cidrs=...); X-Robots-Tag opt-outs
 are honoured from the headers before any body byte is read.
 
-Consent (udfs/download_worker.py): page-level opt-outs (`page_opt_out`), opt-out lists,
+Consent (udfs/download/download_worker.py): page-level opt-outs (`page_opt_out`), opt-out lists,
 robots.txt and tdmrep.json are checked before an image URL is requested; every `opted_out` row
 names its `opt_out_source`, counted in the stats (`opt_out_by_source`).
 """
@@ -33,12 +33,14 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 
-from spark_jobs import cli, datasets, faults  # noqa: E402
+from spark_jobs import cli, columns, datasets, faults  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import DOWNLOAD_INPUT, IMAGES_METADATA  # noqa: E402
 from udfs import fsio  # noqa: E402
-from udfs.download_worker import key_digits  # noqa: E402
-from udfs.takedown import block_store_beside  # noqa: E402
+from udfs.download import settings as download_settings  # noqa: E402
+from udfs.download.block_list import block_store_beside  # noqa: E402
+from udfs.download.download_worker import key_digits  # noqa: E402
+from udfs.download.plan import summed_shard_stats  # noqa: E402
 
 NAME = "download"
 HELP = "fetch, check and resize images into webdataset shards (img2dataset-compatible)"
@@ -56,31 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate_section(section: dict, storage_options: dict | None = None) -> None:
     """Turn bad download.* values into ConfigError before any task starts."""
-    from udfs.address_guard import parse_cidrs
-    from udfs.resize import ResizeConfig
-    from udfs.robots import ConsentConfig
-
     try:
-        ResizeConfig.from_section(section)
-        parse_cidrs(section.get("allowed_cidrs"))
-        ConsentConfig.from_section(section)
+        download_settings.check_section(section, storage_options)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    for key in ("shard_size", "thread_count"):
-        if not isinstance(section.get(key), int) or section[key] < 1:
-            raise ConfigError(f"download.{key} must be a positive integer, got {section.get(key)!r}")
-    if not isinstance(section.get("blocked_phash_distance", 4), int) or not 0 <= section.get("blocked_phash_distance", 4) <= 32:
-        raise ConfigError(f"download.blocked_phash_distance must be an integer 0..32, "
-                          f"got {section.get('blocked_phash_distance')!r}")
-    for key in ("per_host_concurrency", "dns_cache_hosts"):
-        if not isinstance(section.get(key, 0), int) or section.get(key, 0) < 0:
-            raise ConfigError(f"download.{key} must be an integer >= 0, got {section.get(key)!r}")
-    for key in ("keep_alive_idle_seconds", "dns_cache_seconds", "dns_negative_cache_seconds"):
-        if not isinstance(section.get(key, 0), (int, float)) or section.get(key, 0) < 0:
-            raise ConfigError(f"download.{key} must be a number >= 0, got {section.get(key)!r}")
-    for key in ("opt_out_list", "blocked_sha256", "blocked_phash"):
-        if section.get(key) and not fsio.exists(section[key], storage_options):
-            raise ConfigError(f"download.{key}: {section[key]} not found")
 
 
 def metadata_glob(output: str) -> str:
@@ -93,7 +74,7 @@ def metadata_paths(output: str, storage_options: dict | None) -> list[str]:
 
 
 def completed_shards(output: str, storage_options: dict | None) -> set[int]:
-    from udfs.download_worker import MARKER_SUFFIX, shard_of
+    from udfs.download.download_worker import MARKER_SUFFIX, shard_of
 
     shards = (shard_of(uri, MARKER_SUFFIX)
               for uri in fsio.expand([fsio.join(output, "*" + MARKER_SUFFIX)], storage_options))
@@ -121,26 +102,11 @@ def _shard_task(section: dict, output: str, storage_options: dict | None, digits
     (every Arrow UDF does, ~85 MB; see session.lighten_numpy_converters)."""
 
     def run_shard(shard, items):
-        from udfs.download_worker import ShardJob, make_key, shard_name
-        from udfs.ids import pair_uid
+        from udfs.download.download_worker import ShardJob, shard_name
+        from udfs.download.plan import job_rows
 
         shard = int(shard)
-        if retry_from is None:
-            rows = []
-            for item in sorted(items, key=lambda r: r["position"]):   # rank order: uid order
-                row = {k: item[k] for k in ("uid", "url", "text", "page_url", "page_opt_out")}
-                row["key"] = make_key(shard, item["position"], digits)
-                if not row.get("uid"):
-                    row["uid"] = pair_uid(row.get("url") or "", row.get("text") or "")
-                rows.append(row)
-        else:
-            rows = []
-            for item in sorted(items, key=lambda r: r["key"]):
-                prev = item.asDict()
-                fetch = prev.get("status") != "success" and bool(prev.get("retryable"))
-                row = {k: prev.get(k) for k in ("key", "uid", "url", "text", "page_url")}
-                row.update(action="fetch" if fetch else "carry", previous=prev)
-                rows.append(row)
+        rows = job_rows(shard, items, digits, retry=retry_from is not None)
         previous_tar = fsio.join(retry_from, shard_name(shard) + ".tar") if retry_from else None
         stats = ShardJob(section, output, storage_options).run(shard, rows, previous_tar)
         # Resilience tests: the task dies after its files are written; Spark's retry rewrites them.
@@ -150,26 +116,7 @@ def _shard_task(section: dict, output: str, storage_options: dict | None, digits
     return run_shard
 
 
-def _not_done(done: set[int]):
-    """SQL condition keeping the rows of shards still to do (a string: F.lit/isin would import
-    pandas into the driver)."""
-    from pyspark.sql import functions as F
-
-    if not done:
-        return F.expr("true")
-    return F.expr(f"NOT shard IN ({', '.join(str(s) for s in sorted(done))})")
-
-
-# Rows are ranked inside buckets of their sort key's first characters, each bucket starting where
-# the buckets before it end: the ranks are a function of the data alone, so the counting job and
-# the download job agree whatever partitions Spark picks (a global sort's range bounds are sampled
-# anew by each job). Hex keys give up to 16**3 buckets (~500k rows each for 2B rows), which
-# keeps the map of bucket starts handed to Spark small.
-BUCKET_CHARS = 3
-
-
 def _plan_fresh(spark, args, section, storage_options, done: set[int]):
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     if not args.input:
@@ -182,32 +129,13 @@ def _plan_fresh(spark, args, section, storage_options, done: set[int]):
             df = df.withColumn(col, F.expr("NULL").cast("string"))
     df = df.select(*[F.col(c).cast("string") for c in ("uid", "url", "text", "page_url", "page_opt_out")])
     size = section["shard_size"]
-    # A total order, so that rank -> shard is the same in every run. The uid (a hash) comes first,
-    # or, for inputs without uids, Spark's xxhash64 of (url, text): either spreads each domain over
-    # all shards, which keeps the per-domain cap from serialising a shard, and neither needs a
-    # Python UDF before the sort (missing uids are computed by the shard task).
-    keyed = df.withColumn("_order", F.expr("coalesce(uid, lpad(hex(xxhash64(url, text)), 16, '0'))")) \
-              .withColumn("_bucket", F.expr(f"substring(_order, 1, {BUCKET_CHARS})"))
-    counts = sorted((r["_bucket"], int(r["_n"])) for r in
-                    keyed.groupBy("_bucket").agg(F.count("*").alias("_n")).collect())
+    keyed = columns.with_shard_order(df)
+    counts = columns.bucket_counts(keyed)
     total = sum(n for _, n in counts)
     plan = {"mode": "fresh", "input": args.input, "rows": total, "shard_size": size}
     check_plan(args.output, plan, storage_options)
     num_shards = math.ceil(total / size) if total else 0
-
-    # Each bucket's first rank, from the counts the driver already has (Python's str order is
-    # Spark's binary order of UTF-8): a literal map, so the download job does not recount.
-    starts, first = [], 0
-    for bucket, n in counts:
-        starts.append(f"'{bucket.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}', {first}L")
-        first += n
-    start_of = f"element_at(map({', '.join(starts)}), _bucket)" if starts else "0L"
-    within = Window.partitionBy("_bucket").orderBy("_order", "url", "text", "page_url")
-    ranked = keyed.withColumn("_rank", F.expr(start_of) + F.row_number().over(within) - F.expr("1L"))
-    rows = (ranked.select(F.expr(f"CAST(_rank DIV {size} AS INT)").alias("shard"),
-                          F.struct("uid", "url", "text", "page_url", "page_opt_out",
-                                   F.expr(f"CAST(_rank % {size} AS INT)").alias("position")).alias("row"))
-            .where(_not_done(done)))
+    rows = columns.ranked_into_shards(keyed, counts, size).where(columns.not_in_shards(done))
     return rows, num_shards, total
 
 
@@ -229,7 +157,7 @@ def _plan_retry(spark, args, section, storage_options, done: set[int]):
     log.info("retry-failed: %d of %d previous rows are retryable failures", retry, total)
     plan = {"mode": "retry", "input": prev, "rows": total, "shard_size": section["shard_size"]}
     check_plan(args.output, plan, storage_options)
-    rows = df.select("shard", F.struct(*df.columns).alias("row")).where(_not_done(done))
+    rows = df.select("shard", F.struct(*df.columns).alias("row")).where(columns.not_in_shards(done))
     return rows, shards, total
 
 
@@ -292,14 +220,7 @@ def summarize(spark, output: str, total: int, num_shards: int, storage_options: 
                 opt_out_by_source[str(r["opt_out_source"])] = int(r["count"])
     written = sum(counts.values())
     ok = counts.get("success", 0)
-    seconds: dict[str, float] = {}
-    consent: dict[str, int] = {}
-    for uri in fsio.expand([fsio.join(output, "*_stats.json")], storage_options):
-        shard_stats = fsio.read_json(uri, storage_options)
-        for k, v in (shard_stats.get("seconds") or {}).items():
-            seconds[k] = round(seconds.get(k, 0.0) + float(v), 3)
-        for k, v in (shard_stats.get("consent") or {}).items():   # robots.txt / tdmrep.json fetches
-            consent[k] = consent.get(k, 0) + int(v)
+    seconds, consent = summed_shard_stats(output, storage_options)
     rate = ok / written if written else 0.0
     failures = ", ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if k != "success")
     log.warning("download: %d of %d rows succeeded (success rate %.1f%%); %s; %d failures are retryable "

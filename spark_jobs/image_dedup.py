@@ -8,7 +8,7 @@ duplicates the pHash distance to it (also in `error_message`). `clip-score --inp
 only the rows still `success`, reading the images from the download folder named in
 `<output>/_stats/stats.json` (`images`).
 
-Rules (udfs/image_dedup.py): exact: the earliest `record_date` (joined from the download input by
+Rules (udfs/image_dedup/layers.py): exact: the earliest `record_date` (joined from the download input by
 uid), then the smallest uid; near: the largest original_width x original_height, then the exact
 rule. Near pairs are found without an all-pairs join: the hash is cut into `image_dedup.bands`
 bands, rows are grouped by band and the value's top bits, pairs sharing a band value are verified
@@ -28,10 +28,11 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 
 from spark_jobs import cli, datasets  # noqa: E402
+from spark_jobs.columns import exact_duplicates, near_duplicates  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.schemas import IMAGE_DEDUP, IMAGES_METADATA  # noqa: E402
 from udfs import fsio  # noqa: E402
-from udfs.image_dedup import DUPLICATE_IMAGE, NEAR_DUPLICATE, band_layout  # noqa: E402
+from udfs.image_dedup.layers import DUPLICATE_IMAGE, NEAR_DUPLICATE, band_layout  # noqa: E402
 
 NAME = "image-dedup"
 HELP = "mark repeated images (same sha256, or pHash near-duplicates) so clip-score skips them"
@@ -85,142 +86,6 @@ def _pairs_path(images: str, explicit: str | None, section: dict, storage_option
     if datasets.is_complete(images, storage_options):
         return datasets.read_stats(images, storage_options=storage_options).get("input")
     return None
-
-
-def exact_duplicates(rows):
-    """(key, kept uid, kept key, message) of every success row whose sha256 an earlier row has."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    w = Window.partitionBy("sha256").orderBy(F.col("record_date").asc_nulls_last(),
-                                             F.col("uid").asc_nulls_last(), F.col("key"))
-    ranked = (rows.where(F.col("sha256").isNotNull())
-              .select("key", "sha256", F.first("uid").over(w).alias("kept_uid"),
-                      F.first("key").over(w).alias("kept_key")))
-    return (ranked.where(F.col("key") != F.col("kept_key"))
-            .select("key", "kept_uid", "kept_key",
-                    F.format_string("same sha256 %s as kept uid %s (key %s)", F.substring("sha256", 1, 16),
-                                    "kept_uid", "kept_key").alias("message")))
-
-
-GROUP_BITS = 8   # buckets of a band are verified in 2^8 groups (by the value's top bits): few, large
-                 # Python calls; at 10M distinct hashes a group holds ~40k rows (~0.6 MB)
-
-
-def banded_pairs(nodes, distance: int, bands: int, group_bits: int = GROUP_BITS):
-    """Verified near pairs (a, b, d) with a < b, each once, without materialising candidates.
-
-    `nodes` has `node` (long) and `phash` (long). Each row becomes `bands` rows (band, group), group =
-    the top `group_bits` of the band's value; `groupBy(band, group).applyInPandas` runs
-    udfs.image_dedup.bucket_pairs on each group, which compares only rows sharing the whole band
-    value (and a part of the other bits, pigeonhole) and emits a pair from the first band it shares.
-    The shuffle is `bands` rows of 16 bytes per hash, linear in rows (a join on (band, value) shuffled
-    and verified rows^2 / 2^16 candidate pairs); a group is one task's memory."""
-    from pyspark.sql import functions as F
-
-    layout = band_layout(bands)
-    banded = nodes.select("node", "phash", F.explode(F.array(*[
-        F.struct(F.lit(i).alias("band"),
-                 F.shiftrightunsigned("phash", shift + width - min(width, group_bits))
-                 .bitwiseAND(F.lit((1 << min(width, group_bits)) - 1)).alias("group"))
-        for i, (shift, width) in enumerate(layout)])).alias("bg"))
-    banded = banded.select("node", "phash", F.col("bg.band").alias("band"), F.col("bg.group").alias("group"))
-
-    def verify(key, pdf):
-        import pandas as pd
-
-        from udfs.image_dedup import bucket_pairs
-
-        a, b, d = bucket_pairs(pdf["node"].to_numpy(), pdf["phash"].to_numpy(), int(key[0]), bands, distance)
-        return pd.DataFrame({"a": a, "b": b, "d": d.astype("int32")})
-
-    return banded.groupBy("band", "group").applyInPandas(verify, "a long, b long, d int")
-
-
-def largest_bucket(hashes, bands: int) -> int:
-    """Rows in the fullest (band, value) bucket: the join's pairs grow with its square, so a
-    stage whose largest bucket keeps growing needs more bands' bits (fewer, wider bands)."""
-    from pyspark.sql import functions as F
-
-    values = hashes.select(F.explode(F.array(*[
-        F.struct(F.lit(i).alias("band"),
-                 F.shiftrightunsigned("phash", shift).bitwiseAND(F.lit((1 << width) - 1)).alias("value"))
-        for i, (shift, width) in enumerate(band_layout(bands))])).alias("bv"))
-    row = values.groupBy("bv").count().agg(F.max("count").alias("m")).collect()
-    return int(row[0]["m"] or 0) if row else 0
-
-
-def connected_components(edges, max_iterations: int):
-    """(node, comp) for every node in `edges` (a, b): comp = the smallest node of its component.
-
-    Min-label propagation: each round a node takes the smallest label among itself and its
-    neighbours, then jumps to its label's label (pointer jumping, so chains shrink quickly);
-    stops when no label changes. Each round is local-checkpointed so the plan does not grow.
-    Returns (components, rounds, converged)."""
-    from pyspark.sql import functions as F
-
-    both = edges.select("a", "b").unionByName(edges.select(F.col("b").alias("a"), F.col("a").alias("b")))
-    both = both.localCheckpoint()
-    labels = both.groupBy(F.col("a").alias("node")).agg(
-        F.least(F.min("b"), F.first("a")).alias("comp")).localCheckpoint()
-    rounds = 0
-    for rounds in range(1, max_iterations + 1):
-        spread = (both.join(labels.withColumnRenamed("node", "b"), "b")
-                  .groupBy(F.col("a").alias("node")).agg(F.min("comp").alias("nb")))
-        step = (labels.join(spread, "node", "left")
-                .select("node", F.least("comp", F.coalesce("nb", "comp")).alias("comp")))
-        hop = step.select(F.col("node").alias("comp"), F.col("comp").alias("comp2"))
-        new = (step.join(hop, "comp", "left")
-               .select("node", F.least("comp", F.coalesce("comp2", "comp")).alias("comp"))).localCheckpoint()
-        changed = (new.join(labels.withColumnRenamed("comp", "old"), "node")
-                   .where(F.col("comp") != F.col("old")).limit(1).count())
-        labels = new
-        if not changed:
-            return labels, rounds, True
-    return labels, rounds, False
-
-
-def near_duplicates(rows, distance: int, bands: int, max_iterations: int):
-    """(key, kept uid, kept key, distance, message) of every near duplicate, and the layer's
-    counts. `rows`: success rows not dropped by the exact layer."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    nodes = rows.where(F.col("phash").isNotNull()).select(
-        "key", "uid", "record_date", "phash", "node",
-        (F.coalesce("original_width", F.lit(0)).cast("long")
-         * F.coalesce("original_height", F.lit(0)).cast("long")).alias("area"))
-    # Rows with the very same hash (blank or template images can share one across millions of
-    # rows) join the component of their smallest node directly; only distinct hashes are banded,
-    # so a popular hash is one row in its buckets instead of a quadratic number of pairs.
-    reps = nodes.groupBy("phash").agg(F.min("node").alias("rep"))
-    same = (nodes.join(reps, "phash").where(F.col("node") != F.col("rep"))
-            .select(F.col("rep").alias("a"), F.col("node").alias("b")))
-    pairs = (banded_pairs(reps.select(F.col("rep").alias("node"), "phash"), distance, bands).select("a", "b")
-             .unionByName(same)).persist()
-    n_pairs = pairs.count()
-    counts = {"pairs_verified": n_pairs, "rounds": 0, "converged": True, "components": 0,
-              "largest_bucket": largest_bucket(reps.select("phash"), bands)}
-    if not n_pairs:
-        pairs.unpersist()
-        return None, counts
-    comps, rounds, converged = connected_components(pairs, max_iterations)
-    pairs.unpersist()
-    if not converged:
-        log.warning("image-dedup: components did not converge in %d rounds (image_dedup.max_iterations); "
-                    "some groups stay split, which keeps extra copies but drops nothing wrongly", rounds)
-    w = Window.partitionBy("comp").orderBy(F.col("area").desc(), F.col("record_date").asc_nulls_last(),
-                                           F.col("uid").asc_nulls_last(), F.col("key"))
-    ranked = (nodes.join(comps, "node")
-              .select("key", "phash", "comp", F.first("uid").over(w).alias("kept_uid"),
-                      F.first("key").over(w).alias("kept_key"), F.first("phash").over(w).alias("kept_phash")))
-    dups = (ranked.where(F.col("key") != F.col("kept_key"))
-            .select("key", "kept_uid", "kept_key",
-                    F.bit_count(F.col("phash").bitwiseXOR(F.col("kept_phash"))).cast("int").alias("distance"))
-            .withColumn("message", F.format_string("phash distance %d to kept uid %s (key %s)",
-                                                   "distance", "kept_uid", "kept_key")))
-    counts.update(rounds=rounds, converged=converged, components=comps.select("comp").distinct().count())
-    return dups, counts
 
 
 def mark(df, exact, near):

@@ -28,7 +28,8 @@ import sys
 from spark_jobs import cli
 from spark_jobs.config import ConfigError
 from spark_jobs.datasets import InputError, StageTimer, write_stats
-from udfs import fsio, knn
+from udfs import fsio
+from udfs.index import build, layout, tuning
 
 NAME = "build-index"
 HELP = "build image and text kNN indices (autofaiss) for each subset's embeddings"
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(spark, cfg, args) -> dict:
     try:
-        params = knn.BuildParams.from_config(cfg.section("index"))
+        params = tuning.BuildParams.from_config(cfg.section("index"))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     storage_options = cfg.get("storage.storage_options") or None
@@ -63,8 +64,8 @@ def run(spark, cfg, args) -> dict:
             raise ConfigError("index.distributed needs a classic Spark session: autofaiss's distributed "
                               "build uses RDDs, which Spark Connect does not have (build on the driver instead)")
     try:
-        subsets = knn.find_subsets(args.input, storage_options)
-    except knn.EmbeddingLayoutError as exc:
+        subsets = layout.find_subsets(args.input, storage_options)
+    except layout.EmbeddingLayoutError as exc:
         raise InputError(str(exc)) from exc
     if args.subset:
         unknown = sorted(set(args.subset) - set(subsets))
@@ -81,10 +82,10 @@ def run(spark, cfg, args) -> dict:
                         subset)
         try:
             with timer.phase(f"index {subset}"):
-                knn.build_subset(fsio.join(args.input, "embeddings", subset), out,
+                build.build_subset(fsio.join(args.input, "embeddings", subset), out,
                                  dataclasses.replace(params, temporary_indices_folder=tmp),
                                  storage_options)
-        except knn.EmbeddingLayoutError as exc:
+        except layout.EmbeddingLayoutError as exc:
             raise InputError(str(exc)) from exc
         per_subset[subset] = _summary(out, storage_options)
         log.info("subset %s: %s", subset, per_subset[subset])
@@ -98,9 +99,9 @@ def _summary(folder: str, storage_options) -> dict:
     """What was built, read back from the written files (infos and the ids parquet)."""
     import pyarrow.parquet as pq
 
-    infos = fsio.read_json(fsio.join(folder, knn.INFOS_FILE), storage_options)
+    infos = fsio.read_json(fsio.join(folder, layout.INFOS_FILE), storage_options)
     out = {"status": infos.get("status"), "nb_vectors": infos.get("nb_vectors")}
-    ids_uri = fsio.join(folder, knn.IDS_FILE)
+    ids_uri = fsio.join(folder, layout.IDS_FILE)
     if fsio.exists(ids_uri, storage_options):
         with fsio.open_uri(ids_uri, "rb", storage_options) as fh:
             out["ids_rows"] = pq.ParquetFile(fh).metadata.num_rows

@@ -94,7 +94,7 @@ WAT_FILE_OUTCOMES = DatasetSpec(
         T.StructField("seconds", T.DoubleType(), True),
         _l("compressed_bytes"),
         # every record accounted for (issue 12): records_read = sum(records_by_type); what could
-        # not be read is in records_lost by reason (udfs.wat.FileOutcome, udfs.warc_records)
+        # not be read is in records_lost by reason (udfs.extract.wat.FileOutcome, udfs.extract.warc_records)
         T.StructField("records_by_type", T.MapType(T.StringType(), T.LongType()), True),
         _l("records_not_html"),
         _l("records_lost"),
@@ -143,7 +143,7 @@ DOWNLOAD_INPUT = DatasetSpec(
 IMAGES_METADATA = DatasetSpec(
     name="images_metadata",
     description="one row per input row of a download shard: <images>/{shard:05d}.parquet "
-                "(read with the glob <images>/*.parquet), written by udfs.download_worker",
+                "(read with the glob <images>/*.parquet), written by udfs.download.download_worker",
     schema=T.StructType([
         _s("key"),              # {shard:05d}{index:04d}: the sample's name in the tar
         _s("uid"), _s("url"), _s("text"), _s("page_url"),
@@ -163,7 +163,7 @@ IMAGES_METADATA = DatasetSpec(
         _i("attempts"),         # HTTP attempts made (retries included)
         _i("exif_orientation"),  # EXIF orientation tag of the original (1-8; null: none); stored upright
         _s("opt_out_source"),   # opted_out rows: x_robots_tag | robots_txt | tdmrep | page_meta | opt_out_list
-        _l("phash"),            # 64-bit pHash of the decoded original (udfs.image_hash, signed); null unless success
+        _l("phash"),            # 64-bit pHash of the decoded original (udfs.download.image_hash, signed); null unless success
         _s("stored_sha256"),    # of the bytes stored in the tar as KEY.<ext> (after resize); null unless success
     ]),
     # columns added after the first release (exif_orientation, opt_out_source) are optional on read:
@@ -270,7 +270,7 @@ SCORED = DatasetSpec(
         T.StructField("similarity", T.DoubleType(), True),               # cosine; null unless scored
         T.StructField("similarity_multilingual", T.DoubleType(), True),  # null unless a multilingual model is set
         T.StructField("image_embedding", T.BinaryType(), True),  # little-endian float16, L2-normalised
-        T.StructField("text_embedding", T.BinaryType(), True),   # (udfs.embeddings.encode / decode)
+        T.StructField("text_embedding", T.BinaryType(), True),   # (udfs.clip.embeddings.encode / decode)
         _s("tar_path"),         # URI of the shard tar holding the sample (null when it is not in one)
     ]),
     partition_by=("status",),
@@ -282,7 +282,7 @@ SCORED = DatasetSpec(
 INDEX_IDS = DatasetSpec(
     name="index_ids",
     description="<indices>/<subset>/ids.parquet: faiss index id -> the subset row it stands for "
-                "(written by udfs.knn.write_ids with pyarrow, one row group per embeddings part)",
+                "(written by udfs.index.layout.write_ids with pyarrow, one row group per embeddings part)",
     schema=T.StructType([
         _l("index_id"),         # row number in the order autofaiss read the npy files (path order)
         _l("SAMPLE_ID"),

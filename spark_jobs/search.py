@@ -25,7 +25,9 @@ import numpy as np
 
 from spark_jobs import cli
 from spark_jobs.datasets import InputError
-from udfs import fsio, knn
+from udfs import fsio
+from udfs.index import layout
+from udfs.index import search as index_search
 
 NAME = "search"
 HELP = "search a kNN index by text, image or embedding; print URL, TEXT, score"
@@ -43,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query.add_argument("--image", help="image file (path or URI) to search with")
     query.add_argument("--embedding", help=".npy file holding one query vector")
     parser.add_argument("-k", type=int, default=10, help="number of results (default 10)")
-    parser.add_argument("--modality", choices=sorted(knn.INDEX_FILES), default="image",
+    parser.add_argument("--modality", choices=sorted(layout.INDEX_FILES), default="image",
                         help="which index to search: image (default) or text embeddings")
     parser.add_argument("--json", action="store_true", help="print one JSON object per result")
 
@@ -53,7 +55,7 @@ def query_vector(cfg, args) -> np.ndarray:
     if args.embedding:
         with fsio.open_uri(args.embedding, "rb", storage_options) as fh:
             return np.load(fh).astype(np.float32).reshape(-1)
-    encoder = knn.QueryEncoder(cfg.section("clip"), storage_options)
+    encoder = index_search.QueryEncoder(cfg.section("clip"), storage_options)
     if args.text is not None:
         if not args.text.strip():
             raise InputError("--text is empty")
@@ -69,7 +71,7 @@ def query_vector(cfg, args) -> np.ndarray:
     return encoder.encode_image(image)
 
 
-def pick_subset(indices: dict, subset: str | None) -> knn.SubsetIndex:
+def pick_subset(indices: dict, subset: str | None) -> index_search.SubsetIndex:
     if subset:
         if subset not in indices:
             raise InputError(f"subset {subset!r} not found (have: {', '.join(indices)})")
@@ -87,12 +89,12 @@ def search(cfg, args) -> list[dict]:
     if memory_mapped is None:
         memory_mapped = bool(cfg.get("index.memory_mapped"))
     try:
-        indices = knn.open_indices(args.index, memory_mapped, cfg.get("serve.cache_dir"),
+        indices = index_search.open_indices(args.index, memory_mapped, cfg.get("serve.cache_dir"),
                                    storage_options)
         subset = pick_subset(indices, args.subset)
         vector = query_vector(cfg, args)
         return subset.search(vector, args.modality, args.k)
-    except (knn.QueryError, ValueError) as exc:  # ModelLoadError is a ValueError too
+    except (layout.QueryError, ValueError) as exc:  # ModelLoadError is a ValueError too
         if isinstance(exc, InputError):
             raise
         raise InputError(str(exc)) from exc

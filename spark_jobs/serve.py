@@ -25,7 +25,7 @@ import sys
 
 from spark_jobs import cli
 from spark_jobs.datasets import InputError
-from udfs import knn
+from udfs.index import layout, search
 
 NAME = "serve"
 HELP = "serve kNN indices: JSON API (clip-retrieval compatible) and a search web page"
@@ -52,12 +52,12 @@ def build_service(cfg, index: str, with_model: bool = True):
     if memory_mapped is None:
         memory_mapped = bool(cfg.get("index.memory_mapped"))
     try:
-        indices = knn.open_indices(index, memory_mapped, serve_cfg.get("cache_dir"), storage_options)
-    except knn.QueryError as exc:
+        indices = search.open_indices(index, memory_mapped, serve_cfg.get("cache_dir"), storage_options)
+    except layout.QueryError as exc:
         raise InputError(str(exc)) from exc
     encoder = None
     if with_model:
-        encoder = knn.QueryEncoder(cfg.section("clip"), storage_options)
+        encoder = search.QueryEncoder(cfg.section("clip"), storage_options)
         try:
             dim = encoder.model.dim  # load now: a wrong model config fails at start, not per query
         except ValueError as exc:  # ModelLoadError

@@ -29,7 +29,7 @@ from spark_jobs import cli, faults
 from spark_jobs.config import ConfigError
 from spark_jobs.datasets import InputError
 from udfs import fsio
-from udfs import takedown as td
+from udfs.takedown import rewrite as td
 
 NAME = "takedown"
 HELP = "remove listed URLs / sample_ids / sha256s / domains from every published file under a root"

@@ -14,7 +14,7 @@ Bad input never stops the job: a missing, empty, non-gzip or truncated file gets
 partial (pairs before a truncation are kept); invalid JSON, records missing fields and unusable
 links become rejected rows with their reason. What real crawlers wrote (WARC/0.17-1.1, ARC, bare-LF
 headers, lying Content-Length, encodings that do not match the stored body) is read by
-udfs.warc_records / udfs.http_message; each record is read or counted as lost with a reason.
+udfs.extract.warc_records / udfs.extract.http_message; each record is read or counted as lost with a reason.
 
 Examples:
   clipcrawl wat-extract --input 'data/*.warc.wat.gz' --output out/wat_pairs
@@ -34,11 +34,11 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
-from collections import Counter  # noqa: E402
 
 from spark_jobs import cli, datasets, schemas  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.datasets import InputError  # noqa: E402
+from udfs.extract.stats import extract_stats  # noqa: E402
 
 NAME = "wat-extract"
 HELP = "Common Crawl WAT/WARC files -> image URL / alt-text pairs (wat_pairs)"
@@ -73,7 +73,7 @@ def _staging_schema():
         T.StructField("status", s, True),
         T.StructField("error_message", s, True),
         T.StructField("level", s, True),
-        T.StructField("outcome", s, True),          # JSON of udfs.wat.FileOutcome (kind=file)
+        T.StructField("outcome", s, True),          # JSON of udfs.extract.wat.FileOutcome (kind=file)
     ])
 
 
@@ -81,7 +81,7 @@ def _partition_extractor(opts, storage_options):
     """The per-task function: rows of the files of one partition (one file by default)."""
 
     def extract(files):
-        from udfs import wat
+        from udfs.extract import wat
 
         task_log = logging.getLogger("clipcrawl.wat_extract.task")
         for uri in files:
@@ -128,7 +128,8 @@ def resolve_inputs(cfg, args, storage_options) -> list[str]:
     A glob that matches nothing or a missing paths file is a user error; a plain path that does
     not exist is kept and counted as a failed file (a paths list pointing at a missing object
     must not stop a 80,000-file job)."""
-    from udfs import fsio, wat
+    from udfs import fsio
+    from udfs.extract import wat
 
     if not args.input and not args.paths_file:
         raise InputError("give --input and/or --paths-file")
@@ -175,7 +176,7 @@ def run(spark, cfg, args) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from udfs import wat
+    from udfs.extract import wat
 
     section = cfg.section("wat_extract")
     storage_options = cfg.get("storage.storage_options") or {}
@@ -226,86 +227,7 @@ def _stats_from_data(spark, output: str, rejected_out: str, outcomes_path: str) 
     rejected = datasets.grouped_counts(spark, rejected_out, "status", "level")
     # One row per input file: small enough to aggregate on the driver even for a whole crawl.
     outcomes = [r.asDict() for r in spark.read.parquet(outcomes_path).collect()]
-
-    kept_by_crawl: dict[str, int] = {}
-    for (crawl, _), n in kept.items():
-        kept_by_crawl[crawl] = kept_by_crawl.get(crawl, 0) + n
-    rejected_by_reason: dict[str, int] = {}
-    rejected_by_level: dict[str, int] = {}
-    for (status, level), n in rejected.items():
-        rejected_by_reason[status] = rejected_by_reason.get(status, 0) + n
-        rejected_by_level[level] = rejected_by_level.get(level, 0) + n
-    sums = {c: sum(int(o.get(c) or 0) for o in outcomes) for c in (
-        "records_read", "metadata_records", "html_records", "links_seen", "records_non_utf8",
-        "compressed_bytes", "records_lost", "bytes_skipped", "records_bad_date",
-        "records_charset_detected", "records_not_html", "records_rejected", "records_damaged")}
-    maps = {c: _sum_maps(o.get(c) for o in outcomes)
-            for c in ("records_by_type", "lost_reasons", "quirks", "damage_reasons")}
-    # lost records with a rejected row: those of files that were read, one row per record up to
-    # MAX_EVENTS per file (a file with nothing readable has only its outcome)
-    from udfs.warc_records import MAX_EVENTS
-
-    lost_with_rows = sum(min(int(o.get("records_lost") or 0), MAX_EVENTS) for o in outcomes
-                         if int(o.get("records_read") or 0) > 0)
-    files_by_status = Counter(o["status"] for o in outcomes)
-    problems = sorted(({"source_file": o["source_file"], "status": o["status"],
-                        "error": o["error_message"]} for o in outcomes if o["status"] != "ok"),
-                      key=lambda p: p["source_file"])
-    pairs_kept = sum(kept_by_crawl.values())
-    link_rejects = rejected_by_level.get("link", 0)
-    out = {
-        "files": {"total": len(outcomes), "ok": files_by_status.get("ok", 0),
-                  "partial": files_by_status.get("partial", 0),
-                  "failed": files_by_status.get("failed", 0)},
-        "files_with_problems": problems[:100],
-        "records_read": sums["records_read"],
-        "metadata_records": sums["metadata_records"],
-        "html_records": sums["html_records"],
-        "links_seen": sums["links_seen"],
-        "pairs_kept": pairs_kept,
-        "pairs_kept_by_crawl": kept_by_crawl,
-        "alt_truncated": sum(n for (_, truncated), n in kept.items() if truncated),
-        "records_non_utf8": sums["records_non_utf8"],
-        "rejected_by_reason": rejected_by_reason,
-        "rejected_links": link_rejects,
-        "rejected_records": rejected_by_level.get("record", 0),
-        # kept + rejected links must equal the links seen; False would mean lost rows
-        "links_accounted": pairs_kept + link_rejects == sums["links_seen"],
-        "compressed_bytes": sums["compressed_bytes"],
-        # every record accounted for: read (by type) or lost (by reason)
-        "records_by_type": maps["records_by_type"],
-        "records_accounted": sum(maps["records_by_type"].values()) == sums["records_read"],
-        "records_not_html": sums["records_not_html"],
-        "records_lost": sums["records_lost"],
-        "lost_reasons": maps["lost_reasons"],
-        # each lost record is also a rejected row (files losing over 1000 list the first 1000)
-        "lost_in_rejected": sum(rejected_by_reason.get(k, 0) for k in maps["lost_reasons"]),
-        "bytes_skipped": sums["bytes_skipped"],
-        "records_bad_date": sums["records_bad_date"],
-        "records_charset_detected": sums["records_charset_detected"],
-        "quirks": maps["quirks"],
-        # read although damaged (lying Content-Length, body that does not decode): each is one
-        # rejected row with status bad_record (its pairs, if any, are kept)
-        "records_damaged": sums["records_damaged"],
-        "damage_reasons": maps["damage_reasons"],
-        "damaged_in_rejected": rejected_by_reason.get("bad_record", 0),
-        # the stage's input units, counted by the file outcomes: image links seen, plus records
-        # rejected whole, read despite damage, or lost; kept + rejected rows must equal them
-        "input_rows": (sums["links_seen"] + sums["records_rejected"] + sums["records_damaged"]
-                       + lost_with_rows),
-        "output_rows": pairs_kept,
-        "rejected_rows": sum(rejected_by_reason.values()),
-    }
-    out["balanced"] = out["output_rows"] + out["rejected_rows"] == out["input_rows"]
-    return out
-
-
-def _sum_maps(maps) -> dict:
-    total: dict[str, int] = {}
-    for m in maps:
-        for k, v in (m or {}).items():
-            total[k] = total.get(k, 0) + int(v or 0)
-    return dict(sorted(total.items()))
+    return extract_stats(kept, rejected, outcomes)
 
 
 def main(argv=None):

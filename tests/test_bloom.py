@@ -1,4 +1,4 @@
-"""Unit tests of udfs/bloom.py: no false negatives, FP rate vs configured, file format, corruption."""
+"""Unit tests of udfs/dedup/bloom.py: no false negatives, FP rate vs configured, file format, corruption."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from udfs import bloom
-from udfs.bloom import BloomFilter, CorruptFilterError
+from udfs.dedup import bloom
+from udfs.dedup.bloom import BloomFilter, CorruptFilterError
 
 
 def test_parameters_follow_the_textbook_formulas():

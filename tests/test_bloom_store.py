@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from udfs import bloom, fsio
-from udfs.bloom_store import CURRENT, BloomStore, shard_file
+from udfs import fsio
+from udfs.dedup import bloom
+from udfs.dedup.bloom_store import CURRENT, BloomStore, shard_file
 
 
 def _fill(store: BloomStore, plan, keys: list[str]) -> None:

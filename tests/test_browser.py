@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.gen.embeddings_layout import tiny_clip_missing, tiny_clip_overrides
-from udfs import knn
+from udfs.index import build, search, tuning
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -84,7 +84,7 @@ def page_url(tmp_path_factory, cfg):
     from serving.http import make_server
     from serving.service import KnnService
     from tests.gen.shapes import all_classes
-    from udfs.clip_model import load_clip
+    from udfs.clip.clip_model import load_clip
 
     tmp = tmp_path_factory.mktemp("browser")
     run_cfg = cfg.with_overrides(tiny_clip_overrides())
@@ -97,10 +97,10 @@ def page_url(tmp_path_factory, cfg):
                                        [(c, s, lang, 0) for c, s in classes for lang in ("de", "fr")], 1000),
     }
     for name, root in roots.items():
-        knn.build_subset(root, str(tmp / "indices" / name), knn.BuildParams(recall_sample=20, nb_cores=2))
-    encoder = knn.QueryEncoder(run_cfg.section("clip"))
+        build.build_subset(root, str(tmp / "indices" / name), tuning.BuildParams(recall_sample=20, nb_cores=2))
+    encoder = search.QueryEncoder(run_cfg.section("clip"))
     encoder._model = model  # the model loaded above; serve would load the same config itself
-    service = KnnService(knn.open_indices(str(tmp / "indices")), run_cfg.section("serve"), encoder)
+    service = KnnService(search.open_indices(str(tmp / "indices")), run_cfg.section("serve"), encoder)
     server = make_server(service, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/", tmp

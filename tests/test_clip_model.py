@@ -1,4 +1,4 @@
-"""udfs.clip_model and udfs.embeddings: loading (local folder, checkpoints, errors), device and
+"""udfs.clip.clip_model and udfs.clip.embeddings: loading (local folder, checkpoints, errors), device and
 precision selection, embeddings on the synthetic shapes, float16 codec and clip-retrieval layout."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.gen import shapes
-from udfs import clip_model, embeddings
+from udfs.clip import clip_model, embeddings
 
 TINY = Path(__file__).resolve().parent / "fixtures" / "tiny_clip"
 TINY_SPEC = "local-dir:tests/fixtures/tiny_clip"
@@ -141,7 +141,7 @@ def test_checkpoint_from_s3(moto_s3):
 def test_remote_checkpoint_check_and_query_encoder_use_storage_options(moto_s3):
     """The driver-side checkpoint check and the search/serve query encoder reach S3 through the
     configured storage options (endpoint, credentials), like the workers do."""
-    from udfs import knn
+    from udfs.index import search
 
     moto_s3.bucket("models")
     prefix = f"ckpt-{random.randrange(10**9)}"
@@ -152,7 +152,7 @@ def test_remote_checkpoint_check_and_query_encoder_use_storage_options(moto_s3):
         clip_model.check_model_spec("ViT-B-32", f"s3://models/{prefix}/missing.pt", moto_s3.options)
     for f in ("open_clip_config.json", "open_clip_model.safetensors"):
         moto_s3.client.upload_file(str(TINY / f), "models", f"{prefix}/tiny/{f}")
-    encoder = knn.QueryEncoder({"model": f"local-dir:s3://models/{prefix}/tiny", "pretrained": None,
+    encoder = search.QueryEncoder({"model": f"local-dir:s3://models/{prefix}/tiny", "pretrained": None,
                                 "device": "cpu"}, moto_s3.options)
     ref = clip_model.load_clip(TINY_SPEC, None, device="cpu")
     np.testing.assert_allclose(encoder.encode_text("a red star"), ref.encode_texts(["a red star"])[0], atol=1e-6)

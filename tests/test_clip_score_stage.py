@@ -12,7 +12,7 @@ from spark_jobs import clip_score, datasets
 from spark_jobs.config import ConfigError
 from spark_jobs.schemas import SCORED
 from tests.gen.image_shards import Row, mixed_rows, write_images_folder
-from udfs import embeddings
+from udfs.clip import embeddings
 
 TINY = ["clip.model=local-dir:tests/fixtures/tiny_clip", "clip.pretrained=null", "clip.batch_size=4"]
 

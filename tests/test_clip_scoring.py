@@ -1,4 +1,4 @@
-"""udfs.clip_scoring without Spark: batching edge cases, decode failures, samples missing from
+"""udfs.clip.clip_scoring without Spark: batching edge cases, decode failures, samples missing from
 the tar, pass-through statuses, and matching vs mismatching captions on tests/gen/shapes.py images."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import yaml
 
 from tests.conftest import REPO
 from tests.gen.image_shards import Row, mixed_rows, write_images_folder
-from udfs import clip_model, clip_scoring, embeddings, shard_writer
+from udfs.clip import clip_model, clip_scoring, embeddings
+from udfs.download import shard_writer
 
 TINY_SPEC = "local-dir:tests/fixtures/tiny_clip"
 

@@ -48,7 +48,7 @@ class FakeTaskContext:
 
 
 def test_task_device_is_the_assigned_gpu():
-    from spark_jobs.clip_score import assigned_gpus, task_device
+    from udfs.clip.partition import assigned_gpus, task_device
 
     assert assigned_gpus(FakeTaskContext(["3"])) == ["3"]
     assert assigned_gpus(FakeTaskContext()) is None and assigned_gpus(None) is None
@@ -66,7 +66,7 @@ def test_scorer_loads_the_model_on_the_tasks_gpu(monkeypatch, tmp_path):
     import torch
 
     from spark_jobs import clip_score
-    from udfs import clip_model
+    from udfs.clip import clip_model
 
     asked = []
 

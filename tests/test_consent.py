@@ -23,10 +23,9 @@ from tests.gen.image_server import (
     ImageServer,
     jpeg_bytes,
 )
-from udfs import page_opt_out
-from udfs.download_worker import ShardJob
-from udfs.opt_out import OptOutList, Sha256Blocklist
-from udfs.robots import (
+from udfs.download.download_worker import ShardJob
+from udfs.download.opt_out import OptOutList, Sha256Blocklist
+from udfs.download.robots import (
     ROBOTS_PATH,
     TDMREP_PATH,
     ConsentConfig,
@@ -37,7 +36,8 @@ from udfs.robots import (
     TdmRules,
     classify,
 )
-from udfs.shard_writer import iter_samples
+from udfs.download.shard_writer import iter_samples
+from udfs.extract import page_opt_out
 
 TEST_HOSTS = ("robots.test", "r404.test", "r500.test", "rslow.test", "tdm.test", "list.test",
               "sub.list.test", "notlist.test")
@@ -503,7 +503,7 @@ def test_wat_and_warc_meta_opt_outs_mark_pairs_that_download_then_skips(spark, c
 
 def test_report_charts_opted_out_rows_per_source(tmp_path):
     from reporting.report import _opt_out_section
-    from udfs.download_worker import _parquet_bytes
+    from udfs.download.download_worker import _parquet_bytes
 
     rows = ([{"key": f"{i:09d}", "status": "opted_out", "opt_out_source": "robots_txt"} for i in range(3)]
             + [{"key": "000000010", "status": "opted_out", "opt_out_source": "page_meta"},
@@ -522,7 +522,7 @@ def test_unresolvable_or_guarded_host_is_a_download_failure_not_an_opt_out(serve
     fails as it would without consent checks. No connection is made to either."""
     def resolver(host, port):
         if host == "dead.test":
-            from udfs.address_guard import ResolveError
+            from udfs.download.address_guard import ResolveError
             raise ResolveError("cannot resolve dead.test")
         return {"private.test": ["10.0.0.9"]}.get(host) or stub_resolver(host, port)
 
@@ -546,7 +546,7 @@ def test_phash_blocklist_drops_listed_content_and_its_near_copies(server, cfg, t
     from PIL import Image
 
     from tests.gen.photos import jpeg, photo_like
-    from udfs import image_hash
+    from udfs.download import image_hash
 
     listed = photo_like(seed=41, size=(480, 360))
     copy = listed.resize((400, 300), Image.Resampling.BILINEAR)

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spark_jobs import datasets, dedup
+from spark_jobs import columns, datasets, dedup
 from spark_jobs.schemas import DEDUP_REJECTED, WAT_PAIRS
-from udfs import bloom, dedup_keys
-from udfs.bloom_store import BloomStore
+from udfs.dedup import bloom, dedup_keys, probe
+from udfs.dedup.bloom_store import BloomStore
 from udfs.ids import pair_uid
 
 CRAWLS = ("CC-MAIN-2024-10", "CC-MAIN-2024-18")
@@ -62,10 +62,10 @@ def test_jvm_keys_digests_and_shards_match_python(spark):
              ("mailto:X@Y.COM", "x"), ("http://[::FFFF]:80/P", "x"), ("h\nttp://X.y/", "x"),
              ("http://x/", "   "), ("http://x/", "a \u2003\u2003 b  c\x0b"), ("http://x/", "")]
     df = spark.createDataFrame(cases, "url string, text string")
-    df = (df.withColumn("pk", dedup.pair_key_column(F.col("url"), F.col("text")))
-            .withColumn("uk", dedup.url_key_column(F.col("url"))))
-    df = dedup.with_key_digest(df, "url", "text", "d", "s", 5)
-    df = dedup.with_key_digest(df, "url", None, "ud", "us", 3)
+    df = (df.withColumn("pk", columns.pair_key_column(F.col("url"), F.col("text")))
+            .withColumn("uk", columns.url_key_column(F.col("url"))))
+    df = columns.with_key_digest(df, "url", "text", "d", "s", 5)
+    df = columns.with_key_digest(df, "url", None, "ud", "us", 3)
     rows = df.collect()
     for (url, text), row in zip(cases, rows):
         assert row.pk == dedup_keys.pair_key(url, text), (url, text)
@@ -80,8 +80,8 @@ def test_shard_partitioning_puts_exactly_one_shard_in_each_partition(spark):
     from pyspark.sql import functions as F
 
     df = spark.range(3000).select(F.col("id").cast("string").alias("url"), F.lit("t").alias("text"))
-    df = dedup.with_key_digest(df, "url", "text", "_digest", "_shard", 7)
-    parts = dedup.shard_partitioning(spark, df, "_shard", "_part", 7)
+    df = columns.with_key_digest(df, "url", "text", "_digest", "_shard", 7)
+    parts = columns.shard_partitioning(spark, df, "_shard", "_part", 7)
     assert parts.rdd.getNumPartitions() == 7
     per_partition = (parts.groupBy(F.spark_partition_id().alias("p"))
                      .agg(F.countDistinct("_shard").alias("n"), F.min("_shard").alias("s")).collect())
@@ -338,7 +338,7 @@ def test_key_probes_see_only_key_columns_and_write_the_next_generation(tmp_path)
     candidate[[0, 50]] = False          # an old key and a new key that are not representatives
     batches = [(pa.array(np.zeros(50, np.int32)), digests.slice(0, 50), pa.array(candidate[:50])),
                (pa.array(np.zeros(50, np.int32)), digests.slice(50), pa.array(candidate[50:]))]
-    seen = np.concatenate(list(dedup.probe_seen(plan, iter(batches))))
+    seen = np.concatenate(list(probe.probe_seen(plan, iter(batches))))
     assert seen[1:40].all() and not seen[0]          # old candidates seen, the non-candidate not
     assert seen[40:].sum() <= 2                      # new keys: only false positives
     written = BloomStore(str(tmp_path / "seen"), "pair").plan(None, None, fresh=(1, 1000, 0.001))
@@ -348,5 +348,5 @@ def test_key_probes_see_only_key_columns_and_write_the_next_generation(tmp_path)
     assert new_bits.contains(added).all() and new_bits.contains(old_keys).all()
     assert new_bits.keys_added == 100 + len(added)
 
-    failed = np.concatenate(list(dedup.probe_failed(plan, iter(b[:2] for b in batches))))
+    failed = np.concatenate(list(probe.probe_failed(plan, iter(b[:2] for b in batches))))
     assert failed[:40].all() and failed[40:].sum() <= 2

@@ -1,10 +1,10 @@
-"""The documented key normalisation (udfs/dedup_keys.py), pure Python."""
+"""The documented key normalisation (udfs/dedup/dedup_keys.py), pure Python."""
 
 from __future__ import annotations
 
 import pytest
 
-from udfs import dedup_keys as K
+from udfs.dedup import dedup_keys as K
 
 # (raw url, raw text) pairs that must give the same key as the first of their group
 SAME = [

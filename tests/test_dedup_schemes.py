@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from tests.test_dedup import CRAWLS, pair, run_dedup, uids, write_input
-from udfs import bloom, dedup_keys
-from udfs.bloom import HASH_SCHEME_SHA256_DOUBLE as SHA
-from udfs.bloom import HASH_SCHEME_XXH64_PAIR as XXH
-from udfs.bloom_store import BloomStore
+from udfs.dedup import bloom, dedup_keys
+from udfs.dedup.bloom import HASH_SCHEME_SHA256_DOUBLE as SHA
+from udfs.dedup.bloom import HASH_SCHEME_XXH64_PAIR as XXH
+from udfs.dedup.bloom_store import BloomStore
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,14 @@ def test_xxh64_matches_the_reference_vectors():
 
 
 def test_jvm_xxhash_digests_and_shards_match_python(spark):
-    from spark_jobs import dedup
+    from spark_jobs import columns
     cases = [("http://Example.Com/a.jpg#frag", "  a\u00a0red\t\ncircle "), (None, None),
              ("HTTPS://user:PW@CDN.example.ORG:8443/Img.PNG?W=1#f", "x\u2028y \u00e9\u4e2d\U0001F600"),
              ("http://x/" + "p" * 40, "a caption longer than thirty-two bytes, to reach XXH64's lanes"),
              ("http://x/", ""), ("http://x/abcd", "1234567")]
     df = spark.createDataFrame(cases, "url string, text string")
-    df = dedup.with_key_digest(df, "url", "text", "d", "s", 5, XXH)
-    df = dedup.with_key_digest(df, "url", None, "ud", "us", 3, XXH)
+    df = columns.with_key_digest(df, "url", "text", "d", "s", 5, XXH)
+    df = columns.with_key_digest(df, "url", None, "ud", "us", 3, XXH)
     assert {"d", "d_b", "ud", "ud_b"} <= set(df.columns)
     rows = df.collect()
     for (url, text), row in zip(cases, rows):

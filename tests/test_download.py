@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from tests.gen.image_server import ImageServer, Response, jpeg_bytes, png_header_only
-from udfs.address_guard import AddressGuard, BlockedAddress, blocked_reason, parse_cidrs
-from udfs.download_worker import download_shard, make_key
-from udfs.fetch import FetchConfig, Fetcher, opt_out_directive, parse_retry_after
-from udfs.resize import ImageRejected, ResizeConfig, process_image
-from udfs.shard_writer import TarShardWriter, iter_samples, sample_json
+from udfs.download.address_guard import AddressGuard, BlockedAddress, blocked_reason, parse_cidrs
+from udfs.download.download_worker import download_shard, make_key
+from udfs.download.fetch import FetchConfig, Fetcher, opt_out_directive, parse_retry_after
+from udfs.download.resize import ImageRejected, ResizeConfig, process_image
+from udfs.download.shard_writer import TarShardWriter, iter_samples, sample_json
 
 LOOPBACK = "127.0.0.0/8"
 
@@ -256,7 +256,7 @@ def test_shard_metadata_parquet_round_trips_without_pandas():
     # pandas aborts at exit: apache/arrow#34314); the files are read back here.
     code = """if True:
         import json, sys
-        from udfs.download_worker import _parquet_bytes
+        from udfs.download.download_worker import _parquet_bytes
         rows = [{"key": "000000000", "text": 'a "b"\\n\u00e9 \u4e2d', "shard": 0, "bytes": 2**40,
                  "download_seconds": 0.1234567890123, "retryable": False, "status": "success"},
                 {"key": "000000001", "status": "failed_to_download", "error_message": "x"},
@@ -269,7 +269,7 @@ def test_shard_metadata_parquet_round_trips_without_pandas():
     empty = pq.read_table(io.BytesIO(bytes.fromhex(child["empty"])))
     out = {"rows": table.to_pylist(), "names": table.schema.names, "pandas": child["pandas"],
            "types": [str(t) for t in table.schema.types], "empty": [empty.num_rows, empty.schema.names]}
-    from udfs.download_worker import METADATA_COLUMNS
+    from udfs.download.download_worker import METADATA_COLUMNS
 
     names = [n for n, _ in METADATA_COLUMNS]
     assert out["names"] == names and out["empty"] == [0, names]

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.gen.image_server import ImageServer, jpeg_bytes
-from udfs.address_guard import AddressGuard, BlockedAddress, DnsCache, ResolveError
-from udfs.download_worker import ShardJob
-from udfs.fetch import FetchConfig, Fetcher
-from udfs.host_slots import HostSlots
+from udfs.download.address_guard import AddressGuard, BlockedAddress, DnsCache, ResolveError
+from udfs.download.download_worker import ShardJob
+from udfs.download.fetch import FetchConfig, Fetcher
+from udfs.download.host_slots import HostSlots
 
 IMAGE = jpeg_bytes(64, 48, seed=3)
 N_IMAGES = 24

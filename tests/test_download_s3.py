@@ -9,8 +9,8 @@ import pytest
 
 from tests.gen.image_server import ImageServer, jpeg_bytes
 from udfs import fsio
-from udfs.download_worker import download_shard, make_key
-from udfs.shard_writer import ShardWriteError, TarShardWriter, iter_samples, verify_size
+from udfs.download.download_worker import download_shard, make_key
+from udfs.download.shard_writer import ShardWriteError, TarShardWriter, iter_samples, verify_size
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 
 from spark_jobs import datasets, download
 from tests.gen.image_server import ImageServer, Response, jpeg_bytes
+from udfs.download.shard_writer import iter_samples
 from udfs.ids import pair_uid
-from udfs.shard_writer import iter_samples
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from tests.gen.image_server import ImageServer
-from udfs.download_worker import download_shard, make_key
-from udfs.resize import ResizeConfig, process_image
-from udfs.shard_writer import iter_samples, sample_json
+from udfs.download.download_worker import download_shard, make_key
+from udfs.download.resize import ResizeConfig, process_image
+from udfs.download.shard_writer import iter_samples, sample_json
 
 # Upright picture: 300 x 200 (landscape), four quadrants of distinct colours.
 W, H = 300, 200

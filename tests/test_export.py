@@ -407,7 +407,7 @@ def test_index_of_a_truncated_or_missing_source_tar(tmp_path):
 
 def test_shard_written_to_and_read_from_s3(moto_s3):
     """Source tar and export on s3:// (moto on loopback) through fsspec: range reads, shard, marker."""
-    from udfs.shard_writer import iter_samples
+    from udfs.download.shard_writer import iter_samples
 
     moto_s3.bucket("laion")
     so = moto_s3.options

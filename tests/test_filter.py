@@ -16,7 +16,7 @@ from spark_jobs import datasets
 from spark_jobs import filter as filter_stage
 from spark_jobs.config import ConfigError
 from spark_jobs.schemas import SUBSET
-from udfs import subset_filter
+from udfs.filter import subset_filter
 from udfs.ids import pair_uid, uid_to_int64
 
 HEADS = Path(__file__).resolve().parent / "fixtures" / "safety_head"

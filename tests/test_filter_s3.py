@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from udfs import embeddings, safety_heads, subset_filter
+from udfs.clip import embeddings
+from udfs.filter import safety_heads, subset_filter
 
 HEADS = Path(__file__).resolve().parent / "fixtures" / "safety_head"
 

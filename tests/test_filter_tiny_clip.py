@@ -30,8 +30,8 @@ MISMATCH = {"red": "blue", "blue": "yellow", "green": "red", "yellow": "green",
 def test_filter_keeps_matching_and_drops_mismatched_with_tiny_clip(spark, tmp_path):
     from tests.gen.shapes import caption, draw_shape
     from tests.test_filter import make_scored_from_records
-    from udfs import embeddings
-    from udfs.clip_model import load_clip
+    from udfs.clip import embeddings
+    from udfs.clip.clip_model import load_clip
 
     model = load_clip(f"local-dir:{MODEL}", None, device="cpu")
     images = [draw_shape(c, s, size=64, rng=np.random.default_rng(i)) for i, (c, s, _, _) in enumerate(CASES)]

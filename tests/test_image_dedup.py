@@ -1,4 +1,4 @@
-"""Image dedup layers: the pure rules (udfs/image_dedup.py) and the `image-dedup` stage on a
+"""Image dedup layers: the pure rules (udfs/image_dedup/layers.py) and the `image-dedup` stage on a
 fabricated download output whose groups of copies, and the copy each group keeps, are planted by
 hand."""
 
@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from udfs import image_dedup as dd
-from udfs.image_hash import to_signed
+from udfs.download.image_hash import to_signed
+from udfs.image_dedup import layers as dd
 
 # --- pure rules ------------------------------------------------------------------------------------
 
@@ -210,7 +210,7 @@ def _planted():
 
 
 def _write_download_output(folder, rows, pairs_folder, dates):
-    from udfs.download_worker import metadata_table
+    from udfs.download.download_worker import metadata_table
 
     folder.mkdir(parents=True)
     pq.write_table(metadata_table(rows[:7]), folder / "00000.parquet")
@@ -298,7 +298,7 @@ def test_stage_disabled_writes_only_stats_and_clip_score_reads_the_download(spar
 
 
 def test_spark_components_match_union_find_on_random_groups(spark):
-    from spark_jobs.image_dedup import connected_components
+    from spark_jobs.columns import connected_components
 
     rng = random.Random(11)
     edges = []
@@ -324,7 +324,7 @@ def test_spark_components_match_union_find_on_random_groups(spark):
 
 
 def test_spark_banded_pairs_match_the_pure_banded_pairs(spark):
-    from spark_jobs.image_dedup import banded_pairs
+    from spark_jobs.columns import banded_pairs
 
     hashes = _planted_hashes(13)
     rows = [(i * 5 + 7, to_signed(h)) for i, h in enumerate(hashes)]
@@ -341,8 +341,8 @@ def test_spark_banded_pairs_match_the_pure_banded_pairs(spark):
 def test_download_worker_records_phash(tmp_path):
     from tests.gen.image_server import ImageServer
     from tests.gen.photos import jpeg, photo_like
-    from udfs.download_worker import download_shard
-    from udfs.image_hash import hamming, phash
+    from udfs.download.download_worker import download_shard
+    from udfs.download.image_hash import hamming, phash
 
     img = photo_like(1, (400, 300))
     with ImageServer() as srv:
@@ -385,8 +385,8 @@ def test_filter_removes_eval_overlap_and_semantic_duplicates(spark, tmp_path):
     from spark_jobs import filter as filter_stage
     from spark_jobs.config import load_config
     from tests.gen.photos import photo_like
-    from udfs import embeddings
-    from udfs.image_hash import phash_bytes
+    from udfs.clip import embeddings
+    from udfs.download.image_hash import phash_bytes
 
     rng = np.random.default_rng(7)
     dim = 16
@@ -447,7 +447,7 @@ def test_filter_removes_eval_overlap_and_semantic_duplicates(spark, tmp_path):
 
 
 def test_eval_set_errors_are_config_errors(tmp_path):
-    from udfs.image_dedup import EvalSetError, load_eval_set
+    from udfs.image_dedup.layers import EvalSetError, load_eval_set
 
     with pytest.raises(EvalSetError, match="not found"):
         load_eval_set(str(tmp_path / "nope"))

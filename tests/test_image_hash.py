@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.gen.image_server import encode
 from tests.gen.photos import photo_like
-from udfs import image_hash as ih
+from udfs.download import image_hash as ih
 
 
 def _photo(seed: int, size=(320, 240)) -> Image.Image:

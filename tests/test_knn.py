@@ -13,7 +13,7 @@ import pytest
 from spark_jobs import knn_index
 from spark_jobs.datasets import InputError
 from tests.gen.embeddings_layout import write_parts, write_random_subset
-from udfs import knn
+from udfs.index import build, layout, search, tuning
 
 N, DIM = 1500, 32
 
@@ -70,7 +70,7 @@ def test_ids_follow_the_order_autofaiss_reads_the_parts(built):
     """Row i of the generated data has URL .../img/{i}.jpg; searching with its own vector must
     find it, which fails if ids were assigned in numeric instead of path order."""
     tmp, image, _, _ = built
-    index = knn.open_indices(str(tmp / "indices"))["laion2B-en"]
+    index = search.open_indices(str(tmp / "indices"))["laion2B-en"]
     for i in (0, 5, 130, 700, 1499):
         top = index.search(image[i], "image", 1)[0]
         assert top["URL"] == f"http://127.0.0.1/img/{i}.jpg"
@@ -80,14 +80,14 @@ def test_ids_follow_the_order_autofaiss_reads_the_parts(built):
 @pytest.mark.slow
 def test_search_agrees_with_exact_flat_search(built):
     tmp, image, text, _ = built
-    index = knn.open_indices(str(tmp / "indices" / "laion2B-en"))["laion2B-en"]
+    index = search.open_indices(str(tmp / "indices" / "laion2B-en"))["laion2B-en"]
     rng = np.random.default_rng(5)
     queries = text[rng.choice(N, 25, replace=False)]  # text vectors -> image index, as a user would
-    _, exact = knn.exact_search([image], queries, 10)  # generated row numbers
+    _, exact = tuning.exact_search([image], queries, 10)  # generated row numbers
     # Index ids follow the parts' path order; compare through the URL, which names the row.
     got = np.array([[int(r["URL"].rsplit("/", 1)[1].split(".")[0]) for r in index.search(q, "image", 10)]
                     for q in queries])
-    assert knn.recall_at_k(got, exact, 10) >= 0.95
+    assert tuning.recall_at_k(got, exact, 10) >= 0.95
     assert (got[:, 0] == exact[:, 0]).mean() >= 0.95
 
 
@@ -95,8 +95,8 @@ def test_exact_search_over_parts_equals_one_flat_search():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 8)).astype(np.float32)
     q = rng.standard_normal((7, 8)).astype(np.float32)
-    whole_d, whole_i = knn.exact_search([x], q, 5)
-    parts_d, parts_i = knn.exact_search([x[:100], x[100:101], x[101:]], q, 5)
+    whole_d, whole_i = tuning.exact_search([x], q, 5)
+    parts_d, parts_i = tuning.exact_search([x[:100], x[100:101], x[101:]], q, 5)
     np.testing.assert_array_equal(whole_i, parts_i)
     np.testing.assert_allclose(whole_d, parts_d, rtol=1e-5)
     brute = np.argsort(-(q @ x.T), axis=1)[:, :5]
@@ -106,8 +106,8 @@ def test_exact_search_over_parts_equals_one_flat_search():
 def test_recall_at_k_counts_overlap():
     exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     approx = np.array([[1, 2, 9, 10], [8, 7, 6, 5]])
-    assert knn.recall_at_k(approx, exact, 4) == pytest.approx((0.5 + 1.0) / 2)
-    assert knn.recall_at_k(np.array([[-1, -1, -1, -1]]), exact[:1], 4) == 0.0
+    assert tuning.recall_at_k(approx, exact, 4) == pytest.approx((0.5 + 1.0) / 2)
+    assert tuning.recall_at_k(np.array([[-1, -1, -1, -1]]), exact[:1], 4) == 0.0
 
 
 def test_recall_counts_a_result_that_ties_the_kth_exact_score():
@@ -118,10 +118,10 @@ def test_recall_counts_a_result_that_ties_the_kth_exact_score():
     kth = np.array([0.9, 0.7])
     approx = np.array([[3, 4], [7, -1]])
     scores = np.array([[0.9, 0.5], [np.nan, 0.8]])
-    assert knn.recall_at_k(approx, exact_ids, 2) == 0.0
-    assert knn.recall_at_k(approx, exact_ids, 2, scores, kth) == pytest.approx((0.5 + 0.0) / 2)
+    assert tuning.recall_at_k(approx, exact_ids, 2) == 0.0
+    assert tuning.recall_at_k(approx, exact_ids, 2, scores, kth) == pytest.approx((0.5 + 0.0) / 2)
     # for l2 a tie is a distance equal to the k-th smallest one
-    assert knn.recall_at_k(np.array([[3, 4]]), exact_ids[:1], 2, np.array([[0.2, 0.3]]),
+    assert tuning.recall_at_k(np.array([[3, 4]]), exact_ids[:1], 2, np.array([[0.2, 0.3]]),
                            np.array([0.2]), metric="l2") == pytest.approx(0.5)
 
 
@@ -131,7 +131,7 @@ def test_only_queries_whose_exact_list_ends_in_a_tie_have_their_results_looked_u
     looked up (its vector scores 0.8 against the query: a tie)."""
     scores = np.array([[0.9, 0.8, 0.8], [0.9, 0.8, 0.5]], np.float32)
     ids = np.array([[1, 2, 3], [4, 5, 6]])
-    exact = knn.ExactNeighbours.from_search(scores, ids, 2)
+    exact = tuning.ExactNeighbours.from_search(scores, ids, 2)
     assert exact.tied.tolist() == [True, False] and exact.kth.tolist() == pytest.approx([0.8, 0.8])
     queries = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
     looked_up = []
@@ -140,7 +140,7 @@ def test_only_queries_whose_exact_list_ends_in_a_tie_have_their_results_looked_u
         looked_up.extend(wanted.tolist())
         return np.array([[0.8, 0.6]] * len(wanted), np.float32)
 
-    recall, ties = knn.graded_recall(np.array([[1, 7], [4, 9]]), queries, exact, 2, vectors)
+    recall, ties = tuning.graded_recall(np.array([[1, 7], [4, 9]]), queries, exact, 2, vectors)
     assert looked_up == [7] and ties == 1
     assert recall == pytest.approx((1.0 + 0.5) / 2)
 
@@ -163,7 +163,7 @@ def test_repeated_vectors_are_graded_by_distance_and_keep_recall_first(tmp_path,
     assert infos["text"]["recall@10"] >= 0.95 and infos["text"]["recall_ties@10"] > 0
     assert infos["image"]["recall_ties@10"] == 0   # distinct vectors: nothing ties
     # independently of the recall code: what the index serves are copies of the query's vector
-    index = knn.open_indices(str(tmp_path / "out"))["laion2B-en"]
+    index = search.open_indices(str(tmp_path / "out"))["laion2B-en"]
     for row in (0, 777, 1999):
         served = index.search(text[row], "text", 10)
         rows = [int(r["URL"].rsplit("/", 1)[1].split(".")[0]) for r in served]
@@ -176,7 +176,7 @@ def test_ids_table_is_made_contiguous_for_fast_lookups():
 
     chunked = pa.concat_tables([pa.table({"index_id": pa.array([i], pa.int64()), "URL": [f"u{i}"]})
                                 for i in range(5)])
-    table = knn.contiguous(chunked)
+    table = search.contiguous(chunked)
     assert all(table.column(name).num_chunks == 1 for name in table.column_names)
     assert table.schema.field("URL").type == pa.large_string()
     assert table.take(pa.array([3, 0])).to_pylist() == [{"index_id": 3, "URL": "u3"},
@@ -186,8 +186,8 @@ def test_ids_table_is_made_contiguous_for_fast_lookups():
 def test_misaligned_parts_are_an_input_error(tmp_path, cfg):
     root, *_ = write_random_subset(tmp_path / "dataset", n=60, dim=8, parts=2)
     np.save(root / "text_emb" / "text_emb_1.npy", np.zeros((3, 8), np.float16))
-    with pytest.raises(knn.EmbeddingLayoutError, match="not row-aligned"):
-        knn.list_parts(str(root))
+    with pytest.raises(layout.EmbeddingLayoutError, match="not row-aligned"):
+        layout.list_parts(str(root))
     (root / "metadata" / "metadata_0.parquet").unlink()
     with pytest.raises(InputError, match="metadata_0.parquet is missing"):
         _build(cfg, tmp_path / "dataset", tmp_path / "indices")
@@ -218,11 +218,11 @@ def test_small_subset_builds_and_empty_subset_is_recorded(tmp_path, cfg):
     stats = _build(cfg, tmp_path / "dataset", tmp_path / "indices")
     assert stats["subsets"]["laion1B-nolang"]["status"] == "empty"
     assert stats["subsets"]["laion2B-multi"]["image"]["recall@10"] == 1.0  # flat for tiny inputs
-    indices = knn.open_indices(str(tmp_path / "indices"))
+    indices = search.open_indices(str(tmp_path / "indices"))
     assert indices["laion1B-nolang"].search(np.ones(8), "image", 5) == []
-    with pytest.raises(knn.QueryError, match="dimension"):
+    with pytest.raises(layout.QueryError, match="dimension"):
         indices["laion2B-multi"].search(np.ones(9), "image", 5)
-    with pytest.raises(knn.QueryError, match="zeros"):
+    with pytest.raises(layout.QueryError, match="zeros"):
         indices["laion2B-multi"].search(np.zeros(8), "image", 5)
 
 
@@ -232,7 +232,7 @@ def test_memory_mapped_index_is_ivf_and_searchable(tmp_path, cfg):
     _build(cfg, tmp_path / "dataset", tmp_path / "indices", "index.memory_mapped=true")
     infos = json.loads((tmp_path / "indices" / "laion2B-en" / "index_infos.json").read_text())
     assert infos["indices"]["image"]["index_key"].startswith("IVF")
-    index = knn.open_indices(str(tmp_path / "indices"), memory_mapped=True)["laion2B-en"]
+    index = search.open_indices(str(tmp_path / "indices"), memory_mapped=True)["laion2B-en"]
     assert index.search(image[42], "image", 3)[0]["URL"].endswith("/42.jpg")
 
 
@@ -243,7 +243,7 @@ def test_distributed_build_on_local_spark(tmp_path, cfg, spark):
     stats = _build(cfg, tmp_path / "dataset", tmp_path / "indices", "index.distributed=true",
                    spark=spark)
     assert stats["subsets"]["laion2B-en"]["image"]["recall@10"] >= 0.95
-    index = knn.open_indices(str(tmp_path / "indices"))["laion2B-en"]
+    index = search.open_indices(str(tmp_path / "indices"))["laion2B-en"]
     assert index.search(image[1100], "image", 1)[0]["URL"].endswith("/1100.jpg")
     assert not (tmp_path / "indices" / "_tmp_distributed" / "laion2B-en" / "image").exists()
 
@@ -262,7 +262,7 @@ def test_low_recall_search_parameters_are_widened_to_the_goal(tmp_path, cfg):
     assert on["autofaiss_index_param"] == "nprobe=1"
     assert on["autofaiss_recall@10"] == off["recall@10"]
     assert on["recall@10"] >= 0.95 and on["index_param"] != "nprobe=1"
-    index = knn.open_indices(str(tmp_path / "on"))["laion2B-en"]
+    index = search.open_indices(str(tmp_path / "on"))["laion2B-en"]
     import faiss
 
     assert faiss.extract_index_ivf(index.indices["image"]).nprobe == int(on["index_param"].split("=")[1])
@@ -291,16 +291,16 @@ def test_recall_fallback_reranks_when_autofaiss_index_misses_the_goal(tmp_path, 
     assert on["single_query_ms"] <= 50 and on["avg_search_speed_ms"] == on["single_query_ms"]
     assert on["size in bytes"] == (tmp_path / "on" / "laion2B-en" / "image.index").stat().st_size
 
-    index = knn.open_indices(str(tmp_path / "on"))["laion2B-en"]
+    index = search.open_indices(str(tmp_path / "on"))["laion2B-en"]
     queries = image[::97]
     exact = np.argsort(-(queries @ image.T), axis=1)[:, :10]
     got = np.array([[int(r["URL"].rsplit("/", 1)[1].split(".")[0]) for r in index.search(q, "image", 10)]
                     for q in queries])
-    assert knn.recall_at_k(got, exact, 10) >= 0.95
+    assert tuning.recall_at_k(got, exact, 10) >= 0.95
     assert all(got[:, 0] == np.arange(0, n, 97))
     assert index.indices["image"].k_factor == int(on["index_param"].split("=")[1])
-    with caplog.at_level(logging.WARNING, logger="udfs.knn"):
-        knn.open_indices(str(tmp_path / "on"), memory_mapped=True)
+    with caplog.at_level(logging.WARNING, logger="udfs.index.search"):
+        search.open_indices(str(tmp_path / "on"), memory_mapped=True)
     assert "not an IVF index" in caplog.text   # serve.memory_mapped cannot map it, and says so
 
     # Switched off, or over the memory budget: autofaiss's index stays and the infos say why.
@@ -328,8 +328,8 @@ def test_ids_parquet_matches_its_declared_schema(tmp_path, spark):
     from spark_jobs import datasets, schemas
 
     write_random_subset(tmp_path / "dataset", n=50, dim=8, parts=1)
-    infos = knn.build_subset(str(tmp_path / "dataset" / "embeddings" / "laion2B-en"),
-                             str(tmp_path / "indices"), knn.BuildParams(recall_sample=10))
+    infos = build.build_subset(str(tmp_path / "dataset" / "embeddings" / "laion2B-en"),
+                             str(tmp_path / "indices"), tuning.BuildParams(recall_sample=10))
     assert infos["status"] == "ok"
     df = datasets.read_dataset(spark, str(tmp_path / "indices" / "ids.parquet"), schemas.INDEX_IDS)
     assert [f.name for f in df.schema.fields] == schemas.INDEX_IDS.schema.fieldNames()
@@ -341,8 +341,8 @@ def test_recall_first_keeps_the_reranking_index_without_running_autofaiss(tmp_pa
     within the cap, kept; autofaiss is never called. autofaiss_first still runs autofaiss."""
     _, image, _ = write_random_subset(tmp_path / "dataset", "laion2B-en", n=3000, dim=16, parts=3)
     calls = []
-    real = knn.build_kind_index
-    monkeypatch.setattr(knn, "build_kind_index", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = build.build_kind_index
+    monkeypatch.setattr(build, "build_kind_index", lambda *a, **k: calls.append(1) or real(*a, **k))
     stats = _build(cfg, tmp_path / "dataset", tmp_path / "first")
     infos = json.loads((tmp_path / "first" / "laion2B-en" / "index_infos.json").read_text())["indices"]
     assert calls == []
@@ -351,7 +351,7 @@ def test_recall_first_keeps_the_reranking_index_without_running_autofaiss(tmp_pa
         assert infos[kind]["recall@10"] >= 0.95 and infos[kind]["nb vectors"] == 3000
     assert stats["subsets"]["laion2B-en"]["image"]["recall@10"] >= 0.95
     # the served index agrees with exact search on a row's own vector
-    index = knn.open_indices(str(tmp_path / "first"))["laion2B-en"]
+    index = search.open_indices(str(tmp_path / "first"))["laion2B-en"]
     assert index.size == 3000
     for i in (0, 1234, 2999):
         assert index.search(image[i], "image", 1)[0]["URL"] == f"http://127.0.0.1/img/{i}.jpg"
@@ -374,13 +374,13 @@ def test_recall_first_yields_to_autofaiss_when_it_misses_the_cap(tmp_path, cfg):
 
 def test_refine_index_is_built_in_one_pass_over_the_parts(tmp_path, monkeypatch):
     _, image, _ = write_random_subset(tmp_path / "dataset", "s", n=1200, dim=8, parts=4)
-    parts = knn.list_parts(str(tmp_path / "dataset" / "embeddings" / "s"))
+    parts = layout.list_parts(str(tmp_path / "dataset" / "embeddings" / "s"))
     loads = []
-    real = knn.load_part
-    monkeypatch.setattr(knn, "load_part", lambda p, *a, **k: loads.append(p.number) or real(p, *a, **k))
-    index = knn.build_refine_index(parts, "image", 8, train_size=500)
+    real = layout.load_part
+    monkeypatch.setattr(layout, "load_part", lambda p, *a, **k: loads.append(p.number) or real(p, *a, **k))
+    index = tuning.build_refine_index(parts, "image", 8, train_size=500)
     assert sorted(loads) == sorted(p.number for p in parts)   # each part read once
     assert index.ntotal == 1200
-    knn.apply_index_param(index, "k_factor_rf=64")
+    layout.apply_index_param(index, "k_factor_rf=64")
     _, ids = index.search(np.ascontiguousarray(image[:5], dtype=np.float32), 1)
     assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]

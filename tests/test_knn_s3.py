@@ -8,7 +8,8 @@ from PIL import Image
 
 from serving.thumbnails import ThumbnailReader
 from tests.gen.embeddings_layout import write_random_subset, write_tar
-from udfs import fsio, knn
+from udfs import fsio
+from udfs.index import build, search, tuning
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +29,13 @@ def s3():
 
 def test_build_to_s3_and_search_from_s3(tmp_path, s3):
     root, image, _ = write_random_subset(tmp_path / "dataset", n=300, dim=8, parts=2)
-    infos = knn.build_subset(str(root), "s3://laion/indices/laion2B-en", knn.BuildParams(recall_sample=30),
+    infos = build.build_subset(str(root), "s3://laion/indices/laion2B-en", tuning.BuildParams(recall_sample=30),
                              storage_options=s3)
     assert infos["status"] == "ok"
     for name in ("image.index", "text.index", "ids.parquet", "index_infos.json"):
         assert fsio.exists(f"s3://laion/indices/laion2B-en/{name}", s3), name
     assert not fsio.exists("s3://laion/indices/laion2B-en/ids.parquet.tmp", s3)
-    indices = knn.open_indices("s3://laion/indices", cache_dir=str(tmp_path / "cache"), storage_options=s3)
+    indices = search.open_indices("s3://laion/indices", cache_dir=str(tmp_path / "cache"), storage_options=s3)
     top = indices["laion2B-en"].search(image[250], "image", 1)[0]
     assert top["URL"].endswith("/250.jpg")
 

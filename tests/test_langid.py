@@ -12,8 +12,8 @@ import pytest
 
 from bench.bench_langid import CUTOFFS, _apply, load_alt_texts, load_captions, score
 from spark_jobs.config import load_config
-from udfs import langid
-from udfs.subset_filter import bucket_of
+from udfs.filter import langid
+from udfs.filter.subset_filter import bucket_of
 
 REPO = Path(__file__).resolve().parent.parent
 

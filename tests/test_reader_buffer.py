@@ -12,7 +12,7 @@ import pytest
 from warcio.archiveiterator import ArchiveIterator
 
 from tests.gen import wat_writer as ww
-from udfs import warc_records as wr
+from udfs.extract import warc_records as wr
 
 ALL = frozenset({"warcinfo", "metadata", "response", "request", "resource"})
 

@@ -4,7 +4,7 @@ an independent reading, and every record accounted for.
 The reference reader is written here and shares no parsing code with the stage: records come from
 warcio (its own gzip, header and HTTP parsing, de-chunking and Content-Encoding decoding), WAT
 JSON from the standard library's json, and HTML from the standard library's html.parser. Only the
-link rules (udfs.urls.resolve_and_normalize, udfs.alt_text.clean_alt) are shared, because they
+link rules (udfs.extract.urls.resolve_and_normalize, udfs.extract.alt_text.clean_alt) are shared, because they
 define what a pair is. Expected record counts by type also come from the fixtures' README.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from udfs import alt_text, urls, wat
+from udfs.extract import alt_text, urls, wat
 
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "real-archives"
 CC = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "commoncrawl"
@@ -180,7 +180,7 @@ def _rejected_rows(rows) -> int:
 def _balanced(out, rows) -> bool:
     """Each rejected row is a link reject, a record rejected whole, a record read despite damage
     (bad_record) or a lost record (listed when the file was read, up to MAX_EVENTS)."""
-    from udfs.warc_records import MAX_EVENTS
+    from udfs.extract.warc_records import MAX_EVENTS
 
     lost = min(out.records_lost, MAX_EVENTS) if out.records_read else 0
     return _rejected_rows(rows) == (out.pairs_rejected + out.records_rejected

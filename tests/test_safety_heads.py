@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from udfs import safety_heads
+from udfs.filter import safety_heads
 
 HEADS = Path(__file__).resolve().parent / "fixtures" / "safety_head"
 

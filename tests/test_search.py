@@ -13,15 +13,15 @@ from tests.gen.embeddings_layout import (
     write_random_subset,
     write_shapes_subset,
 )
-from udfs import knn
+from udfs.index import build, tuning
 
 
 @pytest.fixture(scope="module")
 def random_index(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     _, image, text = write_random_subset(tmp / "dataset", n=400, dim=16, parts=2, seed=9)
-    knn.build_subset(str(tmp / "dataset" / "embeddings" / "laion2B-en"),
-                     str(tmp / "indices" / "laion2B-en"), knn.BuildParams(recall_sample=50, nb_cores=2))
+    build.build_subset(str(tmp / "dataset" / "embeddings" / "laion2B-en"),
+                     str(tmp / "indices" / "laion2B-en"), tuning.BuildParams(recall_sample=50, nb_cores=2))
     return tmp, image, text
 
 
@@ -32,7 +32,7 @@ def test_embedding_query_prints_exact_top_k(random_index, capsys):
                       "-k", "5"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and len(lines) == 5
-    _, exact = knn.exact_search([image], text[123:124], 5)
+    _, exact = tuning.exact_search([image], text[123:124], 5)
     urls = [line.split()[2] for line in lines]
     assert urls == [f"http://127.0.0.1/img/{i}.jpg" for i in exact[0]]
     scores = [float(line.split()[1]) for line in lines]
@@ -58,13 +58,13 @@ def shapes_index(tmp_path_factory):
     reason = tiny_clip_missing()
     if reason:
         pytest.skip(reason)
-    from udfs.clip_model import load_clip
+    from udfs.clip.clip_model import load_clip
 
     tmp = tmp_path_factory.mktemp("shapes")
     model = load_clip(tiny_clip_overrides()[0].split("=", 1)[1], None, device="cpu")
     classes = write_shapes_subset(tmp / "dataset", tmp / "images", model, per_class=2)
-    knn.build_subset(str(tmp / "dataset" / "embeddings" / "laion2B-en"),
-                     str(tmp / "indices" / "laion2B-en"), knn.BuildParams(recall_sample=20, nb_cores=2))
+    build.build_subset(str(tmp / "dataset" / "embeddings" / "laion2B-en"),
+                     str(tmp / "indices" / "laion2B-en"), tuning.BuildParams(recall_sample=20, nb_cores=2))
     return tmp, classes
 
 
@@ -77,7 +77,7 @@ def _overrides():
 def test_text_query_finds_the_shape(shapes_index, capsys, query):
     """The printed results are the exact top-k for the query as the clip config embeds it, and
     the best one is the shape asked for."""
-    from udfs.clip_model import load_clip
+    from udfs.clip.clip_model import load_clip
 
     tmp, classes = shapes_index
     rc = search.main(["--index", str(tmp / "indices" / "laion2B-en"), "--text", query, "-k", "3",
@@ -88,7 +88,7 @@ def test_text_query_finds_the_shape(shapes_index, capsys, query):
     model = load_clip(tiny_clip_overrides()[0].split("=", 1)[1], None, device="cpu")
     images = np.concatenate([np.load(p) for p in sorted(
         (tmp / "dataset" / "embeddings" / "laion2B-en" / "img_emb").glob("*.npy"))]).astype(np.float32)
-    _, exact = knn.exact_search([images], model.encode_texts([query]), 3)
+    _, exact = tuning.exact_search([images], model.encode_texts([query]), 3)
     assert [line.split()[2] for line in out] == [f"http://127.0.0.1/img/{i}.jpg" for i in exact[0]]
 
 

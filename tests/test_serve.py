@@ -18,7 +18,7 @@ from PIL import Image
 from serving.http import make_server
 from serving.service import KnnService
 from tests.gen.embeddings_layout import clustered_vectors, write_parts, write_tar
-from udfs import knn
+from udfs.index import build, search, tuning
 
 N, DIM = 60, 16
 UNSAFE = set(range(10))  # rows 0-9 carry punsafe 0.9
@@ -37,9 +37,9 @@ def server(tmp_path_factory, cfg):
     punsafe = [0.9 if i in UNSAFE else 0.1 for i in range(N)]
     root = write_parts(tmp / "dataset" / "embeddings" / "laion2B-en", image, text, 2,
                        tar_path=tar, punsafe=punsafe)
-    knn.build_subset(str(root), str(tmp / "indices" / "laion2B-en"),
-                     knn.BuildParams(recall_sample=20, nb_cores=2))
-    service = KnnService(knn.open_indices(str(tmp / "indices")), cfg.section("serve"), encoder=None)
+    build.build_subset(str(root), str(tmp / "indices" / "laion2B-en"),
+                     tuning.BuildParams(recall_sample=20, nb_cores=2))
+    service = KnnService(search.open_indices(str(tmp / "indices")), cfg.section("serve"), encoder=None)
     srv = make_server(service, "127.0.0.1", 0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -265,8 +265,8 @@ def multi(tmp_path_factory, cfg):
              "laion2B-multi": _write_subset(tmp, "laion2B-multi", de, ["de" if i % 2 else "fr" for i in range(M)],
                                             sizes, [0.1] * M, 1000)}
     for name, root in roots.items():
-        knn.build_subset(root, str(tmp / "indices" / name), knn.BuildParams(recall_sample=10, nb_cores=2))
-    service = KnnService(knn.open_indices(str(tmp / "indices")), cfg.section("serve"), encoder=None)
+        build.build_subset(root, str(tmp / "indices" / name), tuning.BuildParams(recall_sample=10, nb_cores=2))
+    service = KnnService(search.open_indices(str(tmp / "indices")), cfg.section("serve"), encoder=None)
     srv = make_server(service, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     f16 = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731 - what the index holds
@@ -355,7 +355,7 @@ def test_embedding_of_a_row_searches_similar(multi, tmp_path):
     # The embeddings folder gone: the vector is reconstructed from the index, same neighbour first.
     from serving.service import KnnService
 
-    indices = knn.open_indices(str(multi["tmp"] / "indices"))
+    indices = search.open_indices(str(multi["tmp"] / "indices"))
     for idx in indices.values():
         idx.infos["subset_root"] = str(tmp_path / "moved")
     service = KnnService(indices, multi["cfg"].section("serve"), encoder=None)

@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from udfs import takedown as td
+from udfs.download import block_list
 from udfs.ids import pair_uid, uid_to_int64
+from udfs.takedown import rewrite as td
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +46,7 @@ def test_parse_list_normalises_entries_and_reports_bad_lines():
         "domain:bad host",
         f"sample_id:{2 ** 63}",
     ])
-    entries, bad = td.parse_list(text)
+    entries, bad = block_list.parse_list(text)
     assert [e.text for e in entries] == [
         "http://example.com/a/B.jpg", "sample_id:-42", "sha256:" + "ab" * 32, "domain:images.example.org"]
     assert [b["line"] for b in bad] == [8, 9, 10, 11, 12]
@@ -53,9 +54,9 @@ def test_parse_list_normalises_entries_and_reports_bad_lines():
 
 
 def test_matcher_domains_sample_ids_and_sha256():
-    entries, _ = td.parse_list("domain:example.com\nsample_id:%d\nsha256:%s\n" % (
+    entries, _ = block_list.parse_list("domain:example.com\nsample_id:%d\nsha256:%s\n" % (
         uid_to_int64(pair_uid("http://other.net/x.jpg", "a caption")), "cd" * 32))
-    m = td.Matcher(entries)
+    m = block_list.Matcher(entries)
     assert m.match(url="https://cdn.images.example.com/p.jpg") == "domain:example.com"
     assert m.match(url="https://EXAMPLE.com/p.jpg") == "domain:example.com"
     assert m.match(url="https://notexample.com/p.jpg") is None
@@ -64,7 +65,7 @@ def test_matcher_domains_sample_ids_and_sha256():
     assert m.match(uid=pair_uid("http://other.net/x.jpg", "another caption")) is None
     assert m.match(sha256="cd" * 32) == "sha256:" + "cd" * 32
     for sid in (0, -1, 2 ** 63 - 1, -2 ** 63, 1234567890123):
-        assert td.sample_id_of_uid(td.uid_of_sample_id(sid)) == sid
+        assert block_list.sample_id_of_uid(block_list.uid_of_sample_id(sid)) == sid
 
 
 # --- faiss removal per index type ----------------------------------------------------------------
@@ -108,8 +109,8 @@ def test_remove_from_index_renumbers_to_row_order(key, method):
 
 def test_download_shard_skips_blocked_rows_and_never_writes_blocked_bytes(tmp_path):
     from tests.gen.image_server import ImageServer, encode, noise_image
-    from udfs.download_worker import download_shard
-    from udfs.shard_writer import iter_samples
+    from udfs.download.download_worker import download_shard
+    from udfs.download.shard_writer import iter_samples
 
     with ImageServer() as srv:
         bodies = {name: encode(noise_image(200, 160, seed=i)) for i, name in enumerate("abcde")}
@@ -218,7 +219,7 @@ def taken(chain):
     assert len(picks) == 4, "the demo chain kept fewer than 4 pairs"
     targets = []
     for r, kind in zip(picks, ("url", "url", "sample_id", "sha256")):
-        uid = td.uid_of_sample_id(r["SAMPLE_ID"])
+        uid = block_list.uid_of_sample_id(r["SAMPLE_ID"])
         targets.append({"kind": kind, "url": r["URL"], "uid": uid, "sample_id": r["SAMPLE_ID"],
                         "sha256": meta[uid]["sha256"], "key": r["key"], "subset": r["subset"],
                         "text": r["TEXT"]})
@@ -237,7 +238,7 @@ def taken(chain):
         "tar_images": _images_in_tars(root),
         "vectors": _vectors_by_uid(root),
         "hashes": _tree_hashes(root),
-        "subset_of_uid": {td.uid_of_sample_id(r["SAMPLE_ID"]): r["subset"] for r in rows},
+        "subset_of_uid": {block_list.uid_of_sample_id(r["SAMPLE_ID"]): r["subset"] for r in rows},
     }
     args = argparse.Namespace(root=str(root), list_uri=str(list_file))
     result = cli._load_stage("spark_jobs.takedown").run(None, chain["cfg"], args)
@@ -250,7 +251,7 @@ def taken(chain):
 
 
 def _vectors_by_uid(root: Path) -> dict[str, np.ndarray]:
-    from udfs import embeddings
+    from udfs.clip import embeddings
 
     out = {}
     for subset in SUBSETS:
@@ -259,7 +260,7 @@ def _vectors_by_uid(root: Path) -> dict[str, np.ndarray]:
             continue
         img, _, meta = embeddings.read_retrieval(str(layout))
         for vec, sid in zip(img, meta["SAMPLE_ID"]):
-            out[td.uid_of_sample_id(int(sid))] = vec.astype(np.float32)
+            out[block_list.uid_of_sample_id(int(sid))] = vec.astype(np.float32)
     return out
 
 
@@ -268,7 +269,7 @@ def _row_uid(row: dict) -> str | None:
         return row["uid"]
     for col in ("SAMPLE_ID", "hash"):
         if row.get(col) is not None:
-            return td.uid_of_sample_id(row[col])
+            return block_list.uid_of_sample_id(row[col])
     return None
 
 
@@ -276,7 +277,7 @@ def _row_uid(row: dict) -> str | None:
 def test_record_and_counts(taken):
     record, result = taken["record"], taken["result"]
     assert result["changed"] and result["items_removed"] == len(taken["uids_gone"])
-    assert set(record["removed_sample_ids"]) == {td.sample_id_of_uid(u) for u in taken["uids_gone"]}
+    assert set(record["removed_sample_ids"]) == {block_list.sample_id_of_uid(u) for u in taken["uids_gone"]}
     assert all(n > 0 for n in result["matches_by_entry"].values()), result["matches_by_entry"]
     assert [b["text"] for b in record["bad_lines"]] == ["not an entry"]
     kinds = {f["kind"] for f in record["files"]}
@@ -336,7 +337,8 @@ def test_no_tar_holds_them(taken, chain):
 def test_indices_shrank_by_the_removed_count_and_stay_aligned(taken, chain):
     import faiss
 
-    from udfs import embeddings, knn
+    from udfs.clip import embeddings
+    from udfs.index import layout as index_layout
 
     root = chain["root"]
     gone_per_subset: dict[str, int] = {}
@@ -350,13 +352,13 @@ def test_indices_shrank_by_the_removed_count_and_stay_aligned(taken, chain):
         assert [r["index_id"] for r in ids] == list(range(len(ids)))
         assert not {_row_uid(r) for r in ids} & taken["uids_gone"]
         layout = root / "dataset" / "embeddings" / subset
-        parts = knn.list_parts(str(layout))       # raises unless every part is row-aligned
+        parts = index_layout.list_parts(str(layout))       # raises unless every part is row-aligned
         meta = [r for p in parts for r in pq.read_table(p.metadata).to_pylist()]
         assert [r["SAMPLE_ID"] for r in meta] == [r["SAMPLE_ID"] for r in ids]
         for kind in ("image", "text"):
-            index = faiss.read_index(str(folder / knn.INDEX_FILES[kind]))
+            index = faiss.read_index(str(folder / index_layout.INDEX_FILES[kind]))
             assert index.ntotal == before - gone_per_subset.get(subset, 0), (subset, kind)
-            vectors = np.concatenate([knn.load_part(p, kind) for p in parts])
+            vectors = np.concatenate([index_layout.load_part(p, kind) for p in parts])
             if index.ntotal:   # the demo's indices are Flat: row i of the embeddings is vector i
                 assert np.allclose(index.reconstruct_n(0, index.ntotal), vectors, atol=1e-3)
         infos = json.loads((folder / "index_infos.json").read_text())
@@ -381,7 +383,7 @@ def _search_cli(root: Path, subset: str, vector: np.ndarray, tmp: Path) -> list[
 def test_search_and_serve_do_not_return_them(taken, chain, cfg, tmp_path):
     from serving.http import make_server
     from serving.service import KnnService
-    from udfs import knn
+    from udfs.index import search
 
     root = chain["root"]
     targets = [t for t in taken["targets"] if t["uid"] in taken["before"]["vectors"]]
@@ -390,7 +392,7 @@ def test_search_and_serve_do_not_return_them(taken, chain, cfg, tmp_path):
         assert not {h["URL"] for h in hits} & taken["urls_gone"]
         assert t["sample_id"] not in {h["SAMPLE_ID"] for h in hits}
 
-    service = KnnService(knn.open_indices(str(root / "indices")), cfg.section("serve"), encoder=None)
+    service = KnnService(search.open_indices(str(root / "indices")), cfg.section("serve"), encoder=None)
     srv = make_server(service, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -500,8 +502,8 @@ def _small_root(tmp: Path) -> Path:
     from PIL import Image
 
     from tests.gen.embeddings_layout import clustered_vectors, write_parts, write_tar
-    from udfs import knn
-    from udfs.download_worker import metadata_table
+    from udfs.download.download_worker import metadata_table
+    from udfs.index import build, tuning
 
     n = 40
     root = tmp / "root"
@@ -512,10 +514,10 @@ def _small_root(tmp: Path) -> Path:
     meta = [r for f in sorted((layout / "metadata").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     (root / "dataset" / "laion2B-en").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(meta), root / "dataset" / "laion2B-en" / "part-0.parquet")
-    records = [{"key": r["key"], "uid": td.uid_of_sample_id(r["SAMPLE_ID"]), "url": r["URL"], "text": r["TEXT"],
+    records = [{"key": r["key"], "uid": block_list.uid_of_sample_id(r["SAMPLE_ID"]), "url": r["URL"], "text": r["TEXT"],
                 "shard": 0, "status": "success", "bytes": 1000 + i, "sha256": f"{i:064x}"} for i, r in enumerate(meta)]
     pq.write_table(metadata_table(records), root / "images" / "00000.parquet")
-    knn.build_subset(str(layout), str(root / "indices" / "laion2B-en"), knn.BuildParams(recall_sample=10, nb_cores=1))
+    build.build_subset(str(layout), str(root / "indices" / "laion2B-en"), tuning.BuildParams(recall_sample=10, nb_cores=1))
     return root
 
 
@@ -549,7 +551,7 @@ def test_takedown_on_s3(tmp_path, moto_s3):
     assert len(subset_keys) == 37 and not set(subset_keys) & gone
     ids = pq.read_table(back / "indices" / "laion2B-en" / "ids.parquet").to_pylist()
     assert [r["key"] for r in ids] == subset_keys and [r["index_id"] for r in ids] == list(range(37))
-    from udfs import embeddings
+    from udfs.clip import embeddings
 
     img, txt, m = embeddings.read_retrieval(str(back / "dataset" / "embeddings" / "laion2B-en"))
     assert len(img) == len(txt) == len(m) == 37 and list(m["key"]) == subset_keys
@@ -588,21 +590,21 @@ def test_stage_fault_injection_and_cli_errors(tmp_path, cfg):
 
 def test_tar_without_metadata_is_matched_by_its_json_members(tmp_path):
     """A shard copied without its parquet: samples are matched by the url/uid in KEY.json."""
-    from udfs.shard_writer import TarShardWriter, iter_samples
+    from udfs.download.shard_writer import TarShardWriter, iter_samples
 
     uri = str(tmp_path / "00007.tar")
     with TarShardWriter(uri) as writer:
         for i in range(5):
             rec = {"key": f"00007000{i}", "url": f"https://img{i}.example.com/{i}.jpg", "uid": f"{i:016x}"}
             writer.write(rec["key"], {"jpg": bytes([i]) * 100, "txt": b"caption", "json": json.dumps(rec).encode()})
-    entries, _ = td.parse_list("domain:img1.example.com\nhttps://img3.example.com/3.jpg\n")
+    entries, _ = block_list.parse_list("domain:img1.example.com\nhttps://img3.example.com/3.jpg\n")
     stager = td.Stager("r1", None)
-    staged = td.rewrite_tar(uri, {}, td.Matcher(entries), stager, "00007.tar")
+    staged = td.rewrite_tar(uri, {}, block_list.Matcher(entries), stager, "00007.tar")
     assert staged.report["samples_removed"] == 2 and staged.report["members_removed"] == 6
     (tmp, dest), = staged.swaps
     td.swap(tmp, dest, None)
     assert [s["__key__"] for s in iter_samples(uri)] == ["000070000", "000070002", "000070004"]
-    assert td.rewrite_tar(uri, {}, td.Matcher(entries), stager, "00007.tar") is None
+    assert td.rewrite_tar(uri, {}, block_list.Matcher(entries), stager, "00007.tar") is None
     assert sorted(os.listdir(tmp_path)) == ["00007.tar"]     # no staged file left when nothing matched
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from tests.gen import warc_quirks as wq
-from udfs import wat
+from udfs.extract import wat
 
 READERS = ("fastwarc", "tolerant")
 
@@ -85,7 +85,7 @@ def test_zstd_warc_when_zstandard_is_installed(tmp_path, quirk_files):
 
 
 def test_corrupt_gzip_body_keeps_what_inflated():
-    from udfs import http_message
+    from udfs.extract import http_message
 
     html = b"<html><body>" + b"".join(b'<img src="/i%d.png" alt="Image number %d">' % (i, i)
                                        for i in range(2000)) + b"</body></html>"
@@ -172,7 +172,7 @@ def test_http_layer_units():
     import gzip
     import zlib
 
-    from udfs import http_message as h
+    from udfs.extract import http_message as h
 
     html = b"<html><body>x</body></html>"
     stacked = h.parse_response(b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate, gzip\r\n\r\n"
@@ -191,7 +191,7 @@ def test_http_layer_units():
 
 
 def test_charset_order_header_bom_meta_detection():
-    from udfs import charsets
+    from udfs.extract import charsets
 
     page = "<html><head>{}</head><body>Fünf Brötchen für 2 €</body></html>"
     cp1252 = page.format('<meta charset="iso-8859-1">').encode("cp1252")
@@ -297,7 +297,7 @@ def test_decode_failure_is_judged_on_documents_and_compressed_bodies():
     """A JPEG stored decoded under `Content-Encoding: gzip` is the archive convention (raw), not
     damage; a text/html body of binary bytes, or any body with the gzip magic that does not
     inflate, is damage (failed)."""
-    from udfs import http_message as h
+    from udfs.extract import http_message as h
 
     jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01" + bytes(range(256)) * 4
     ce = [("Content-Encoding", "gzip")]

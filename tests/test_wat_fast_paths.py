@@ -1,6 +1,6 @@
 """The fast paths of the WAT parser give exactly the rows of the plain path (issue 17).
 
-`udfs.wat` has two shortcuts: a typed msgspec decode of the JSON payload (`_wat_links_typed`)
+`udfs.extract.wat` has two shortcuts: a typed msgspec decode of the JSON payload (`_wat_links_typed`)
 and, per link, an inlined URL/alt-text case. Here both are checked against paths without any
 shortcut: `wat_links_untyped` (orjson + dict walk) for each payload, and `reference_rows`, which
 reads records with warcio and judges every link with `LinkRules.judge` over the slow
@@ -18,7 +18,8 @@ import orjson
 import pytest
 
 from tests.gen import wat_writer as ww
-from udfs import ids, urls, warc_records, wat
+from udfs import ids
+from udfs.extract import urls, warc_records, wat
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 WAT_FIXTURES = sorted(p for p in SHARED.glob("*/*") if ".wat" in p.name)

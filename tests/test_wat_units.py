@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 
 from tests.gen import wat_writer as ww
-from udfs import alt_text, urls, wat
-from udfs.warc_html import decode_html, html_links
+from udfs.extract import alt_text, urls, wat
+from udfs.extract.warc_html import decode_html, html_links
 
 READERS = wat.READERS
 PAGE = "https://an.wikipedia.org/wiki/Escopete"

@@ -39,7 +39,7 @@ import uuid
 import orjson
 
 from udfs import fsio
-from udfs.shard_writer import split_key, verify_size
+from udfs.download.shard_writer import split_key, verify_size
 
 FORMATS = ("webdataset", "parquet")
 SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}

@@ -99,8 +99,8 @@ def tiny_clip_missing() -> str | None:
     """Why the tiny CLIP model cannot be used here, or None when it can."""
     import importlib.util
 
-    if importlib.util.find_spec("udfs.clip_model") is None:
-        return "udfs/clip_model.py is not in the tree yet"
+    if importlib.util.find_spec("udfs.clip.clip_model") is None:
+        return "udfs/clip/clip_model.py is not in the tree yet"
     if not (TINY_CLIP_DIR / "open_clip_config.json").exists():
         return f"the tiny CLIP model is not trained yet (run {TINY_CLIP_DIR}/train_tiny_clip.py)"
     return None
@@ -108,7 +108,7 @@ def tiny_clip_missing() -> str | None:
 
 def write_shapes_subset(dataset: Path, images: Path, model, subset: str = "laion2B-en",
                         per_class: int = 2, seed: int = 0) -> list[tuple[str, str]]:
-    """Shapes drawn by tests/gen/shapes.py, embedded with `model` (a udfs.clip_model.ClipModel),
+    """Shapes drawn by tests/gen/shapes.py, embedded with `model` (a udfs.clip.clip_model.ClipModel),
     one tar shard of the images, and the embeddings layout of `subset`. Returns (color, shape)
     of every row, in row order."""
     import random

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from udfs import fsio
-from udfs.bloom import (
+from udfs.dedup.bloom import (
     HASH_SCHEME_SHA256_DOUBLE,
     HASH_SCHEME_WORDS,
     BloomFilter,

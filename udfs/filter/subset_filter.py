@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from udfs import embeddings, langid, safety_heads
+from udfs.clip import embeddings
+from udfs.filter import langid, safety_heads
 from udfs.ids import pair_uid, uid_to_int64
 
 BUCKETS = ("en", "multi", "nolang")
@@ -138,7 +139,7 @@ def write_embedding_part(root: str, part: int, pdf: pd.DataFrame,
                          storage_options: dict | None = None) -> int:
     """Write `img_emb/img_emb_{part}.npy`, `text_emb/text_emb_{part}.npy` (float16) and
     `metadata/metadata_{part}.parquet` under `root`, row-aligned, in the order of `pdf`
-    (udfs.embeddings.write_retrieval_part; metadata last, each file atomic), so a retried task
+    (udfs.clip.embeddings.write_retrieval_part; metadata last, each file atomic), so a retried task
     rewrites the same part with the same content. `pdf` holds the subset columns plus the
     `image_embedding` / `text_embedding` blobs."""
     import pyarrow as pa

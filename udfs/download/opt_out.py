@@ -152,12 +152,12 @@ class Sha256Blocklist:
 class PhashBlocklist:
     """64-bit perceptual hashes (hex, one per line) of content that must never be stored: a decoded
     image within `max_distance` bits of one is dropped like a listed SHA-256, so a re-encoded or
-    resized copy of listed content is caught too (the pHash of udfs.image_hash)."""
+    resized copy of listed content is caught too (the pHash of udfs.download.image_hash)."""
 
     def __init__(self, lines=(), source: str = "", max_distance: int = 4):
         import numpy as np
 
-        from udfs import image_hash
+        from udfs.download import image_hash
 
         self.source = source
         self.max_distance = int(max_distance)
@@ -183,7 +183,7 @@ class PhashBlocklist:
         """(the listed hash in hex, its distance) of the nearest listed hash within max_distance."""
         if phash is None or not len(self.hashes):
             return None
-        from udfs import image_hash
+        from udfs.download import image_hash
 
         d = image_hash.hamming_matrix([phash], self.hashes)[0]
         best = int(d.argmin())

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from udfs.image_hash import as_uint64, hamming_matrix, to_unsigned
+from udfs.download.image_hash import as_uint64, hamming_matrix, to_unsigned
 
 DUPLICATE_IMAGE = "duplicate_image"
 NEAR_DUPLICATE = "near_duplicate"
@@ -354,8 +354,9 @@ class EvalSet:
 
 
 def load_eval_set(uri: str, storage_options: dict | None = None) -> EvalSet:
-    from udfs import embeddings, fsio
-    from udfs.image_hash import phash_bytes
+    from udfs import fsio
+    from udfs.clip import embeddings
+    from udfs.download.image_hash import phash_bytes
 
     if not fsio.exists(uri, storage_options):
         raise EvalSetError(f"filter.eval_images: {uri} not found")
@@ -409,7 +410,7 @@ def cached_centroids(uri: str, storage_options: dict | None = None):
         _CENTROIDS.clear()
         import faiss
 
-        from udfs import embeddings
+        from udfs.clip import embeddings
 
         c = np.ascontiguousarray(embeddings.read_npy(uri, storage_options), dtype=np.float32)
         index = faiss.IndexFlatIP(c.shape[1])

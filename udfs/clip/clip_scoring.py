@@ -1,6 +1,6 @@
 """CLIP scoring of one group of download shards (pure Python; the Spark stage calls it per partition).
 
-For each shard the tar is streamed once (`udfs.shard_writer.iter_samples`). A producer thread reads
+For each shard the tar is streamed once (`udfs.download.shard_writer.iter_samples`). A producer thread reads
 samples, decodes and preprocesses images and tokenizes captions into batches; the calling thread
 runs the model on them. The bounded queue between the two (`prefetch_batches`) is what keeps the
 model busy while the next batch is being decoded: clip-retrieval's lesson is that the GPU starves
@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from udfs import embeddings
+from udfs.clip import embeddings
 
 log = logging.getLogger(__name__)
 

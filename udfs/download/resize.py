@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from udfs import image_hash
+from udfs.download import image_hash
 
 MODES = ("no", "border", "keep_ratio", "center_crop")
 # EXIF tag 0x0112 -> the transpose that makes the pixels upright (the TIFF/EXIF 2.3 definitions)
@@ -78,7 +78,7 @@ class Processed:
     original_height: int
     timings: dict = field(default_factory=dict)   # decode / resize / encode seconds
     exif_orientation: int | None = None           # the EXIF tag of the original (1-8), None if absent
-    phash: int | None = None                      # pHash of the decoded upright original (udfs.image_hash)
+    phash: int | None = None                      # pHash of the decoded upright original (udfs.download.image_hash)
 
 
 def target_size(w: int, h: int, cfg: ResizeConfig) -> tuple[int, int]:

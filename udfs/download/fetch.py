@@ -4,9 +4,9 @@ What img2dataset users fight with, handled here:
 - the opt-out headers (`X-Robots-Tag: noai, noimageai, noml, noindex, noimageindex`, TDMRep's
   `tdm-reservation: 1`) and the content type are checked on the response headers BEFORE the body
   is read; an opted-out body is never downloaded (the connection is closed after the headers);
-- a consent gate (`udfs.robots.HostPolicies.check` plus the opt-out list) is asked before EVERY
+- a consent gate (`udfs.download.robots.HostPolicies.check` plus the opt-out list) is asked before EVERY
   hop is requested: a URL that robots.txt, tdmrep.json or an opt-out list rules out is never sent;
-- the address guard (`udfs.address_guard`) runs on EVERY hop: redirects are followed here, by hand,
+- the address guard (`udfs.download.address_guard`) runs on EVERY hop: redirects are followed here, by hand,
   and each Location is resolved and vetted before it is connected to; the connection goes to the
   vetted address (no second DNS lookup), and redirects are capped and loops detected;
 - retries with exponential backoff and full jitter on 429, 5xx and network errors, honouring a
@@ -14,7 +14,7 @@ What img2dataset users fight with, handled here:
   waited for: the row fails as retryable, for a later `--retry-failed` run;
 - a per-domain concurrency cap shared by all threads of a fetcher (one shard), released while a
   thread sleeps in backoff, and a per-host cap shared by all threads of ALL processes of the
-  machine (`download.per_host_concurrency`, `udfs.host_slots`: Spark runs one Python worker
+  machine (`download.per_host_concurrency`, `udfs.download.host_slots`: Spark runs one Python worker
   process per task slot, so a per-process cap would still multiply by the cores);
 - keep-alive: idle connections are kept per (scheme, host, port, vetted address) and reused by the
   next request to the same host, so a shard opens a handful of TCP/TLS connections per host, not
@@ -23,7 +23,7 @@ What img2dataset users fight with, handled here:
   end (small error and redirect bodies are drained; an opted-out body is never read, so that
   connection is closed), and a reused connection the server had closed is retried once on a
   fresh one (GET is idempotent);
-- a per-process DNS cache of the guard's vetted answers (`udfs.address_guard.DnsCache`);
+- a per-process DNS cache of the guard's vetted answers (`udfs.download.address_guard.DnsCache`);
 - connect and read timeouts plus a total deadline (a server dripping one byte per second does not
   hold a thread forever) and a cap on body bytes (Content-Length checked first).
 
@@ -44,8 +44,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
-from udfs.address_guard import AddressGuard, BlockedAddress, ResolveError, worker_dns_cache
-from udfs.host_slots import HostSlots
+from udfs.download.address_guard import AddressGuard, BlockedAddress, ResolveError, worker_dns_cache
+from udfs.download.host_slots import HostSlots
 
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 RETRYABLE_HTTP = (408, 425, 429, 500, 502, 503, 504)
@@ -69,7 +69,7 @@ class FetchConfig:
     opt_out_values: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     allowed_content_types: tuple[str, ...] = ("image/",)
     allowed_cidrs: str = ""
-    per_host_concurrency: int = 0      # machine-wide, all processes (udfs.host_slots); 0: no cap
+    per_host_concurrency: int = 0      # machine-wide, all processes (udfs.download.host_slots); 0: no cap
     host_slots_dir: str | None = None  # the lock files' folder (None: one per machine in the temp dir)
     keep_alive: bool = True
     keep_alive_idle_seconds: float = 4.0   # an idle connection older than this is closed, not reused
@@ -267,7 +267,7 @@ class Fetcher:
     def __init__(self, config: FetchConfig, resolver=None, sleep=time.sleep, rng: random.Random | None = None,
                  gate=None):
         self.config = config
-        # url -> None, or an object with source / message / retryable (udfs.robots.Decision)
+        # url -> None, or an object with source / message / retryable (udfs.download.robots.Decision)
         self.gate = gate
         self.guard = AddressGuard(config.allowed_cidrs, resolver)
         self._sleep = sleep

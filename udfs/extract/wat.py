@@ -7,18 +7,18 @@ time, never the file, and never raises for bad input: a broken file ends with st
 
 Layers, from the bytes up:
 - record readers, `wat_extract.reader`: `fastwarc` (default; Rust WARC + gzip parsing, ~2.5x
-  faster than warcio here, see bench/bench_wat.py), `tolerant` (udfs.warc_records alone) or
+  faster than warcio here, see bench/bench_wat.py), `tolerant` (udfs.extract.warc_records alone) or
   `warcio` (a second opinion over our `GzipMembers`, which reports truncation). FastWARC reads
   while the file is well formed; at the first record it cannot read (bare-LF headers, ARC, zstd,
-  a lying Content-Length, a corrupt member) udfs.warc_records takes over at that record, and it
+  a lying Content-Length, a corrupt member) udfs.extract.warc_records takes over at that record, and it
   always reads the last record, which notices a truncated last member or unread members. So the
   tolerant paths cost nothing on well-formed input. Every record is counted by type, or lost
   with a reason (also a rejected row); compression is told by content.
-- WARC input: `udfs.warc_html.response_body` (the HTTP layer, udfs.http_message: encodings that
-  do not match the stored body, bare LF, no status line) and udfs.charsets for the page's text.
-- `wat_links` / `udfs.warc_html.html_links`: the image links of one record, with the page URL
+- WARC input: `udfs.extract.warc_html.response_body` (the HTTP layer, udfs.extract.http_message: encodings that
+  do not match the stored body, bare LF, no status line) and udfs.extract.charsets for the page's text.
+- `wat_links` / `udfs.extract.warc_html.html_links`: the image links of one record, with the page URL
   and `<base href>`.
-- `LinkRules` + `udfs.urls.Resolver`: URL resolution/normalisation and alt-text rules; the
+- `LinkRules` + `udfs.extract.urls.Resolver`: URL resolution/normalisation and alt-text rules; the
   common case (absolute-able URL, plain alt of acceptable length) is inlined in the hot loop.
 
 JSON is decoded by msgspec into typed structs holding only the fields read (`_wat_links_typed`;
@@ -38,7 +38,9 @@ import zlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, NamedTuple
 
-from udfs import alt_text, ids, page_opt_out, urls, warc_records
+from udfs import ids
+from udfs.extract import alt_text, page_opt_out, urls, warc_records
+from udfs.extract.links import RecordLinks
 
 try:  # orjson is a hard requirement in requirements.txt; the fallback keeps udfs importable anywhere
     import orjson
@@ -63,7 +65,6 @@ _CRAWL_RE = re.compile(r"CC-MAIN-\d{4}-\d{2}")
 _GZIP_MAGIC = b"\x1f\x8b"
 _HTTP_PREFIXES = ("http://", "https://")
 _blake2b = hashlib.blake2b
-HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 
 _new_tuple = tuple.__new__
@@ -86,7 +87,7 @@ class Pair(NamedTuple):
     record_id: str | None
     record_date: str | None
     alt_truncated: bool
-    page_opt_out: str | None    # the page's opt-out meta tag (udfs.page_opt_out), else None
+    page_opt_out: str | None    # the page's opt-out meta tag (udfs.extract.page_opt_out), else None
     crawl: str
 
 
@@ -129,7 +130,7 @@ class FileOutcome:
     bytes_skipped: int = 0
     records_bad_date: int = 0          # unparsable WARC-Date: kept, record_date null
     records_charset_detected: int = 0  # HTML decoded with a detected (undeclared) charset
-    quirks: dict = field(default_factory=dict)         # quirk -> records (see udfs.warc_records)
+    quirks: dict = field(default_factory=dict)         # quirk -> records (see udfs.extract.warc_records)
     # records read although damaged (a Content-Length that lies, read by resync; a body that does
     # not decode): each is also one rejected row (level record, status bad_record)
     records_damaged: int = 0
@@ -414,7 +415,7 @@ def _fastwarc_records(raw, want: str, state: _ReadState, chunk_size: int) -> Ite
 
 
 def _tolerant_records(raw, want: str, state: _ReadState, chunk_size: int) -> Iterator[Record]:
-    """Only the tolerant reader (udfs.warc_records)."""
+    """Only the tolerant reader (udfs.extract.warc_records)."""
     state.reader = "tolerant"
     if not raw.read(1):
         raise InputProblem("empty_file", "file is empty (0 bytes)")
@@ -476,17 +477,6 @@ def _cap(value: str | None, limit: int = 2048) -> str | None:
 
 
 # --- WAT records ------------------------------------------------------------------------------------
-
-class RecordLinks(NamedTuple):
-    status: str                 # "links" | "not_html" | "invalid_json" | "missing_fields"
-    error_message: str
-    page_url: str | None
-    base_href: str | None
-    links: list                 # [(raw_url, raw_alt)] of IMG@/src links (alt None when absent)
-    non_utf8: bool
-    page_opt_out: str | None = None   # robots=noai, tdm-reservation=1, ... (udfs.page_opt_out)
-    charset: str | None = None  # WARC HTML only: where the charset came from (udfs.charsets)
-
 
 def parse_json_payload(payload: bytes) -> tuple[Any, bool]:
     """-> (object, non_utf8). Raises ValueError when the payload is not JSON."""
@@ -666,7 +656,7 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
 
     Never raises for bad input; `outcome.status` says ok / partial / failed.
     """
-    from udfs.warc_html import html_links, response_body  # selectolax: only for WARC input
+    from udfs.extract.warc_html import html_links, response_body  # selectolax: only for WARC input
 
     out = outcome or FileOutcome(source_file)
     t0 = time.perf_counter()
@@ -680,7 +670,7 @@ def extract_stream(raw, source_file: str, opts: ExtractOptions,
     canonical = urls.canonical_match
     fast_urls = {"http", "https"} <= set(rules.schemes)   # as Resolver's fast paths
     valid_date = warc_records.valid_date
-    damage = state.log.damage      # problems of the record just read (udfs.warc_records.ReadLog)
+    damage = state.log.damage      # problems of the record just read (udfs.extract.warc_records.ReadLog)
     try:
         for rec in _READER_FUNCS[opts.reader](raw, want, state, opts.chunk_size):
             if damage and (rec.payload is None or is_wat):

@@ -15,7 +15,7 @@ downloaded again. The new shard therefore has the same keys as the previous one.
 
 Consent, in this order, before any byte of an image is requested: the page's own opt-out
 (`page_opt_out` from wat_extract, unless `download.respect_page_opt_out` is false), then, for
-every hop, the opt-out list, robots.txt and tdmrep.json (`udfs.robots`, `udfs.opt_out`); then the
+every hop, the opt-out list, robots.txt and tdmrep.json (`udfs.download.robots`, `udfs.download.opt_out`); then the
 response headers (X-Robots-Tag, tdm-reservation) before the body is read. Each refusal is an
 `opted_out` row naming its `opt_out_source` and rule. Last, a body whose SHA-256 is in
 `download.blocked_sha256` is dropped in memory (`blocked_content`): it reaches no tar, file or
@@ -34,11 +34,11 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from udfs import fsio
-from udfs.fetch import FetchConfig, Fetcher
-from udfs.opt_out import OptOutList, PhashBlocklist, Sha256Blocklist
-from udfs.resize import ImageRejected, ResizeConfig, process_image
-from udfs.robots import ConsentConfig, Decision, HostPolicies
-from udfs.shard_writer import TarShardWriter, iter_samples, write_verified
+from udfs.download.fetch import FetchConfig, Fetcher
+from udfs.download.opt_out import OptOutList, PhashBlocklist, Sha256Blocklist
+from udfs.download.resize import ImageRejected, ResizeConfig, process_image
+from udfs.download.robots import ConsentConfig, Decision, HostPolicies
+from udfs.download.shard_writer import TarShardWriter, iter_samples, write_verified
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class ShardJob:
                                      cache_key=self.fetcher.config.user_agent)
         self.fetcher.gate = self._gate
         # clipcrawl takedown's block store: rows it names are neither fetched nor written
-        from udfs.takedown import load_block_list
+        from udfs.download.block_list import load_block_list
         self.blocked = load_block_list(section.get("block_store"), self.storage_options)
 
     def _fetch_document(self, url: str, max_bytes: int) -> tuple:

@@ -1,6 +1,6 @@
 """A tolerant WARC/ARC record reader for what real crawlers wrote. Pure Python (zlib, re).
 
-The fast path of `udfs.wat` is FastWARC; it stops (or raises) on input outside the WARC 1.0/1.1
+The fast path of `udfs.extract.wat` is FastWARC; it stops (or raises) on input outside the WARC 1.0/1.1
 grammar. This reader is what the extractor falls back to, from the record where FastWARC stopped,
 and what it uses for every file FastWARC cannot open. It never raises for bad bytes: every record
 is read, or counted as lost with a reason, and reading resumes at the next record boundary.
@@ -36,7 +36,7 @@ MAX_HEADER = 1 << 16          # a record header longer than this is garbage
 MAX_RESYNC_SCAN = 64 << 20    # how far past a lying Content-Length the next header is looked for
 MAX_SKIPPED_IN_MEMORY = 8 << 20   # an unwanted record longer than this is streamed past
 MAX_EVENTS = 1000             # lost records reported one by one (the counts are always complete)
-# quirks of udfs.http_message that mean the body did not decode (ce_gzip_failed, ce_br_corrupt)
+# quirks of udfs.extract.http_message that mean the body did not decode (ce_gzip_failed, ce_br_corrupt)
 DAMAGE_SUFFIXES = ("_failed", "_corrupt")
 DAMAGE_MESSAGES = {
     "failed": "Content-Encoding {} does not decode the stored body, which is not plain text "
@@ -90,7 +90,7 @@ class ReadLog:
     def quirk(self, name: str, n: int = 1) -> None:
         self.quirks[name] = self.quirks.get(name, 0) + n
         if name.endswith(DAMAGE_SUFFIXES) and name.startswith("ce_"):
-            # udfs.http_message: a body that does not decode (ce_<encoding>_failed / _corrupt)
+            # udfs.extract.http_message: a body that does not decode (ce_<encoding>_failed / _corrupt)
             cut = name.rfind("_")
             self.damage.append((name, DAMAGE_MESSAGES[name[cut + 1:]].format(name[3:cut])))
 

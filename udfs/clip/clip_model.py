@@ -37,7 +37,7 @@ LOCAL_DIR = "local-dir:"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]   # udfs/clip/clip_model.py -> the repository
 
 
 class ModelLoadError(ValueError):

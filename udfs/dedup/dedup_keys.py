@@ -13,9 +13,9 @@ Normalisation (idempotent; applied to both parts before hashing):
 The pair key is `url + "\\t" + text`; after normalisation the text holds no tab, so the key is
 unambiguous. The URL key (failed-URL filter) is the normalised url alone.
 
-`wat_extract` output is already normalised more strongly (`udfs.urls.normalize_url`: default ports,
+`wat_extract` output is already normalised more strongly (`udfs.extract.urls.normalize_url`: default ports,
 percent-encoding); this cheap subset is re-applied so pairs from other sources or older extractions
-still match. The Spark stage evaluates the same rules in the JVM (`spark_jobs.dedup.key_column`),
+still match. The Spark stage evaluates the same rules in the JVM (`spark_jobs.columns`),
 from the patterns below, and a test checks that both give identical keys.
 """
 

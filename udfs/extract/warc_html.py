@@ -2,16 +2,16 @@
 
 lexbor is a fast HTML5 parser that, like a browser, never fails on broken markup, decodes entities
 in attribute values and sees `<img>` inside `<noscript>`. The page's `<base href>` is returned so
-relative `src` values resolve exactly as in the WAT path (udfs.wat.LinkRules).
+relative `src` values resolve exactly as in the WAT path (udfs.extract.wat.LinkRules).
 
-`response_body` is the HTTP layer in front of it (udfs.http_message: tolerant of what archive
-tools store), and the text is decoded by udfs.charsets (header, BOM, meta, detection).
+`response_body` is the HTTP layer in front of it (udfs.extract.http_message: tolerant of what archive
+tools store), and the text is decoded by udfs.extract.charsets (header, BOM, meta, detection).
 """
 
 from __future__ import annotations
 
-from udfs import charsets, http_message, page_opt_out
-from udfs.wat import HTML_TYPES, RecordLinks
+from udfs.extract import charsets, http_message, page_opt_out
+from udfs.extract.links import HTML_TYPES, RecordLinks
 
 
 def is_html(content_type: str | None) -> bool:
@@ -19,7 +19,7 @@ def is_html(content_type: str | None) -> bool:
 
 
 def decode_html(body: bytes, content_type: str | None = None) -> tuple[str, bool]:
-    """-> (text, non_utf8): the charset rules of udfs.charsets; undecodable bytes become U+FFFD."""
+    """-> (text, non_utf8): the charset rules of udfs.extract.charsets; undecodable bytes become U+FFFD."""
     d = charsets.decode_html(body, content_type)
     return d.text, d.lossy
 

@@ -111,7 +111,7 @@ def resolve_and_normalize(raw: str | None, page_url: str | None, base_href: str 
 # this, and skipping urllib for them is the single largest saving of the WAT parser (bench_wat).
 _CANONICAL = re.compile(r"(https?)://([a-z0-9.-]+)((?:/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*)?)"
                         r"((?:\?[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*)?)")
-# For callers that inline Resolver.absolute's first fast path (udfs.wat's per-link loop).
+# For callers that inline Resolver.absolute's first fast path (udfs.extract.wat's per-link loop).
 canonical_match = _CANONICAL.fullmatch
 _PLAIN_REF = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=@%/]*")  # no ':' '?' '#' '\' or spaces
 

@@ -1,0 +1,3 @@
+"""Filter: which scored pairs go into which LAION subset, and why the others do not.
+Caption language id, the NSFW/watermark heads over CLIP embeddings, subset rules and embedding parts.
+"""
