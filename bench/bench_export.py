@@ -20,7 +20,7 @@ The export is timed whole (its two Spark jobs: locate + bucket counts, then plac
 driver's files, on a started and warmed-up local[2] session) at two sizes, so the fixed cost of its
 Spark jobs can be taken out (the marginal throughput); its fixed cost alone (an export of 50
 samples); the shard-writing job alone (its phase) and the time inside its tasks' write_shard; and
-the copy task alone (udfs.export_shards.write_shard on one shuffled shard, one process, as `cat` is
+the copy task alone (udfs.export.shards.write_shard on one shuffled shard, one process, as `cat` is
 one process).
 """
 
@@ -98,14 +98,14 @@ def raw_copy(root: Path, out: Path) -> tuple[int, float]:
 
     import pyarrow.parquet as pq
 
-    from udfs import export_shards
+    from udfs.export import locate, shards
 
     rows = []
     for path in sorted(glob.glob(str(root / "dataset" / "laion2B-en" / "*.parquet"))):
         rows.extend(pq.read_table(path).to_pylist())
     index = {}
     for tar in sorted({r["tar_path"] for r in rows}):
-        members, _ = export_shards.index_tar(tar)
+        members, _ = locate.index_tar(tar)
         index.update({(tar, m["key"]): m for m in members})
     random.Random(0).shuffle(rows)
     for i, r in enumerate(rows):
@@ -114,7 +114,7 @@ def raw_copy(root: Path, out: Path) -> tuple[int, float]:
 
     rows = pa.Table.from_pylist(rows)   # as the Spark task gets them
     t0 = time.perf_counter()
-    res = export_shards.write_shard(str(out), 0, rows, {"format": "webdataset", "plan": "raw", "read_chunk": 256})
+    res = shards.write_shard(str(out), 0, rows, {"format": "webdataset", "plan": "raw", "read_chunk": 256})
     seconds = time.perf_counter() - t0
     shutil.rmtree(out)
     return res["bytes"], seconds
@@ -224,7 +224,7 @@ def run(work: Path, quick: bool) -> list[dict]:
         {"name": "export_task_one_process", "value": round(task, 1), "unit": "MB/s",
          "peer": "cat + fsync (same bytes)", "peer_value": round(task_mbs["cat_fsync"], 1),
          "ratio": ratio(task, task_mbs["cat_fsync"]), "goal": ">= 0.5",
-         "note": f"udfs.export_shards.write_shard on all {sizes['small'] * per_shard} samples of the small "
+         "note": f"udfs.export.shards.write_shard on all {sizes['small'] * per_shard} samples of the small "
                  f"source as one shuffled shard, no Spark, one process as cat; fsynced, as cat + fsync"},
         {"name": "export_task_one_process_vs_cat_no_fsync", "value": round(task, 1), "unit": "MB/s",
          "peer": "cat, no fsync (same bytes)", "peer_value": round(task_mbs["cat"], 1),

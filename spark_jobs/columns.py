@@ -11,7 +11,8 @@ stay in the JVM, or a udfs function runs per Arrow batch) is written here once, 
   stage's eval-set overlap and SemDeDup;
 - the filter decision (udfs/filter/subset_filter.py) per Arrow batch;
 - download's shard plan: rows ranked into shards (keys: udfs/download/download_worker.py), the
-  same ranks in every run.
+  same ranks in every run;
+- export's order: the seeded sort key and its buckets (udfs/export/order.py).
 Only DataFrame APIs that Spark Connect also has.
 """
 
@@ -28,6 +29,7 @@ from udfs.dedup import dedup_keys
 from udfs.dedup.bloom import HASH_SCHEME_SHA256_DOUBLE, HASH_SCHEME_XXH64_PAIR
 from udfs.dedup.bloom_store import ShardPlan
 from udfs.dedup.probe import add_keys_fn, probe_failed, probe_seen
+from udfs.export import order as export_order_rules
 from udfs.image_dedup.layers import band_layout
 
 log = logging.getLogger(__name__)
@@ -558,3 +560,30 @@ def not_in_shards(done: set[int]):
     if not done:
         return F.expr("true")
     return F.expr(f"NOT shard IN ({', '.join(str(s) for s in sorted(done))})")
+
+
+# --- export's order ---------------------------------------------------------------------------------
+
+def export_order(df, settings: dict, rows_hint: int | None = None):
+    """Export's sort columns (the buckets of udfs/export/order.py); returns (df, bucket columns,
+    order within a bucket).
+
+    Shuffled: `_h` = xxhash64(seed, key) without its sign bit, `_bucket` = its top bits (ranges of
+    the sort key, see bucket_bits), rows in a bucket by (`_h`, file, row). Subset order: the bucket
+    is (parquet file, block of `_row`), rows by their row number: files in name order as Spark
+    sorts strings, each file in its own order."""
+    from pyspark.sql import functions as F
+
+    if settings["shuffle"]:
+        bits = export_order_rules.bucket_bits(rows_hint, _export_bucket_rows(settings))
+        df = df.withColumn("_h", F.expr(f"xxhash64(CAST({int(settings['seed'])} AS BIGINT), key) "
+                                        f"& 9223372036854775807"))
+        df = df.withColumn("_bucket", F.expr(f"shiftrightunsigned(_h, {63 - bits})") if bits
+                           else F.expr("CAST(0 AS BIGINT)"))
+        return df, ["_bucket"], ["_h", "_file", "_row"]
+    df = df.withColumn("_blk", F.expr(f"CAST(_row DIV {_export_bucket_rows(settings)} AS BIGINT)"))
+    return df, ["_file", "_blk"], ["_row"]
+
+
+def _export_bucket_rows(settings: dict) -> int:
+    return export_order_rules.bucket_rows(settings["shard_size"], settings["rank_bucket_rows"])

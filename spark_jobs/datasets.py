@@ -306,3 +306,17 @@ def similarity_histogram(df, column: str, hist: dict) -> list[int]:
     for r in df.where(F.col(column).isNotNull()).groupBy(b.alias("b")).count().collect():
         counts[r["b"]] += int(r["count"])
     return counts
+
+
+def resolve_subset(dataset: str, subset: str, filter_dir: str = "dataset", storage_options=None) -> str:
+    """A subset's folder: <dataset>/<subset> (a filter output), <dataset>/<filter_dir>/<subset> (a
+    `clipcrawl run` root), or <dataset> itself (a subset folder)."""
+    candidates = [fsio.join(dataset, subset), fsio.join(dataset, filter_dir, subset)]
+    for path in candidates:
+        if fsio.exists(path, storage_options):
+            return path
+    not_a_subset = [fsio.join(dataset, STATS_DIR), fsio.join(dataset, "_run")]
+    if not fsio.exists(dataset, storage_options) or any(fsio.exists(p, storage_options) for p in not_a_subset):
+        # nothing there, or a filter output / run root without this subset
+        raise InputError(f"subset {subset!r} not found: looked for {', '.join(candidates)}")
+    return dataset

@@ -29,7 +29,7 @@ import pytest
 
 from demo.sample import build_sample
 from tests.gen.image_server import ImageServer
-from udfs import export_shards
+from udfs.export import layout, locate, order, shards
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "tests" / "fixtures" / "tiny_clip"
@@ -132,7 +132,7 @@ def test_run_export_writes_every_subset_row_with_its_stored_bytes(chain):
         row = by_key[s["key"]]
         assert s["txt"].decode() == row["TEXT"]
         meta = json.loads(s["json"])
-        assert meta == {c: row[c] for c in export_shards.LAION_COLUMNS}
+        assert meta == {c: row[c] for c in layout.LAION_COLUMNS}
     sizes = json.loads((chain["export"] / "sizes.json").read_text())
     tars = sorted(Path(p).name for p in glob.glob(str(chain["export"] / "[0-9]*.tar")))
     assert sorted(sizes) == tars == [f"{i:05d}.tar" for i in range(len(tars))]
@@ -312,8 +312,8 @@ def test_parquet_format_has_the_hugging_face_image_layout(spark, chain, tmp_path
             assert r["image"]["bytes"] == stored[r["key"]]
             assert hashlib.sha256(r["image"]["bytes"]).hexdigest() == recorded[r["key"]]["stored_sha256"]
             assert r["image"]["path"] == f"{r['key']}.jpg"
-            assert {c: r[c] for c in export_shards.LAION_COLUMNS} == {c: by_key[r["key"]][c]
-                                                                        for c in export_shards.LAION_COLUMNS}
+            assert {c: r[c] for c in layout.LAION_COLUMNS} == {c: by_key[r["key"]][c]
+                                                                        for c in layout.LAION_COLUMNS}
             seen.append(r["key"])
     assert sorted(seen) == sorted(by_key)
     assert json.loads((out / "sizes.json").read_text()) == {f.name: pq.read_metadata(f).num_rows for f in files}
@@ -395,14 +395,14 @@ def test_index_of_a_truncated_or_missing_source_tar(tmp_path):
     samples = [(f"0000000{i}", bytes([i]) * 3000, f"caption {i}") for i in range(4)]
     data = _source_tar(samples)
     (tmp_path / "00000.tar").write_bytes(data)
-    members, error = export_shards.index_tar(str(tmp_path / "00000.tar"))
+    members, error = locate.index_tar(str(tmp_path / "00000.tar"))
     assert error is None and [m["key"] for m in members] == [s[0] for s in samples]
     for m, (_, image, _) in zip(members, samples):
         assert data[m["offset"]:m["offset"] + m["size"]] == image
     (tmp_path / "00001.tar").write_bytes(data[:members[2]["offset"] + 100])   # cut inside the third image
-    members, error = export_shards.index_tar(str(tmp_path / "00001.tar"))
+    members, error = locate.index_tar(str(tmp_path / "00001.tar"))
     assert [m["key"] for m in members] == [s[0] for s in samples[:2]] and "truncated" in error
-    assert export_shards.index_tar(str(tmp_path / "00009.tar")) == ([], f"source shard not found: {tmp_path / '00009.tar'}")
+    assert locate.index_tar(str(tmp_path / "00009.tar")) == ([], f"source shard not found: {tmp_path / '00009.tar'}")
 
 
 def test_shard_written_to_and_read_from_s3(moto_s3):
@@ -413,18 +413,18 @@ def test_shard_written_to_and_read_from_s3(moto_s3):
     so = moto_s3.options
     samples = [(f"0000000{i}", os.urandom(2000 + i), f"caption {i}") for i in range(5)]
     moto_s3.client.put_object(Bucket="laion", Key="images/00000.tar", Body=_source_tar(samples))
-    members, error = export_shards.index_tar("s3://laion/images/00000.tar", so)
+    members, error = locate.index_tar("s3://laion/images/00000.tar", so)
     assert error is None and len(members) == 5
     rows = _rows_for(members[::-1], "s3://laion/images/00000.tar", {k: t for k, _, t in samples})
     settings = {"format": "webdataset", "plan": "p1", "read_chunk": 2, "storage_options": so}
-    res = export_shards.write_shard("s3://laion/export", 3, rows, settings)
+    res = shards.write_shard("s3://laion/export", 3, rows, settings)
     assert res["status"] == "written" and res["samples"] == 5
     got = list(iter_samples("s3://laion/export/00003.tar", so))
     assert [g["__key__"] for g in got] == [s[0] for s in samples[::-1]]
     assert [g["jpg"] for g in got] == [s[1] for s in samples[::-1]]
     assert [g["txt"].decode() for g in got] == [s[2] for s in samples[::-1]]
-    assert export_shards.write_shard("s3://laion/export", 3, rows, settings)["status"] == "skipped"
-    assert export_shards.write_shard("s3://laion/export", 3, rows, {**settings, "plan": "p2"})["status"] == "written"
+    assert shards.write_shard("s3://laion/export", 3, rows, settings)["status"] == "skipped"
+    assert shards.write_shard("s3://laion/export", 3, rows, {**settings, "plan": "p2"})["status"] == "written"
 
 
 def test_tar_headers_are_tarfiles_own_and_the_fast_index_agrees_with_tarfile(tmp_path):
@@ -432,9 +432,9 @@ def test_tar_headers_are_tarfiles_own_and_the_fast_index_agrees_with_tarfile(tmp
     header-only index finds the members tarfile finds (pax headers fall back to tarfile)."""
     for name, size in [("000010003.jpg", 12345), ("a.txt", 0), ("x" * 100, 7), ("é.json", 5), ("k" * 120, 3)]:
         info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = size, export_shards.TAR_MTIME, 0o644
+        info.size, info.mtime, info.mode = size, layout.TAR_MTIME, 0o644
         if len(name.encode()) <= 100:
-            assert export_shards.ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8",
+            assert shards.ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8",
                                                                          "surrogateescape")
     for fmt in (tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT):
         path = tmp_path / f"{fmt}.tar"
@@ -445,7 +445,7 @@ def test_tar_headers_are_tarfiles_own_and_the_fast_index_agrees_with_tarfile(tmp
                 info = tarfile.TarInfo(n)
                 info.size = 700 + i
                 tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
-        members, error = export_shards.index_tar(str(path))
+        members, error = locate.index_tar(str(path))
         with tarfile.open(path) as tar:
             want = [(m.name.partition(".")[0], m.name.partition(".")[2], m.offset_data, m.size)
                     for m in tar.getmembers() if not m.name.endswith(".txt")]
@@ -474,15 +474,15 @@ def test_buckets_give_the_global_order_and_exact_shard_sizes(bucket_shift, shard
               for tar in sorted(set(table.column("tar_path").to_pylist()))]
     counts = Counter()
     for g in groups:   # what job 1 sums over the tars
-        for r in export_shards.bucket_counts(g, ["_bucket"]).to_pylist():
+        for r in locate.bucket_counts(g, ["_bucket"]).to_pylist():
             counts[(r["_bucket"],)] += r["found"]
-    buckets = export_shards.bucket_offsets(list(counts.items()))
-    placed = pa.concat_tables(export_shards.place(g, ["_bucket"], buckets, shard_size) for g in groups)
+    buckets = order.bucket_offsets(list(counts.items()))
+    placed = pa.concat_tables(order.place(g, ["_bucket"], buckets, shard_size) for g in groups)
     missing = placed.filter(pc.is_null(placed.column("shard")))
     assert sorted(missing.column("key").to_pylist()) == [f"k{i:04d}" for i in range(n) if i % 50 == 7]
     got = []
     for shard in sorted(set(placed.column("shard").to_pylist()) - {None}):
-        rows = export_shards.shard_rows(placed.filter(pc.equal(placed.column("shard"), shard)), shard, shard_size,
+        rows = order.shard_rows(placed.filter(pc.equal(placed.column("shard"), shard)), shard, shard_size,
                                         ["_h", "_file", "_row"])
         got.append(rows.column("key").to_pylist())
         assert rows.column("position").to_pylist() == list(range(shard * shard_size, shard * shard_size + len(rows)))

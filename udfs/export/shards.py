@@ -1,19 +1,7 @@
-"""Training-ready shards from a subset (pure Python, no Spark): `spark_jobs/export.py` runs these
-functions in its tasks, the tests and the benchmark call them directly.
+"""Step 3 of an export: one output shard, its images copied as stored from the source tars by
+(offset, size): local files inside the kernel (copy_file_range, sources in offset order), remote
+ones by range reads a chunk at a time. The image is never re-encoded.
 
-Three steps, because a shuffled subset draws every output shard's samples from many source shards:
-1. `index_tar` / `locate`: the member table of one download tar (name, data offset, size), read
-   from the tar headers alone (a local tar is read by seeking from header to header, not through
-   its data), and the rows of that tar looked up in it;
-2. `place` / `shard_rows`: each row's shard without a global sort: rows are cut into buckets of
-   the sort key whose counts the driver knows, a row goes to every shard its bucket overlaps, and
-   the shard's task ranks the rows of those buckets (all of them, so the ranks are exact) and
-   keeps its own;
-3. `write_shard`: one output shard, its images copied as stored from the source tars by (offset,
-   size): local files inside the kernel (copy_file_range, sources in offset order), remote ones by
-   range reads a chunk at a time. The image is never re-encoded.
-
-Output, under `<output>/`:
 - webdataset: `{shard:05d}.tar` with `KEY.<ext>` (the image bytes as downloaded and resized; ext as
   in the source, jpg by default), `KEY.txt` (the caption) and `KEY.json` (the subset's LAION columns).
   The tar headers carry fixed metadata (mtime 0, uid 0), so the same export writes identical bytes.
@@ -28,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
-import mmap
 import os
 import tarfile
 import time
@@ -39,293 +25,20 @@ import uuid
 import orjson
 
 from udfs import fsio
-from udfs.download.shard_writer import split_key, verify_size
-
-FORMATS = ("webdataset", "parquet")
-SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
-MARKERS_DIR = "_markers"
-# Members of a download tar that are not the image (the caption and the download record).
-SIDECAR_EXTS = ("txt", "json")
-# The subset's LAION columns, as written to KEY.json and to the parquet shards (tar_path, the source
-# shard's URI, stays in the manifest: it means nothing once the shards are copied elsewhere).
-LAION_COLUMNS = ("SAMPLE_ID", "URL", "TEXT", "HEIGHT", "WIDTH", "similarity", "LANGUAGE", "punsafe",
-                 "pwatermark", "hash", "key")
-# Arrow type names of LAION_COLUMNS (the SUBSET schema in spark_jobs/schemas.py).
-COLUMN_TYPES = {"SAMPLE_ID": "int64", "URL": "string", "TEXT": "string", "HEIGHT": "int32",
-                "WIDTH": "int32", "similarity": "float64", "LANGUAGE": "string", "punsafe": "float64",
-                "pwatermark": "float64", "hash": "int64", "key": "string"}
-TAR_MTIME = 0
-_BLOCK = tarfile.BLOCKSIZE
-_RECORD = tarfile.RECORDSIZE
-_ZEROS = bytes(_BLOCK)
-
-
-class ExportReadError(IOError):
-    """A source member could not be read back at the offset its index gave (the tar changed)."""
-
-
-def shard_name(shard: int) -> str:
-    return f"{shard:05d}"
-
-
-def shard_file(shard: int, fmt: str) -> str:
-    return shard_name(shard) + SUFFIX[fmt]
-
-
-def marker_path(output: str, shard: int) -> str:
-    return fsio.join(output, MARKERS_DIR, shard_name(shard) + ".json")
-
-
-def plan_id(plan: dict) -> str:
-    """A short fingerprint of everything that decides which sample lands where (subset, filters,
-    order, shard size, format, row count): a marker of another plan does not make a shard complete."""
-    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# --- step 1: the member table of a source tar --------------------------------------------------------
-
-class _NotPlainUstar(Exception):
-    """A member header the fast reader does not handle (pax / GNU long names, base-256 sizes)."""
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:
-        raise _NotPlainUstar("base-256 number")
-    digits = field.split(b"\0", 1)[0].strip()
-    return int(digits, 8) if digits else 0
-
-
-def _index_headers(read, total: int | None) -> tuple[list[tuple[str, int, int]], str | None]:
-    """(name, data offset, size) of each regular member, from the 512-byte USTAR headers alone
-    (`read(offset)`: the 512 bytes there): tarfile's reader costs ~0.5 ms per member in Python,
-    this a few us (download writes plain USTAR)."""
-    out, pos = [], 0
-    while True:
-        hdr = read(pos)
-        if not hdr or hdr == _ZEROS:
-            return out, None
-        if len(hdr) < _BLOCK:
-            return out, f"truncated tar: a header at offset {pos} is cut short"
-        # the checksum counts its own field as 8 spaces
-        if _octal(hdr[148:156]) != sum(hdr) - sum(hdr[148:156]) + 256:
-            return out, f"unreadable tar: bad header checksum at offset {pos}"
-        kind = hdr[156:157]
-        if kind not in (b"0", b"\0", b"5", b"1", b"2"):
-            raise _NotPlainUstar(f"member type {kind!r}")
-        name = hdr[:100].split(b"\0", 1)[0]
-        if hdr[257:262] == b"ustar" and hdr[345:346] != b"\0":
-            name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
-        size = _octal(hdr[124:136])
-        data = pos + _BLOCK
-        if kind in (b"0", b"\0"):
-            if total is not None and data + size > total:
-                return out, f"truncated tar: {name.decode('utf-8', 'replace')} ends past the end of the file"
-            out.append((name.decode("utf-8", "surrogateescape"), data, size))
-        else:
-            size = 0   # directories and links have no data
-        pos = data + size + (-size % _BLOCK)
-
-
-def _index_with_tarfile(fh, total: int | None) -> tuple[list[tuple[str, int, int]], str | None]:
-    out, error = [], None
-    try:
-        with tarfile.open(fileobj=fh, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                if total is not None and member.offset_data + member.size > total:
-                    error = f"truncated tar: {member.name} ends past the end of the file"
-                    break
-                out.append((member.name, member.offset_data, member.size))
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        error = f"unreadable tar after {len(out)} members: {type(exc).__name__}: {exc}"
-    return out, error
-
-
-def index_tar(uri: str, storage_options: dict | None = None) -> tuple[list[dict], str | None]:
-    """([{key, ext, offset, size}] of the image members, error or None).
-
-    One image per key (the first; txt/json members are skipped). A tar that cannot be opened gives
-    no members and its error; a truncated or corrupt one gives the members whose data is wholly
-    present and the error, so the rows whose image is lost are reported as missing rather than
-    failing the export. Headers are read by seeking from one to the next (the data is not read);
-    tars with pax or GNU headers go through tarfile.
-    """
-    try:
-        fs, path = fsio.filesystem(uri, storage_options)
-        total = fs.info(path).get("size")
-        try:
-            if fsio.is_remote(uri):
-                with fs.open(path, "rb") as fh:
-                    found, error = _index_headers(lambda pos: (fh.seek(pos), fh.read(_BLOCK))[1], total)
-            elif total:   # mapped: a header is a slice, no system call per member
-                with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                    found, error = _index_headers(lambda pos: mm[pos:pos + _BLOCK], total)
-            else:
-                found, error = [], None
-        except _NotPlainUstar:
-            with fs.open(path, "rb") as fh:
-                found, error = _index_with_tarfile(fh, total)
-    except FileNotFoundError:
-        return [], f"source shard not found: {uri}"
-    except (OSError, ValueError) as exc:
-        return [], f"unreadable tar: {type(exc).__name__}: {exc}"
-    members: list[dict] = []
-    seen: set[str] = set()
-    for name, offset, size in found:
-        key, ext = split_key(name)
-        if ext in SIDECAR_EXTS or key in seen:
-            continue
-        seen.add(key)
-        members.append({"key": key, "ext": ext, "offset": offset, "size": size})
-    if not found and error is None and total:
-        error = "unreadable tar: no members"
-    return members, error
-
-
-def missing_reason(tar_path: str | None, tar_error: str | None) -> str:
-    """Why a row has no image: no source shard, or not in it (with the tar's own error, if any)."""
-    if tar_path is None:
-        return "no source shard (tar_path is null)"
-    return f"not in source shard {tar_path}" + (f" ({tar_error})" if tar_error else "")
-
-
-def locate(table, storage_options: dict | None = None):
-    """The rows of one source tar (one `tar_path`) with their image member: `ext`, `offset` and
-    `size`, null with `error_message` when the tar lacks it (or is missing / unreadable)."""
-    import pyarrow as pa
-
-    tar = table.column("tar_path")[0].as_py() if table.num_rows else None
-    members, error = index_tar(tar, storage_options) if tar is not None else ([], None)
-    by_key = {m["key"]: m for m in members}
-    found = [by_key.get(k) for k in table.column("key").to_pylist()]
-    reason = missing_reason(tar, error)
-    return (table.append_column("ext", pa.array([m and m["ext"] for m in found], pa.string()))
-            .append_column("offset", pa.array([m and m["offset"] for m in found], pa.int64()))
-            .append_column("size", pa.array([m and m["size"] for m in found], pa.int64()))
-            .append_column("error_message", pa.array([None if m else reason for m in found], pa.string())))
-
-
-def bucket_counts(table, bucket_cols: list[str]):
-    """Found / missing rows per bucket of one located group (the driver sums them over groups)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    found = pc.is_valid(table.column("offset"))
-    counts = (pa.table({**{c: table.column(c) for c in bucket_cols},
-                        "found": pc.cast(found, pa.int64()), "missing": pc.cast(pc.invert(found), pa.int64())})
-              .group_by(bucket_cols).aggregate([("found", "sum"), ("missing", "sum")]))
-    return counts.select([*bucket_cols, "found_sum", "missing_sum"]).rename_columns([*bucket_cols, "found", "missing"])
-
-
-def bucket_offsets(counts: list[tuple[tuple, int]]) -> dict[tuple, tuple[int, int, int]]:
-    """{bucket key: (bucket number, first position, rows)} for the buckets in sort order; `counts`:
-    (bucket key, found rows). Positions are dense: a bucket starts where the one before it ends."""
-    out, start = {}, 0
-    for number, (key, rows) in enumerate(sorted(c for c in counts if c[1])):
-        out[key] = (number, start, rows)
-        start += rows
-    return out
-
-
-def place(table, bucket_cols: list[str], buckets: dict[tuple, tuple[int, int, int]], shard_size: int):
-    """Each located row once per shard its bucket's positions overlap (`shard`; a bucket smaller
-    than a shard overlaps one or two), with `_bidx` (the bucket's number) and `_offset` (its first
-    position); a row without its image once, with shard null."""
-    import numpy as np
-    import pyarrow as pa
-
-    n = table.num_rows
-    found = table.column("offset").is_valid().to_numpy(zero_copy_only=False)
-    info = np.full((n, 3), -1, dtype=np.int64)
-    if len(bucket_cols) == 1 and buckets and all(isinstance(k[0], int) for k in buckets):
-        # one integer bucket column (the shuffled order): a sorted search instead of a lookup per row
-        known = np.array(sorted(k[0] for k in buckets), dtype=np.int64)
-        table_info = np.array([buckets[(k,)] for k in known.tolist()], dtype=np.int64)
-        values = table.column(bucket_cols[0]).fill_null(-1).to_numpy()
-        at = np.minimum(np.searchsorted(known, values), known.size - 1)
-        ok = known[at] == values
-        if (found & ~ok).any():
-            raise ValueError(f"bucket {values[found & ~ok][0]} is not in the export plan "
-                             f"(the subset changed during the export)")
-        info[found] = table_info[at[found]]
-    else:
-        for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in bucket_cols))):
-            if found[i]:
-                got = buckets.get(key)
-                if got is None:
-                    raise ValueError(f"bucket {key} is not in the export plan (the subset changed during the export)")
-                info[i] = got
-    first = np.where(found, info[:, 1] // shard_size, 0)
-    last = np.where(found, (info[:, 1] + info[:, 2] - 1) // shard_size, 0)
-    repeat = last - first + 1
-    take = np.repeat(np.arange(n), repeat)
-    step = np.arange(take.size) - np.repeat(np.cumsum(repeat) - repeat, repeat)
-    shard = pa.array((first[take] + step).astype(np.int32), mask=~found[take])
-    out = table.take(pa.array(take))
-    return (out.append_column("shard", shard)
-            .append_column("_bidx", pa.array(info[take, 0], mask=~found[take]))
-            .append_column("_offset", pa.array(info[take, 1], mask=~found[take])))
-
-
-def shard_rows(table, shard: int, shard_size: int, within: list[str]):
-    """The rows of `shard` among the placed rows sent to it, with `position`: the rows come sorted
-    by bucket and the bucket's sort columns, each one's position is its bucket's first position plus
-    its rank in the bucket (every row of each bucket is here, so the ranks are exact)."""
-    import numpy as np
-    import pyarrow as pa
-
-    table = table.sort_by([("_bidx", "ascending"), *((c, "ascending") for c in within)])
-    bidx = table.column("_bidx").to_numpy()
-    n = bidx.size
-    new = np.ones(n, dtype=bool)
-    new[1:] = bidx[1:] != bidx[:-1]
-    starts = np.flatnonzero(new)
-    rank = np.arange(n) - np.repeat(starts, np.diff(np.append(starts, n)))
-    position = table.column("_offset").to_numpy() + rank
-    keep = position // shard_size == shard
-    return table.filter(pa.array(keep)).append_column("position", pa.array(position[keep], pa.int64()))
-
-
-MANIFEST_COLUMNS = ("key", "SAMPLE_ID", "shard", "shard_file", "position", "tar_path", "status", "error_message")
-
-
-def parquet_bytes(table, compression: str = "zstd") -> bytes:
-    import io
-
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression=compression)
-    return buf.getvalue()
-
-
-def located_name(tar_path: str | None) -> str:
-    """The file of one source tar's located rows (see spark_jobs/export.py's job 1)."""
-    return hashlib.sha1(repr(tar_path).encode()).hexdigest()[:20] + ".parquet"
-
-
-def manifest_part(table, shard: int | None, fmt: str) -> bytes:
-    """manifest/ rows (the EXPORT_MANIFEST schema) of one shard's rows, or of the rows without their
-    image (shard None): a parquet file's bytes."""
-    import pyarrow as pa
-
-    n = table.num_rows
-    schema = pa.schema([("key", pa.string()), ("SAMPLE_ID", pa.int64()), ("shard", pa.int32()),
-                        ("shard_file", pa.string()), ("position", pa.int64()), ("tar_path", pa.string()),
-                        ("status", pa.string()), ("error_message", pa.string())])
-    exported = shard is not None
-    part = pa.table({
-        "key": table.column("key"), "SAMPLE_ID": table.column("SAMPLE_ID"),
-        "shard": pa.array([shard] * n if exported else [None] * n, pa.int32()),
-        "shard_file": pa.array([shard_file(shard, fmt)] * n if exported else [None] * n, pa.string()),
-        "position": table.column("position") if exported else pa.nulls(n, pa.int64()),
-        "tar_path": table.column("tar_path"),
-        "status": pa.array(["success" if exported else "missing_image"] * n, pa.string()),
-        "error_message": pa.nulls(n, pa.string()) if exported else table.column("error_message"),
-    }).cast(schema)
-    return parquet_bytes(part)
-
+from udfs.download.shard_writer import verify_size
+from udfs.export.layout import (
+    BLOCK,
+    COLUMN_TYPES,
+    FORMATS,
+    LAION_COLUMNS,
+    RECORD,
+    TAR_MTIME,
+    ZEROS,
+    ExportReadError,
+    manifest_part,
+    marker_path,
+    shard_file,
+)
 
 # --- step 2: range reads from the source tars ------------------------------------------------------
 
@@ -381,7 +94,7 @@ def sample_json(row: dict) -> bytes:
 
 
 def _pad(size: int) -> bytes:
-    return _ZEROS[:-size % _BLOCK]
+    return ZEROS[:-size % BLOCK]
 
 
 def _sidecars(key: str, text: str | None, js: bytes) -> bytes:
@@ -424,8 +137,8 @@ class _Rows:
 
 def _trailer(end: int) -> bytes:
     """Two zero blocks, then zeros to a whole tar record (what tarfile writes on close)."""
-    end += 2 * _BLOCK
-    return bytes(2 * _BLOCK + (-end % _RECORD))
+    end += 2 * BLOCK
+    return bytes(2 * BLOCK + (-end % RECORD))
 
 
 class _AtomicOut:
@@ -683,35 +396,35 @@ def write_shard(output: str, shard: int, rows, settings: dict) -> dict:
             "status": "written", "seconds": round(time.time() - t0, 3)}
 
 
-# --- the files that describe the export ------------------------------------------------------------
-
-def list_shard_files(output: str, storage_options: dict | None = None) -> dict[str, int]:
-    """{file name: shard number} of the `NNNNN.tar` / `NNNNN.parquet` files and markers under output."""
-    fs, root = fsio.filesystem(output, storage_options)
-    root = root.rstrip("/")
-    found: dict[str, int] = {}
-    for folder in (root, f"{root}/{MARKERS_DIR}"):
-        try:
-            names = fs.ls(folder, detail=False)
-        except FileNotFoundError:
-            continue
-        for full in names:
-            base = full.rstrip("/").rsplit("/", 1)[-1]
-            stem, dot, ext = base.partition(".")
-            if dot and stem.isdigit() and ext in ("tar", "parquet", "json"):
-                rel = base if folder == root else f"{MARKERS_DIR}/{base}"
-                found[rel] = int(stem)
-    return found
+RESULT_FIELDS = (("shard", "int32"), ("file", "string"), ("samples", "int64"), ("bytes", "int64"),
+                 ("image_bytes", "int64"), ("status", "string"), ("seconds", "float64"), ("missing", "int64"),
+                 ("listed", "string"))
 
 
-def remove_stale(output: str, keep: set[str], storage_options: dict | None = None) -> list[str]:
-    """Delete shard files and markers of an earlier export that this one did not write (another
-    shard count or format), so the folder holds exactly what sizes.json lists."""
-    fs, root = fsio.filesystem(output, storage_options)
-    removed = []
-    for rel in sorted(list_shard_files(output, storage_options)):
-        if rel in keep:
-            continue
-        fs.rm(f"{root.rstrip('/')}/{rel}")
-        removed.append(rel)
-    return removed
+def write_group(table, output: str, manifest_dir: str, within: list[str], settings: dict):
+    """Job 2's task on the rows placed in one shard: rank them, write the shard and its marker,
+    and its manifest part; the group of rows without their image (shard null) writes their
+    manifest part and lists the first export.max_listed_missing of them for the stats. Returns
+    one row (RESULT_FIELDS) for the driver."""
+    import pyarrow as pa
+
+    from udfs.export.order import shard_rows
+
+    so, fmt = settings["storage_options"], settings["format"]
+    shard = table.column("shard")[0].as_py()
+    part = fsio.join(output, manifest_dir)
+    if shard is None:   # the rows without their image
+        fsio.write_bytes_atomic(fsio.join(part, "part-missing.parquet"), manifest_part(table, None, fmt), so,
+                                durable=False)
+        listed = (table.select(["key", "SAMPLE_ID", "tar_path", "error_message"])
+                  .sort_by([("tar_path", "ascending"), ("key", "ascending")])
+                  .slice(0, settings["max_listed_missing"]).to_pylist())
+        res = {"shard": None, "file": None, "samples": 0, "bytes": 0, "image_bytes": 0, "status": "missing",
+               "seconds": 0.0, "missing": table.num_rows, "listed": json.dumps(listed)}
+    else:
+        rows = shard_rows(table, shard, settings["shard_size"], within)
+        res = write_shard(output, shard, rows, settings)
+        fsio.write_bytes_atomic(fsio.join(part, f"part-{shard:05d}.parquet"), manifest_part(rows, shard, fmt), so,
+                                durable=False)
+        res.update(missing=0, listed=None)
+    return pa.Table.from_pylist([res], schema=pa.schema([(n, getattr(pa, t)()) for n, t in RESULT_FIELDS]))

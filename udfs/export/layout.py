@@ -1,0 +1,217 @@
+"""The export's file layout, shared by its steps: formats and names, the plan fingerprint, the
+manifest parts and the listing of an output folder's shard files and markers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+
+from udfs import fsio
+
+FORMATS = ("webdataset", "parquet")
+SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
+MARKERS_DIR = "_markers"
+# Members of a download tar that are not the image (the caption and the download record).
+SIDECAR_EXTS = ("txt", "json")
+# The subset's LAION columns, as written to KEY.json and to the parquet shards (tar_path, the source
+# shard's URI, stays in the manifest: it means nothing once the shards are copied elsewhere).
+LAION_COLUMNS = ("SAMPLE_ID", "URL", "TEXT", "HEIGHT", "WIDTH", "similarity", "LANGUAGE", "punsafe",
+                 "pwatermark", "hash", "key")
+# Arrow type names of LAION_COLUMNS (the SUBSET schema in spark_jobs/schemas.py).
+COLUMN_TYPES = {"SAMPLE_ID": "int64", "URL": "string", "TEXT": "string", "HEIGHT": "int32",
+                "WIDTH": "int32", "similarity": "float64", "LANGUAGE": "string", "punsafe": "float64",
+                "pwatermark": "float64", "hash": "int64", "key": "string"}
+TAR_MTIME = 0
+BLOCK = tarfile.BLOCKSIZE
+RECORD = tarfile.RECORDSIZE
+ZEROS = bytes(BLOCK)
+
+
+class ExportReadError(IOError):
+    """A source member could not be read back at the offset its index gave (the tar changed)."""
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}"
+
+
+def shard_file(shard: int, fmt: str) -> str:
+    return shard_name(shard) + SUFFIX[fmt]
+
+
+def marker_path(output: str, shard: int) -> str:
+    return fsio.join(output, MARKERS_DIR, shard_name(shard) + ".json")
+
+
+def plan_id(plan: dict) -> str:
+    """A short fingerprint of everything that decides which sample lands where (subset, filters,
+    order, shard size, format, row count): a marker of another plan does not make a shard complete."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+
+MANIFEST_COLUMNS = ("key", "SAMPLE_ID", "shard", "shard_file", "position", "tar_path", "status", "error_message")
+
+
+def parquet_bytes(table, compression: str = "zstd") -> bytes:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=compression)
+    return buf.getvalue()
+
+
+
+def manifest_part(table, shard: int | None, fmt: str) -> bytes:
+    """manifest/ rows (the EXPORT_MANIFEST schema) of one shard's rows, or of the rows without their
+    image (shard None): a parquet file's bytes."""
+    import pyarrow as pa
+
+    n = table.num_rows
+    schema = pa.schema([("key", pa.string()), ("SAMPLE_ID", pa.int64()), ("shard", pa.int32()),
+                        ("shard_file", pa.string()), ("position", pa.int64()), ("tar_path", pa.string()),
+                        ("status", pa.string()), ("error_message", pa.string())])
+    exported = shard is not None
+    part = pa.table({
+        "key": table.column("key"), "SAMPLE_ID": table.column("SAMPLE_ID"),
+        "shard": pa.array([shard] * n if exported else [None] * n, pa.int32()),
+        "shard_file": pa.array([shard_file(shard, fmt)] * n if exported else [None] * n, pa.string()),
+        "position": table.column("position") if exported else pa.nulls(n, pa.int64()),
+        "tar_path": table.column("tar_path"),
+        "status": pa.array(["success" if exported else "missing_image"] * n, pa.string()),
+        "error_message": pa.nulls(n, pa.string()) if exported else table.column("error_message"),
+    }).cast(schema)
+    return parquet_bytes(part)
+
+
+# --- the files that describe the export ------------------------------------------------------------
+
+def list_shard_files(output: str, storage_options: dict | None = None) -> dict[str, int]:
+    """{file name: shard number} of the `NNNNN.tar` / `NNNNN.parquet` files and markers under output."""
+    fs, root = fsio.filesystem(output, storage_options)
+    root = root.rstrip("/")
+    found: dict[str, int] = {}
+    for folder in (root, f"{root}/{MARKERS_DIR}"):
+        try:
+            names = fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            continue
+        for full in names:
+            base = full.rstrip("/").rsplit("/", 1)[-1]
+            stem, dot, ext = base.partition(".")
+            if dot and stem.isdigit() and ext in ("tar", "parquet", "json"):
+                rel = base if folder == root else f"{MARKERS_DIR}/{base}"
+                found[rel] = int(stem)
+    return found
+
+
+def remove_stale(output: str, keep: set[str], storage_options: dict | None = None) -> list[str]:
+    """Delete shard files and markers of an earlier export that this one did not write (another
+    shard count or format), so the folder holds exactly what sizes.json lists."""
+    fs, root = fsio.filesystem(output, storage_options)
+    removed = []
+    for rel in sorted(list_shard_files(output, storage_options)):
+        if rel in keep:
+            continue
+        fs.rm(f"{root.rstrip('/')}/{rel}")
+        removed.append(rel)
+    return removed
+
+
+def check_section(section: dict, fmt: str | None, limit: int | None) -> dict:
+    """The export section's integers and the format (`fmt`, --format, wins over export.format),
+    checked on the driver; a bad value is a ValueError (the stage reports it as a config error)."""
+    fmt = fmt or section["format"]
+    if fmt not in FORMATS:
+        raise ValueError(f"export.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    ints = {}
+    for key in ("shard_size", "read_chunk", "rank_bucket_rows", "max_listed_missing", "shuffle_seed"):
+        try:
+            ints[key] = int(section[key])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"export.{key} must be an integer, got {section[key]!r}") from exc
+    for key in ("shard_size", "read_chunk", "rank_bucket_rows"):
+        if ints[key] < 1:
+            raise ValueError(f"export.{key} must be >= 1, got {ints[key]}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {limit}")
+    return {**ints, "format": fmt}
+
+
+def footer_rows(path: str, storage_options: dict | None = None) -> int | None:
+    """Rows of a parquet dataset from its files' footers (no scan); None where they cannot be read."""
+    import pyarrow.parquet as pq
+
+    fs, root = fsio.filesystem(path, storage_options)
+    try:
+        rows = 0
+        for f in fs.find(root):
+            if f.endswith(".parquet") and "/_" not in f[len(root):]:
+                with fs.open(f, "rb") as fh:
+                    rows += pq.ParquetFile(fh).metadata.num_rows
+        return rows
+    except (OSError, ValueError):
+        return None
+
+
+def source_fingerprint(path: str, storage_options: dict | None = None) -> list:
+    """(name, size) of the subset's files: a changed subset is another export plan."""
+    fs, root = fsio.filesystem(path, storage_options)
+    try:
+        entries = fs.ls(root, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted((e["name"].rstrip("/").rsplit("/", 1)[-1], e.get("size")) for e in entries
+                  if e.get("type") == "file" and not e["name"].rsplit("/", 1)[-1].startswith(("_", ".")))
+
+
+def remove_file(uri: str, storage_options: dict | None = None) -> None:
+    """Remove a file or a whole folder, if it is there."""
+    fs, path = fsio.filesystem(uri, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def open_clip_command(output: str, shards: int, samples: int) -> str:
+    """The open_clip training arguments that read the export."""
+    last = f"{max(shards - 1, 0):05d}"
+    return (f"--train-data '{output.rstrip('/')}/{{00000..{last}}}.tar' --train-num-samples {samples} "
+            f"--dataset-type webdataset")
+
+
+def summarize(results: list[dict], planned: int, planned_shards: int, planned_missing: int) -> dict:
+    """The shard tasks' results (shards.write_group's rows) as sizes.json, the files to keep and
+    the counts of the stats; the counts of the two jobs (job 1 planned, the writers wrote) must agree."""
+    shards = sorted((r for r in results if r["shard"] is not None), key=lambda r: r["shard"])
+    missing = sum(int(r["missing"]) for r in results)
+    sizes = {r["file"]: int(r["samples"]) for r in shards}
+    written = sum(sizes.values())
+    if written != planned or len(sizes) != planned_shards or missing != planned_missing:
+        raise RuntimeError(f"export wrote {written} samples in {len(sizes)} shards and listed {missing} missing "
+                           f"images, but planned {planned} in {planned_shards} and {planned_missing} missing")
+    counts = {
+        "shards": planned_shards, "shards_written": sum(1 for r in shards if r["status"] == "written"),
+        "shards_skipped": sum(1 for r in shards if r["status"] == "skipped"),
+        "bytes": sum(int(r["bytes"]) for r in shards), "image_bytes": sum(int(r["image_bytes"]) for r in shards),
+        # time inside the shard tasks' write_shard (copies, fsyncs, markers), summed over the tasks:
+        # against the write_shards phase's wall time it shows what the Spark job adds
+        "shard_task_seconds": round(sum(float(r["seconds"]) for r in shards), 3),
+    }
+    return {"sizes": sizes, "written": written, "missing": missing, "shard_counts": counts,
+            "listed": [m for r in results if r["listed"] for m in json.loads(r["listed"])],
+            "keep": set(sizes) | {f"{MARKERS_DIR}/{shard_name(r['shard'])}.json" for r in shards}}
+
+
+def source_info(subset_path: str, storage_options: dict | None = None) -> dict:
+    """Where the subset came from: the filter stage's stats beside it (`_stats/stats.json` of its
+    parent folder), when present."""
+    parent = subset_path.rstrip("/").rsplit("/", 1)[0]
+    try:
+        stats = fsio.read_json(fsio.join(parent, "_stats", "stats.json"), storage_options)
+        chosen = {k: stats.get(k) for k in ("written_at", "input", "thresholds", "language_detector")}
+    except (FileNotFoundError, ValueError, OSError):
+        chosen = None
+    return {"subset_path": subset_path, "filter": chosen}
