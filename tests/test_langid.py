@@ -161,7 +161,7 @@ def test_fasttext_model_is_the_bundled_one_and_needs_no_network():
     code = (f"import socket, sys; sys.path.insert(0, {str(REPO)!r})\n"
             "def no_net(*a, **k): raise OSError('network used')\n"
             "socket.socket = no_net; socket.create_connection = no_net; socket.getaddrinfo = no_net\n"
-            "from udfs import langid\n"
+            "from udfs.filter import langid\n"
             "print([langid.build_detector(n).detect_batch(['Children playing football in the park'])[0][0] for n in ('fasttext', 'hybrid')])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
