@@ -31,8 +31,12 @@ class MissingRate(KeyError):
 
 
 def _figure(results: dict, bench: str, prefix: str) -> dict:
+    """The first figure of `bench` whose name starts with `prefix`; `prefix` may hold one "{n}",
+    which matches a size such as "at 2000 URLs" or nothing (older names)."""
+    head, sized, tail = prefix.partition("{n}")
+    pattern = re.compile(re.escape(head) + (r"(?: at [\d,]+ URLs)?" + re.escape(tail) if sized else ""))
     for fig in results.get("benchmarks", {}).get(bench, {}).get("figures", []):
-        if str(fig.get("name", "")).startswith(prefix):
+        if pattern.match(str(fig.get("name", ""))):
             return fig
     raise MissingRate(f"bench/results.json has no '{bench}' figure starting with {prefix!r}: "
                       f"run `python -m bench --only {bench}`")
@@ -61,7 +65,7 @@ class Rates:
         cores = bench_cores(results)
         wat = _figure(results, "wat", "records/s per core (ours")
         dedup = _figure(results, "dedup", "stage rows/s (exact + Bloom join, existing filter)")
-        dl = _figure(results, "download", "throughput, shard engine")
+        dl = _figure(results, "download", "throughput{n}, shard engine")
         decode = _figure(results, "clip", "ViT-B-32 (random init) decode+preprocess")
         filt = _figure(results, "pipeline", "filter: seconds at")
         index = _figure(results, "index", "build seconds")
