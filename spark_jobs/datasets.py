@@ -269,9 +269,7 @@ def write_embeddings(subset_df, root: str, rows: int, settings: dict) -> None:
     from udfs.filter.subset_filter import parts_for
 
     storage_options = settings["storage_options"]
-    fs, path = fsio.filesystem(root, storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)  # stale parts of an earlier run must not mix with this one
+    fsio.remove(root, storage_options)   # stale parts of an earlier run must not mix with this one
     if not rows:
         return
     parts = parts_for(rows, settings["embeddings_per_file"])

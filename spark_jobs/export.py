@@ -187,12 +187,12 @@ def run(spark, cfg, args) -> dict:
             df = df.orderBy(*(["_h", "_file", "_row"] if settings["shuffle"] else ["_file", "_row"])).limit(args.limit)
     # An earlier export's final files must not make a partial rerun look complete.
     for name in (datasets.stats_path(output), *(fsio.join(output, f) for f in FINAL_FILES)):
-        layout.remove_file(name, so)
+        fsio.remove(name, so)
     manifest_path, located_dir = fsio.join(output, MANIFEST_DIR), fsio.join(output, LOCATED_DIR)
     fs, out_path = fsio.filesystem(output, so)
     fs.makedirs(out_path, exist_ok=True)
     for folder in (manifest_path, located_dir):   # both rewritten whole below, resumed or not
-        layout.remove_file(folder, so)
+        fsio.remove(folder, so)
     with timer.phase("plan"):
         counts = locate_rows(spark, df, bucket_cols, located_dir, so)
         buckets = order.bucket_offsets([(key, found) for key, found, _ in counts])
@@ -212,7 +212,7 @@ def run(spark, cfg, args) -> dict:
         if selected_rows:
             located = spark.read.schema(_with_fields(df.schema, LOCATED_FIELDS)).parquet(located_dir)
             results = write_shards(spark, located, bucket_cols, within, buckets, num_shards, output, worker_settings)
-        layout.remove_file(located_dir, so)
+        fsio.remove(located_dir, so)
     with timer.phase("stats"):
         if not selected_rows:   # an empty manifest of the declared schema
             datasets.write_dataset(spark.createDataFrame([], EXPORT_MANIFEST.schema), manifest_path, EXPORT_MANIFEST)
@@ -224,7 +224,7 @@ def run(spark, cfg, args) -> dict:
             "total_samples": written, "shards": num_shards, "shard_size": shard_size, "format": fmt,
             "subset": subset, "filters": {"where": args.where, "limit": args.limit},
             "order": {"shuffle": settings["shuffle"], "seed": settings["seed"] if settings["shuffle"] else None},
-            "source": layout.source_info(subset_path, so),
+            "source": layout.source_info(subset_path, datasets.stats_path(subset_path.rstrip("/").rsplit("/", 1)[0]), so),
             "missing_images": missing_rows, "plan": plan,
             "open_clip": layout.open_clip_command(output, num_shards, written) if fmt == "webdataset" else None,
         }

@@ -102,6 +102,13 @@ def write_bytes_atomic(uri: str, data: bytes, storage_options: dict | None = Non
     os.replace(tmp, path)
 
 
+def remove(uri: str, storage_options: dict | None = None) -> None:
+    """Remove a file or a whole folder, if it is there."""
+    fs, path = filesystem(uri, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def write_json(uri: str, obj: Any, storage_options: dict | None = None) -> None:
     data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8")
     write_bytes_atomic(uri, data + b"\n", storage_options)

@@ -168,13 +168,6 @@ def source_fingerprint(path: str, storage_options: dict | None = None) -> list:
                   if e.get("type") == "file" and not e["name"].rsplit("/", 1)[-1].startswith(("_", ".")))
 
 
-def remove_file(uri: str, storage_options: dict | None = None) -> None:
-    """Remove a file or a whole folder, if it is there."""
-    fs, path = fsio.filesystem(uri, storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def open_clip_command(output: str, shards: int, samples: int) -> str:
     """The open_clip training arguments that read the export."""
     last = f"{max(shards - 1, 0):05d}"
@@ -205,12 +198,11 @@ def summarize(results: list[dict], planned: int, planned_shards: int, planned_mi
             "keep": set(sizes) | {f"{MARKERS_DIR}/{shard_name(r['shard'])}.json" for r in shards}}
 
 
-def source_info(subset_path: str, storage_options: dict | None = None) -> dict:
-    """Where the subset came from: the filter stage's stats beside it (`_stats/stats.json` of its
-    parent folder), when present."""
-    parent = subset_path.rstrip("/").rsplit("/", 1)[0]
+def source_info(subset_path: str, filter_stats_uri: str, storage_options: dict | None = None) -> dict:
+    """Where the subset came from: the filter stage's stats (`filter_stats_uri`, beside the subset's
+    folder), when present."""
     try:
-        stats = fsio.read_json(fsio.join(parent, "_stats", "stats.json"), storage_options)
+        stats = fsio.read_json(filter_stats_uri, storage_options)
         chosen = {k: stats.get(k) for k in ("written_at", "input", "thresholds", "language_detector")}
     except (FileNotFoundError, ValueError, OSError):
         chosen = None

@@ -10,7 +10,7 @@ import tarfile
 
 from udfs import fsio
 from udfs.download.shard_writer import split_key
-from udfs.export.layout import BLOCK, SIDECAR_EXTS, ZEROS
+from udfs.export.layout import BLOCK, SIDECAR_EXTS, ZEROS, parquet_bytes
 
 
 class _NotPlainUstar(Exception):
@@ -158,8 +158,6 @@ def locate_group(table, located_dir: str, bucket_cols: list[str], storage_option
     """Job 1's task on the rows of one source tar: locate them, write them with their image's byte
     range to located_dir (uncompressed: read once, by job 2, then deleted), return their counts
     per bucket."""
-    from udfs.export.layout import parquet_bytes
-
     located = locate(table, storage_options)
     tar = table.column("tar_path")[0].as_py()
     fsio.write_bytes_atomic(fsio.join(located_dir, located_name(tar)), parquet_bytes(located, "none"),
