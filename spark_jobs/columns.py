@@ -533,13 +533,33 @@ def bucket_counts(keyed) -> list[tuple[str, int]]:
                   keyed.groupBy("_bucket").agg(F.count("*").alias("_n")).collect())
 
 
-def ranked_into_shards(keyed, counts: list[tuple[str, int]], size: int):
+def coarse_buckets(counts: list[tuple[str, int]], min_buckets: int) -> tuple[int, list[tuple[str, int]]]:
+    """(prefix length, counts) of the fewest leading characters that still give `min_buckets`
+    buckets (the full BUCKET_CHARS when none does). Merging buckets by prefix keeps every rank:
+    a prefix's rows are the rows of its buckets, in the same order. Fewer buckets make a smaller
+    literal map: 3,747 entries (10,000 rows) took the fresh command 1.7 s to parse and analyse,
+    256 entries 0.4 s."""
+    merged: dict[str, int] = {}
+    for chars in range(1, BUCKET_CHARS + 1):
+        merged = {}
+        for bucket, n in counts:
+            merged[bucket[:chars]] = merged.get(bucket[:chars], 0) + n
+        if len(merged) >= min_buckets:
+            return chars, sorted(merged.items())
+    return BUCKET_CHARS, sorted(merged.items())
+
+
+def ranked_into_shards(keyed, counts: list[tuple[str, int]], size: int, min_buckets: int = 16 ** BUCKET_CHARS):
     """(shard, row struct with its position in the shard) of every row of a with_shard_order frame.
     Each bucket's first rank comes from the counts the driver already has (Python's str order is
-    Spark's binary order of UTF-8): a literal map, so the download job does not recount."""
+    Spark's binary order of UTF-8): a literal map, so the download job does not recount. Buckets
+    are merged to `min_buckets` or more (coarse_buckets): the ranks are the same either way."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    chars, counts = coarse_buckets(counts, min_buckets)
+    if chars != BUCKET_CHARS:
+        keyed = keyed.withColumn("_bucket", F.expr(f"substring(_order, 1, {chars})"))
     starts, first = [], 0
     for bucket, n in counts:
         starts.append(f"'{bucket.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}', {first}L")

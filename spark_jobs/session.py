@@ -202,6 +202,14 @@ def get_spark(cfg: Config, app_name: str | None = None):
     return spark
 
 
+def shuffle_partitions(spark) -> int:
+    """spark.sql.shuffle.partitions of the session (200, Spark's default, when unreadable)."""
+    try:
+        return max(1, int(spark.conf.get("spark.sql.shuffle.partitions")))
+    except (TypeError, ValueError):
+        return 200
+
+
 @contextlib.contextmanager
 def stage_jobs(spark, stage: str):
     """Label the Spark jobs of one stage: a job tag (`clipcrawl-<stage>`, shown in the UI's job

@@ -144,3 +144,27 @@ def test_retry_failed_reattempts_only_retryable_rows(spark, cfg, tmp_path):
             download.run(spark, conf, _args(None, first_out, retry=str(first_out)))
         shard_stats = json.loads((second_out / "00000_stats.json").read_text())
         assert shard_stats["carried"] + shard_stats["fetched"] == shard_stats["count"]
+
+
+def test_ranks_are_a_global_sort_whatever_the_bucket_prefix(spark):
+    """Shard and position of every row are its rank in (uid, url, text, page_url) order, divided by
+    the shard size, with the buckets at full length or merged to 1 or 2 characters."""
+    import random
+
+    from spark_jobs import columns
+
+    rng = random.Random(7)
+    uids = ["".join(rng.choice("0123456789abcdef") for _ in range(16)) for _ in range(300)]
+    uids += uids[:40]   # equal uids: the URL breaks the tie
+    rows = [(u, f"http://h/{rng.randrange(10**6)}", "t", None, None) for u in uids]
+    df = spark.createDataFrame(rows, "uid string, url string, text string, page_url string, page_opt_out string")
+    keyed = columns.with_shard_order(df)
+    counts = columns.bucket_counts(keyed)
+    expected = {(r[0], r[1]): (i // 7, i % 7) for i, r in enumerate(sorted(rows, key=lambda r: (r[0], r[1])))}
+    for min_buckets, chars in ((1, 1), (17, 2), (10**9, columns.BUCKET_CHARS)):
+        assert columns.coarse_buckets(counts, min_buckets)[0] == chars
+        got = columns.ranked_into_shards(keyed, counts, 7, min_buckets).select(
+            "row.uid", "row.url", "shard", "row.position").collect()
+        assert {(r[0], r[1]): (r[2], r[3]) for r in got} == expected
+    assert columns.coarse_buckets([("0a1", 2), ("0a2", 3), ("1ff", 4)], 2) == (1, [("0", 5), ("1", 4)])
+    assert sum(n for _, n in columns.coarse_buckets(counts, 17)[1]) == len(rows)
