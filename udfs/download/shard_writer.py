@@ -12,7 +12,6 @@ the way `webdataset` does; tests and the retry path use it.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -22,24 +21,11 @@ import uuid
 from typing import Iterator
 
 from udfs import fsio
+from udfs.download import tar_format
 
 
 class ShardWriteError(IOError):
     """A shard (or its metadata) did not land intact on the target filesystem."""
-
-
-class _CountingWriter(io.RawIOBase):
-    def __init__(self, fh):
-        self.fh, self.count = fh, 0
-
-    def writable(self):
-        return True
-
-    def write(self, b):
-        n = self.fh.write(b)
-        n = len(b) if n is None else n
-        self.count += n
-        return n
 
 
 def verify_size(uri: str, expected: int, storage_options: dict | None = None) -> None:
@@ -78,8 +64,7 @@ class TarShardWriter:
             os.makedirs(folder, exist_ok=True)
             self._target = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         self._fh = fs.open(self._target, "wb")
-        self._counter = _CountingWriter(self._fh)
-        self._tar = tarfile.open(fileobj=self._counter, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._offset = 0   # bytes written so far (the headers are tar_format's, as tarfile writes them)
         self.samples = 0
         self.bytes_written = 0
         self.write_seconds = 0.0
@@ -88,18 +73,18 @@ class TarShardWriter:
     def write(self, key: str, files: dict[str, bytes]) -> None:
         """Add one sample: `files` maps an extension (`jpg`, `txt`, `json`) to its bytes."""
         t0 = time.perf_counter()
-        for ext, data in files.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), self._mtime, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+        block = b"".join(tar_format.member(f"{key}.{ext}", data, self._mtime) for ext, data in files.items())
+        self._fh.write(block)
+        self._offset += len(block)
         self.samples += 1
         self.write_seconds += time.perf_counter() - t0
 
     def close(self) -> int:
         t0 = time.perf_counter()
-        self._tar.close()
+        end = tar_format.end_of_archive(self._offset)
+        self._fh.write(end)
         self._fh.close()       # s3fs: completes the multipart upload, raises on failure
-        size = self._counter.count
+        size = self._offset + len(end)
         if not self.remote:
             os.replace(self._target, self.path)
         verify_size(self.uri, size, self.storage_options)
@@ -109,7 +94,6 @@ class TarShardWriter:
 
     def abort(self) -> None:
         try:
-            self._tar.close()
             self._fh.close()
         except Exception:  # noqa: BLE001 - already failing; keep the original error
             pass
