@@ -315,3 +315,18 @@ def test_shard_every_status(server, cfg, tmp_path):
     shard_stats = json.loads((tmp_path / "00007_stats.json").read_text())
     assert shard_stats["successes"] == len(samples) and shard_stats["status_dict"]["opted_out"] == 4
     assert json.loads((tmp_path / "00007_complete.json").read_text())["count"] == len(rows)
+
+
+def test_malloc_tuning_works_on_glibc_and_is_skipped_without_it(monkeypatch):
+    """The shard job caps malloc arenas and trims freed pages; both say whether they could."""
+    import platform
+
+    from udfs.download import download_worker as dw
+
+    on_glibc = platform.libc_ver()[0] == "glibc"
+    assert dw.limit_malloc_arenas() is on_glibc
+    blocks = [bytearray(200_000) for _ in range(50)]   # freed below: something for trim to return
+    del blocks
+    assert dw.release_freed_memory() is on_glibc
+    monkeypatch.setattr(dw, "_libc_function", lambda name: None)
+    assert dw.limit_malloc_arenas() is False and dw.release_freed_memory() is False

