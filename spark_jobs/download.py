@@ -40,7 +40,7 @@ from udfs import fsio  # noqa: E402
 from udfs.download import settings as download_settings  # noqa: E402
 from udfs.download.block_list import block_store_beside  # noqa: E402
 from udfs.download.download_worker import key_digits  # noqa: E402
-from udfs.download.plan import summed_shard_stats  # noqa: E402
+from udfs.download.plan import summed_shard_stats, summed_status_counts  # noqa: E402
 
 NAME = "download"
 HELP = "fetch, check and resize images into webdataset shards (img2dataset-compatible)"
@@ -216,12 +216,8 @@ def summarize(spark, output: str, total: int, num_shards: int, storage_options: 
     opt_out_by_source: dict[str, int] = {}
     retryable = 0
     paths = metadata_paths(output, storage_options) if num_shards and written_now is None else []
-    for shard in written_now or ():
-        for status, n in shard["status_dict"].items():
-            counts[status] = counts.get(status, 0) + int(n)
-        for source, n in (shard.get("opt_out_sources") or {}).items():
-            opt_out_by_source[source] = opt_out_by_source.get(source, 0) + int(n)
-        retryable += int(shard["retryable_failures"])
+    if written_now:
+        counts, opt_out_by_source, retryable = summed_status_counts(written_now)
     if paths:
         df = spark.read.parquet(*paths)
         for r in df.groupBy("status").agg(F.count("*").alias("n"),

@@ -330,3 +330,15 @@ def test_malloc_tuning_works_on_glibc_and_is_skipped_without_it(monkeypatch):
     assert dw.release_freed_memory() is on_glibc
     monkeypatch.setattr(dw, "_libc_function", lambda name: None)
     assert dw.limit_malloc_arenas() is False and dw.release_freed_memory() is False
+
+
+def test_stage_counts_are_the_sum_of_the_shard_jobs_counts():
+    from udfs.download.plan import summed_status_counts
+
+    shards = [{"status_dict": {"success": 7, "opted_out": 2}, "opt_out_sources": {"robots_txt": 2},
+               "retryable_failures": 0},
+              {"status_dict": {"success": 5, "failed_to_download": 3}, "opt_out_sources": {},
+               "retryable_failures": 2}]
+    assert summed_status_counts(shards) == ({"success": 12, "opted_out": 2, "failed_to_download": 3},
+                                            {"robots_txt": 2}, 2)
+    assert summed_status_counts([]) == ({}, {}, 0)

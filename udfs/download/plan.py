@@ -44,3 +44,18 @@ def summed_shard_stats(output: str, storage_options: dict | None) -> tuple[dict[
         for k, v in (shard_stats.get("consent") or {}).items():   # robots.txt / tdmrep.json fetches
             consent[k] = consent.get(k, 0) + int(v)
     return seconds, consent
+
+
+def summed_status_counts(shard_stats: list[dict]) -> tuple[dict[str, int], dict[str, int], int]:
+    """(rows by status, opted-out rows by source, retryable failures) summed over the stats the
+    shard jobs returned, each counted from the rows that job wrote to its metadata parquet."""
+    counts: dict[str, int] = {}
+    by_source: dict[str, int] = {}
+    retryable = 0
+    for shard in shard_stats:
+        for status, n in shard["status_dict"].items():
+            counts[status] = counts.get(status, 0) + int(n)
+        for source, n in (shard.get("opt_out_sources") or {}).items():
+            by_source[source] = by_source.get(source, 0) + int(n)
+        retryable += int(shard["retryable_failures"])
+    return counts, by_source, retryable
