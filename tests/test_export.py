@@ -264,6 +264,21 @@ def test_missing_image_is_counted_and_listed(spark, chain, tmp_path):
     read = datasets.read_dataset(spark, str(tmp_path / "out" / "manifest"), EXPORT_MANIFEST)
     assert read.count() == len(rows) + 2 and read.where("status = 'success' AND shard IS NOT NULL").count() == len(rows)
     assert len(read_export(tmp_path / "out")) == len(rows)
+    # the missing rows were counted into the plan (their shards hold fewer samples), but the files
+    # that describe the export count the samples written
+    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
+    info = json.loads((tmp_path / "out" / "_info.json").read_text())
+    assert sum(sizes.values()) == len(rows) == info["total_samples"]
+    assert len(sizes) == -(-(len(rows) + 2) // SHARD_SIZE) == info["shards"]
+    assert f"--train-num-samples {len(rows)} " in info["open_clip"]
+    for name, n in sizes.items():
+        with tarfile.open(tmp_path / "out" / name) as tar:
+            assert len([m for m in tar.getmembers() if m.name.endswith(".json")]) == n
+    # and a rerun writes the same bytes
+    run_export(spark, chain["cfg"], ["--dataset", str(tmp_path / "subset"), "--subset", en,
+                                     "--output", str(tmp_path / "again")])
+    for name in sizes:
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
 
 
 def test_resume_skips_complete_shards_and_rewrites_the_rest(spark, chain, tmp_path):
@@ -455,10 +470,10 @@ def test_tar_headers_are_tarfiles_own_and_the_fast_index_agrees_with_tarfile(tmp
 
 @pytest.mark.parametrize("bucket_shift,shard_size", [(58, 50), (54, 7), (63, 1000)])
 def test_buckets_give_the_global_order_and_exact_shard_sizes(bucket_shift, shard_size):
-    """place + shard_rows (the export's plan, without Spark) against one plain sort of all found
-    rows: each found row lands once, at its rank in (_h, _file, _row), shards full but the last;
-    rows without their image once, with shard null. Buckets smaller than a shard, larger than one
-    (a bucket spanning several shards), and a single bucket."""
+    """place + shard_rows (the export's plan, without Spark) against one plain sort of all selected
+    rows: each row lands once, at its rank in (_h, _file, _row), shards full but the last, whether
+    its image was found or not (the counts are taken before the tars are read). Buckets smaller
+    than a shard, larger than one (a bucket spanning several shards), and a single bucket."""
     import random
 
     rng = random.Random(bucket_shift)
@@ -472,22 +487,18 @@ def test_buckets_give_the_global_order_and_exact_shard_sizes(bucket_shift, shard
     table = table.append_column("_bucket", pa.array([x >> bucket_shift for x in h], pa.int64()))
     groups = [table.filter(pa.array([t == tar for t in table.column("tar_path").to_pylist()]))
               for tar in sorted(set(table.column("tar_path").to_pylist()))]
-    counts = Counter()
-    for g in groups:   # what job 1 sums over the tars
-        for r in locate.bucket_counts(g, ["_bucket"]).to_pylist():
-            counts[(r["_bucket"],)] += r["found"]
+    counts = Counter((x >> bucket_shift,) for x in h)   # what job 1 counts in the JVM
     buckets = order.bucket_offsets(list(counts.items()))
     placed = pa.concat_tables(order.place(g, ["_bucket"], buckets, shard_size) for g in groups)
-    missing = placed.filter(pc.is_null(placed.column("shard")))
-    assert sorted(missing.column("key").to_pylist()) == [f"k{i:04d}" for i in range(n) if i % 50 == 7]
+    assert placed.column("shard").null_count == 0
     got = []
-    for shard in sorted(set(placed.column("shard").to_pylist()) - {None}):
+    for shard in sorted(set(placed.column("shard").to_pylist())):
         rows = order.shard_rows(placed.filter(pc.equal(placed.column("shard"), shard)), shard, shard_size,
-                                        ["_h", "_file", "_row"])
+                                ["_h", "_file", "_row"])
         got.append(rows.column("key").to_pylist())
         assert rows.column("position").to_pylist() == list(range(shard * shard_size, shard * shard_size + len(rows)))
-    found = [r for r in table.to_pylist() if r["offset"] is not None]
-    want = [r["key"] for r in sorted(found, key=lambda r: (r["_h"], r["_file"], r["_row"]))]
+    want = [r["key"] for r in sorted(table.to_pylist(), key=lambda r: (r["_h"], r["_file"], r["_row"]))]
     assert [k for keys in got for k in keys] == want
-    assert [len(keys) for keys in got] == [shard_size] * (len(want) // shard_size) + (
-        [len(want) % shard_size] if len(want) % shard_size else [])
+    assert [len(keys) for keys in got] == [shard_size] * (n // shard_size) + ([n % shard_size] if n % shard_size else [])
+    with pytest.raises(ValueError, match="not in the export plan"):
+        order.place(groups[0], ["_bucket"], dict(list(buckets.items())[1:]), shard_size)

@@ -1,16 +1,15 @@
 """Step 1 of an export: the member table of one download tar (name, data offset, size), read from
-its headers alone, and the subset rows of that tar looked up in it; with their counts per bucket
-of the sort key (the driver turns those into each bucket's first position)."""
+its headers alone, and the subset rows of that tar looked up in it (one task per source tar, so
+each tar's headers are read once per export)."""
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import tarfile
 
 from udfs import fsio
 from udfs.download.shard_writer import split_key
-from udfs.export.layout import BLOCK, SIDECAR_EXTS, ZEROS, parquet_bytes
+from udfs.export.layout import BLOCK, SIDECAR_EXTS, ZEROS
 
 
 class _NotPlainUstar(Exception):
@@ -135,31 +134,9 @@ def locate(table, storage_options: dict | None = None):
             .append_column("error_message", pa.array([None if m else reason for m in found], pa.string())))
 
 
-def bucket_counts(table, bucket_cols: list[str]):
-    """Found / missing rows per bucket of one located group (the driver sums them over groups)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def locate_group(table, bucket_cols: list[str], buckets: dict, shard_size: int, storage_options: dict | None = None):
+    """The export's first task, on the rows of one source tar: locate them, then place each in
+    the shard(s) its bucket overlaps (order.place), image found or not."""
+    from udfs.export.order import place
 
-    found = pc.is_valid(table.column("offset"))
-    counts = (pa.table({**{c: table.column(c) for c in bucket_cols},
-                        "found": pc.cast(found, pa.int64()), "missing": pc.cast(pc.invert(found), pa.int64())})
-              .group_by(bucket_cols).aggregate([("found", "sum"), ("missing", "sum")]))
-    return counts.select([*bucket_cols, "found_sum", "missing_sum"]).rename_columns([*bucket_cols, "found", "missing"])
-
-
-
-
-def located_name(tar_path: str | None) -> str:
-    """The file of one source tar's located rows (job 1 writes it, job 2 reads it)."""
-    return hashlib.sha1(repr(tar_path).encode()).hexdigest()[:20] + ".parquet"
-
-
-def locate_group(table, located_dir: str, bucket_cols: list[str], storage_options: dict | None = None):
-    """Job 1's task on the rows of one source tar: locate them, write them with their image's byte
-    range to located_dir (uncompressed: read once, by job 2, then deleted), return their counts
-    per bucket."""
-    located = locate(table, storage_options)
-    tar = table.column("tar_path")[0].as_py()
-    fsio.write_bytes_atomic(fsio.join(located_dir, located_name(tar)), parquet_bytes(located, "none"),
-                            storage_options, durable=False)
-    return bucket_counts(located, bucket_cols)
+    return place(locate(table, storage_options), bucket_cols, buckets, shard_size)

@@ -402,29 +402,25 @@ RESULT_FIELDS = (("shard", "int32"), ("file", "string"), ("samples", "int64"), (
 
 
 def write_group(table, output: str, manifest_dir: str, within: list[str], settings: dict):
-    """Job 2's task on the rows placed in one shard: rank them, write the shard and its marker,
-    and its manifest part; the group of rows without their image (shard null) writes their
-    manifest part and lists the first export.max_listed_missing of them for the stats. Returns
-    one row (RESULT_FIELDS) for the driver."""
+    """The export's task on the rows placed in one shard: rank them, write the shard (the rows
+    whose image was found) and its marker, and its manifest part (all its rows: the missing ones
+    as missing_image, in no shard); list the first export.max_listed_missing missing rows for the
+    stats. Returns one row (RESULT_FIELDS) for the driver."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     from udfs.export.order import shard_rows
 
     so, fmt = settings["storage_options"], settings["format"]
     shard = table.column("shard")[0].as_py()
-    part = fsio.join(output, manifest_dir)
-    if shard is None:   # the rows without their image
-        fsio.write_bytes_atomic(fsio.join(part, "part-missing.parquet"), manifest_part(table, None, fmt), so,
-                                durable=False)
-        listed = (table.select(["key", "SAMPLE_ID", "tar_path", "error_message"])
-                  .sort_by([("tar_path", "ascending"), ("key", "ascending")])
-                  .slice(0, settings["max_listed_missing"]).to_pylist())
-        res = {"shard": None, "file": None, "samples": 0, "bytes": 0, "image_bytes": 0, "status": "missing",
-               "seconds": 0.0, "missing": table.num_rows, "listed": json.dumps(listed)}
-    else:
-        rows = shard_rows(table, shard, settings["shard_size"], within)
-        res = write_shard(output, shard, rows, settings)
-        fsio.write_bytes_atomic(fsio.join(part, f"part-{shard:05d}.parquet"), manifest_part(rows, shard, fmt), so,
-                                durable=False)
-        res.update(missing=0, listed=None)
+    rows = shard_rows(table, shard, settings["shard_size"], within)
+    found = pc.is_valid(rows.column("offset"))
+    lost = rows.filter(pc.invert(found))
+    res = write_shard(output, shard, rows.filter(found) if lost.num_rows else rows, settings)
+    fsio.write_bytes_atomic(fsio.join(output, manifest_dir, f"part-{shard:05d}.parquet"), manifest_part(rows, shard, fmt),
+                            so, durable=False)
+    listed = (lost.select(["key", "SAMPLE_ID", "tar_path", "error_message"])
+              .sort_by([("tar_path", "ascending"), ("key", "ascending")])
+              .slice(0, settings["max_listed_missing"]).to_pylist())
+    res.update(missing=lost.num_rows, listed=json.dumps(listed) if listed else None)
     return pa.Table.from_pylist([res], schema=pa.schema([(n, getattr(pa, t)()) for n, t in RESULT_FIELDS]))
