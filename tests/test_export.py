@@ -420,6 +420,52 @@ def test_index_of_a_truncated_or_missing_source_tar(tmp_path):
     assert locate.index_tar(str(tmp_path / "00009.tar")) == ([], f"source shard not found: {tmp_path / '00009.tar'}")
 
 
+def test_plain_index_agrees_with_the_member_by_member_reader_or_defers_to_it(tmp_path):
+    """The all-headers-at-once reader gives what the exact reader gives on a plain tar (names of
+    exactly 100 bytes and non-ASCII included), and nothing (the exact reader then runs and says
+    what is wrong) on a bad checksum, a cut header, a directory member or a prefixed name."""
+    import mmap
+
+    def both(data: bytes):
+        path = tmp_path / "t.tar"
+        path.write_bytes(data)
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            plain = locate._index_plain(mm, len(data))
+            exact = locate._index_headers(lambda pos: mm[pos:pos + layout.BLOCK], len(data))
+        return plain, exact, locate.index_tar(str(path))
+
+    samples = [("0" * 91 + "0001", b"a" * 700, "x"), ("é2", b"b" * 1024, "y"), ("0003", b"", "")]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT, encoding="utf-8") as tar:
+        for key, image, text in samples:   # the first one's .json name is 100 bytes long
+            for ext, member in (("jpg", image), ("txt", text.encode()), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(member)
+                tar.addfile(info, io.BytesIO(member))
+    data = buf.getvalue()
+    plain, exact, (members, error) = both(data)
+    assert plain == exact[0] and exact[1] is None and error is None
+    assert [(m["key"], data[m["offset"]:m["offset"] + m["size"]]) for m in members] == [(k, i) for k, i, _ in samples]
+    bad = bytearray(data)
+    bad[512 + 1024 + 3] ^= 1   # a byte of the second member's (the caption's) header
+    bad_header = bytes(bad[:len(data)])
+    for case, error in ((bad_header, "bad header checksum"), (data[:512 + 1024 + 100], "truncated tar")):
+        plain, exact, (members, got) = both(case)
+        assert plain is None and error in exact[1] and error in got and [m["key"] for m in members] == [samples[0][0]]
+    end = len(data.rstrip(b"\0"))
+    plain, exact, _ = both(data[:end + (-end % layout.BLOCK)])   # no end blocks: both read every member
+    assert plain == exact[0] and len(plain) == 9 and exact[1] is None
+    for kind, name in ((tarfile.DIRTYPE, "folder"), (tarfile.REGTYPE, "d" * 90 + "/" + "k" * 60 + ".jpg")):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for info in (tarfile.TarInfo(name), tarfile.TarInfo("0005.jpg")):
+                info.type = kind if info.name == name else tarfile.REGTYPE
+                tar.addfile(info, io.BytesIO(b""))
+        plain, exact, (members, error) = both(buf.getvalue())
+        assert plain is None and error is None
+        assert [m["key"] for m in members] == ([] if kind == tarfile.DIRTYPE else ["d" * 90 + "/" + "k" * 60]) + ["0005"]
+
+
 def test_shard_written_to_and_read_from_s3(moto_s3):
     """Source tar and export on s3:// (moto on loopback) through fsspec: range reads, shard, marker."""
     from udfs.download.shard_writer import iter_samples
