@@ -41,7 +41,7 @@ from spark_jobs.schemas import EXPORT_MANIFEST, SUBSET  # noqa: E402
 from udfs import fsio  # noqa: E402
 from udfs.export import layout, order  # noqa: E402
 from udfs.export.locate import locate_group  # noqa: E402
-from udfs.export.shards import RESULT_FIELDS, write_group  # noqa: E402
+from udfs.export.shards import JSON_COLUMN, RESULT_FIELDS, write_group  # noqa: E402
 
 NAME = "export"
 HELP = "write a subset as shuffled webdataset (or parquet) shards that open_clip and Hugging Face read"
@@ -175,6 +175,8 @@ def run(spark, cfg, args) -> dict:
         selected = select_rows(spark, subset_path, args.where)
         hint = row_count_hint(spark, subset_path, args.limit, so)
         df, bucket_cols, within = columns.export_order(selected, settings, hint)
+        if fmt == "webdataset":   # KEY.json written in the JVM: no Python object per column and row
+            df = df.withColumn(JSON_COLUMN, columns.export_json(df, layout.LAION_COLUMNS))
         if args.limit is not None:
             df = df.orderBy(*(["_h", "_file", "_row"] if settings["shuffle"] else ["_file", "_row"])).limit(args.limit)
     # An earlier export's final files must not make a partial rerun look complete.
