@@ -466,6 +466,23 @@ def test_plain_index_agrees_with_the_member_by_member_reader_or_defers_to_it(tmp
         assert [m["key"] for m in members] == ([] if kind == tarfile.DIRTYPE else ["d" * 90 + "/" + "k" * 60]) + ["0005"]
 
 
+def test_key_json_written_in_the_jvm_is_the_row(spark):
+    """columns.export_json: keys sorted, nulls kept, NaN and infinities as null, text as is."""
+    from spark_jobs import columns
+
+    rows = [(1, "a \"quoted\"\n\tcaption, é 漢字 \u0001", float("nan"), None, 0.30000000000000004, 2 ** 62),
+            (2, None, float("inf"), 1e-05, -0.0, -1)]
+    df = spark.createDataFrame(rows, "SAMPLE_ID long, TEXT string, punsafe double, pwatermark double, "
+                                     "similarity double, hash long")
+    names = ["similarity", "TEXT", "SAMPLE_ID", "punsafe", "pwatermark", "hash"]
+    got = [r[0] for r in df.select(columns.export_json(df, names)).orderBy(df.SAMPLE_ID).collect()]
+    assert [list(json.loads(g)) for g in got] == [sorted(names)] * 2 and "é 漢字" in got[0]
+    assert json.loads(got[0]) == {"SAMPLE_ID": 1, "TEXT": rows[0][1], "punsafe": None, "pwatermark": None,
+                                  "similarity": 0.30000000000000004, "hash": 2 ** 62}
+    assert json.loads(got[1]) == {"SAMPLE_ID": 2, "TEXT": None, "punsafe": None, "pwatermark": 1e-05,
+                                  "similarity": -0.0, "hash": -1}
+
+
 def test_shard_written_to_and_read_from_s3(moto_s3):
     """Source tar and export on s3:// (moto on loopback) through fsspec: range reads, shard, marker."""
     from udfs.download.shard_writer import iter_samples
@@ -497,6 +514,11 @@ def test_tar_headers_are_tarfiles_own_and_the_fast_index_agrees_with_tarfile(tmp
         if len(name.encode()) <= 100:
             assert shards.ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8",
                                                                          "surrogateescape")
+    # many at once (numpy) writes the same bytes, and defers to tarfile for names over 100 bytes
+    for names in (["000010003.jpg", "a.txt", "x" * 100, "é.json", "0.json"], ["d" * 60 + "/" + "k" * 60, "a.jpg"]):
+        sizes = [12345, 0, 7, 5, 8 ** 11 - 1][:len(names)]
+        want = b"".join(shards.ustar_header(n, z) for n, z in zip(names, sizes))
+        assert shards.ustar_headers([n.encode() for n in names], sizes) == want and len(want) == 512 * len(names)
     for fmt in (tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT):
         path = tmp_path / f"{fmt}.tar"
         names = ["00000001.jpg", "00000001.txt", "00000002.png", ("p" * 120 if fmt == tarfile.PAX_FORMAT else "q")
