@@ -41,7 +41,7 @@ from spark_jobs.schemas import EXPORT_MANIFEST, SUBSET  # noqa: E402
 from udfs import fsio  # noqa: E402
 from udfs.export import layout, order  # noqa: E402
 from udfs.export.locate import locate_group  # noqa: E402
-from udfs.export.shards import JSON_COLUMN, RESULT_FIELDS, write_group  # noqa: E402
+from udfs.export.shards import JSON_COLUMN, RESULT_FIELDS, WEBDATASET_COLUMNS, write_partition  # noqa: E402
 
 NAME = "export"
 HELP = "write a subset as shuffled webdataset (or parquet) shards that open_clip and Hugging Face read"
@@ -149,8 +149,8 @@ def count_rows(df, bucket_cols: list[str]) -> list[tuple[tuple, int]]:
 
 def write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, worker_settings) -> list[dict]:
     """Job 2: one group per source tar locates its rows and places them (each row to the shard(s)
-    its bucket overlaps), then one group per shard ranks its buckets' rows, writes the shard and
-    its marker, and its manifest/ part (its missing images included)."""
+    its bucket overlaps), then each task takes its shards in order: ranks each one's buckets' rows,
+    writes the shard and its marker, and its manifest/ part (its missing images included)."""
     from pyspark.sql import types as T
 
     shard_size, so = worker_settings["shard_size"], worker_settings["storage_options"]
@@ -158,9 +158,9 @@ def write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, wo
     parts = max(1, min(_partitions(spark), num_shards))
     placed = (df.repartition(_partitions(spark), "tar_path").groupBy("tar_path")
               .applyInArrow(lambda t: locate_group(t, bucket_cols, buckets, shard_size, so), placed_schema))
-    return [r.asDict() for r in placed.repartition(parts, "shard").groupBy("shard")
-            .applyInArrow(lambda t: write_group(t, output, MANIFEST_DIR, within, worker_settings),
-                          _with_fields(T.StructType([]), RESULT_FIELDS)).collect()]
+    return [r.asDict() for r in placed.repartition(parts, "shard").sortWithinPartitions("shard")
+            .mapInArrow(lambda batches: write_partition(batches, output, MANIFEST_DIR, within, worker_settings),
+                        _with_fields(T.StructType([]), RESULT_FIELDS)).collect()]
 
 
 def run(spark, cfg, args) -> dict:
@@ -175,8 +175,9 @@ def run(spark, cfg, args) -> dict:
         selected = select_rows(spark, subset_path, args.where)
         hint = row_count_hint(spark, subset_path, args.limit, so)
         df, bucket_cols, within = columns.export_order(selected, settings, hint)
-        if fmt == "webdataset":   # KEY.json written in the JVM: no Python object per column and row
+        if fmt == "webdataset":   # KEY.json written in the JVM, and only what the tasks read goes to Python
             df = df.withColumn(JSON_COLUMN, columns.export_json(df, layout.LAION_COLUMNS))
+            df = df.select(*dict.fromkeys([*WEBDATASET_COLUMNS, *bucket_cols, *within]))
         if args.limit is not None:
             df = df.orderBy(*(["_h", "_file", "_row"] if settings["shuffle"] else ["_file", "_row"])).limit(args.limit)
     # An earlier export's final files must not make a partial rerun look complete.

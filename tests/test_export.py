@@ -483,6 +483,17 @@ def test_key_json_written_in_the_jvm_is_the_row(spark):
                                   "similarity": -0.0, "hash": -1}
 
 
+def test_a_sorted_partition_splits_into_one_table_per_shard():
+    """write_partition's grouping: shards that span batches, batches that hold several shards."""
+    shard = [0, 0, 0, 2, 2, 5, 5, 5, 5, 9]
+    table = pa.table({"shard": pa.array(shard, pa.int32()), "i": list(range(len(shard)))})
+    for size in (1, 3, 4, 100):
+        got = list(shards._shard_tables(table.to_batches(max_chunksize=size)))
+        assert [t.column("shard").to_pylist() for t in got] == [[0] * 3, [2] * 2, [5] * 4, [9]]
+        assert [i for t in got for i in t.column("i").to_pylist()] == list(range(len(shard)))
+    assert list(shards._shard_tables(iter([]))) == []
+
+
 def test_shard_written_to_and_read_from_s3(moto_s3):
     """Source tar and export on s3:// (moto on loopback) through fsspec: range reads, shard, marker."""
     from udfs.download.shard_writer import iter_samples

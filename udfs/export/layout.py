@@ -181,7 +181,7 @@ def open_clip_command(output: str, shards: int, samples: int) -> str:
 
 
 def summarize(results: list[dict], selected: int, planned_shards: int, max_listed: int) -> dict:
-    """The shard tasks' results (shards.write_group's rows) as sizes.json, the files to keep and
+    """The shard tasks' results (shards.write_partition's rows) as sizes.json, the files to keep and
     the counts of the stats: every planned shard reported once, and its samples plus its missing
     images are the selected rows planned for it (the plan counted them before any tar was read)."""
     shards = sorted(results, key=lambda r: r["shard"])

@@ -115,6 +115,8 @@ def _sidecars(key: str, text: str | None, js: bytes) -> bytes:
 # written (by the JVM: columns.export_json), else it is written here from the LAION columns.
 SHARD_COLUMNS = ("position", "tar_path", "offset", "size", "ext", *LAION_COLUMNS)
 JSON_COLUMN = "_json"
+# The subset columns a webdataset export reads past the plan (its manifest's and its members').
+WEBDATASET_COLUMNS = ("key", "SAMPLE_ID", "tar_path", "TEXT", JSON_COLUMN)
 
 
 class _Rows:
@@ -449,6 +451,13 @@ def write_shard(output: str, shard: int, rows, settings: dict) -> dict:
     in the export), `tar_path`, `offset`, `size`, `ext` and the LAION columns. `settings`: format, plan (plan_id), read_chunk,
     storage_options. Returns {shard, file, samples, bytes, image_bytes, status: written|skipped, seconds}.
     """
+    return start_shard(output, shard, rows, settings)()
+
+
+def start_shard(output: str, shard: int, rows, settings: dict):
+    """write_shard in two steps: this writes the shard's bytes (to a hidden file) and returns the
+    call that completes it (flush to disk, rename, verify, marker) and gives write_shard's result,
+    so that a task can flush one shard while it writes the next (write_partition)."""
     t0 = time.time()
     fmt, so = settings["format"], settings.get("storage_options")
     if fmt not in FORMATS:
@@ -457,27 +466,42 @@ def write_shard(output: str, shard: int, rows, settings: dict) -> dict:
     uri = fsio.join(output, name)
     marker = read_marker(output, shard, so)
     if marker is not None and marker.get("plan") == settings["plan"] and marker.get("file") == name:
-        return {"shard": shard, "file": name, "samples": int(marker["samples"]), "bytes": int(marker["bytes"]),
-                "image_bytes": int(marker.get("image_bytes", 0)), "status": "skipped",
-                "seconds": round(time.time() - t0, 3)}
+        result = {"shard": shard, "file": name, "samples": int(marker["samples"]), "bytes": int(marker["bytes"]),
+                  "image_bytes": int(marker.get("image_bytes", 0)), "status": "skipped",
+                  "seconds": round(time.time() - t0, 3)}
+        return lambda: result
     rows = _Rows(rows)
     chunk = max(1, int(settings.get("read_chunk") or 256))
-    local = not fsio.is_remote(uri) and not any(fsio.is_remote(t) for t in set(rows.col("tar_path")))
-    with contextlib.closing(RangeReader(so)) as reader, _AtomicOut(uri, so) as out:
-        if fmt == "parquet":
-            image_bytes = _write_parquet(out, rows, reader, chunk)
-        elif local:
-            image_bytes = _write_tar_local(out, rows, reader)
-        else:
-            image_bytes = _write_tar_chunks(out, rows, reader, chunk)
-    size = out.count
-    body = {"shard": shard, "file": name, "samples": len(rows), "bytes": size, "image_bytes": image_bytes,
-            "plan": settings["plan"]}
-    data = json.dumps(body, sort_keys=True).encode()
-    fsio.write_bytes_atomic(marker_path(output, shard), data, so)   # last: the shard is complete
-    verify_size(marker_path(output, shard), len(data), so)
-    return {"shard": shard, "file": name, "samples": len(rows), "bytes": size, "image_bytes": image_bytes,
-            "status": "written", "seconds": round(time.time() - t0, 3)}
+    local = not fsio.is_remote(uri) and not any(fsio.is_remote(t) for t in rows.sources()[1])
+    out = _AtomicOut(uri, so)
+    try:
+        with contextlib.closing(RangeReader(so)) as reader:
+            if fmt == "parquet":
+                image_bytes = _write_parquet(out, rows, reader, chunk)
+            elif local:
+                image_bytes = _write_tar_local(out, rows, reader)
+            else:
+                image_bytes = _write_tar_chunks(out, rows, reader, chunk)
+    except BaseException:
+        out.abort()
+        raise
+    seconds = time.time() - t0
+
+    def finish() -> dict:
+        t1 = time.time()
+        try:
+            size = out.close()
+        except BaseException:
+            out.abort()
+            raise
+        body = {"shard": shard, "file": name, "samples": len(rows), "bytes": size, "image_bytes": image_bytes,
+                "plan": settings["plan"]}
+        data = json.dumps(body, sort_keys=True).encode()
+        fsio.write_bytes_atomic(marker_path(output, shard), data, so)   # last: the shard is complete
+        verify_size(marker_path(output, shard), len(data), so)
+        return {"shard": shard, "file": name, "samples": len(rows), "bytes": size, "image_bytes": image_bytes,
+                "status": "written", "seconds": round(seconds + time.time() - t1, 3)}
+    return finish
 
 
 RESULT_FIELDS = (("shard", "int32"), ("file", "string"), ("samples", "int64"), ("bytes", "int64"),
@@ -485,26 +509,65 @@ RESULT_FIELDS = (("shard", "int32"), ("file", "string"), ("samples", "int64"), (
                  ("listed", "string"))
 
 
-def write_group(table, output: str, manifest_dir: str, within: list[str], settings: dict):
-    """The export's task on the rows placed in one shard: rank them, write the shard (the rows
-    whose image was found) and its marker, and its manifest part (all its rows: the missing ones
-    as missing_image, in no shard); list the first export.max_listed_missing missing rows for the
-    stats. Returns one row (RESULT_FIELDS) for the driver."""
+def _shard_tables(batches):
+    """The record batches of a partition sorted by `shard`, as one Table per shard."""
+    import numpy as np
+    import pyarrow as pa
+
+    current, pieces = None, []
+    for batch in batches:
+        shard = batch.column("shard").to_numpy(zero_copy_only=False)
+        cuts = [0, *(np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist(), len(shard)]
+        for start, stop in zip(cuts[:-1], cuts[1:]):
+            if start == stop:
+                continue
+            if shard[start] != current and pieces:
+                yield pa.Table.from_batches(pieces)
+                pieces = []
+            current = shard[start]
+            pieces.append(batch.slice(start, stop - start))
+    if pieces:
+        yield pa.Table.from_batches(pieces)
+
+
+def write_partition(batches, output: str, manifest_dir: str, within: list[str], settings: dict):
+    """The export's task on one partition of placed rows sorted by shard (a mapInArrow): for each
+    shard, rank its rows, write the shard (the rows whose image was found), its manifest part (all
+    its rows: the missing ones as missing_image, in no shard) and list the first
+    export.max_listed_missing missing rows for the stats. A helper thread completes each local
+    shard (fsync, rename, marker) while the next one is written; the task ends only when all are
+    complete. Yields one row (RESULT_FIELDS) per shard for the driver."""
+    import concurrent.futures
+
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from udfs.export.order import shard_rows
 
     so, fmt = settings["storage_options"], settings["format"]
-    shard = table.column("shard")[0].as_py()
-    rows = shard_rows(table, shard, settings["shard_size"], within)
-    found = pc.is_valid(rows.column("offset"))
-    lost = rows.filter(pc.invert(found))
-    res = write_shard(output, shard, rows.filter(found) if lost.num_rows else rows, settings)
-    fsio.write_bytes_atomic(fsio.join(output, manifest_dir, f"part-{shard:05d}.parquet"), manifest_part(rows, shard, fmt),
-                            so, durable=False)
-    listed = (lost.select(["key", "SAMPLE_ID", "tar_path", "error_message"])
-              .sort_by([("tar_path", "ascending"), ("key", "ascending")])
-              .slice(0, settings["max_listed_missing"]).to_pylist())
-    res.update(missing=lost.num_rows, listed=json.dumps(listed) if listed else None)
-    return pa.Table.from_pylist([res], schema=pa.schema([(n, getattr(pa, t)()) for n, t in RESULT_FIELDS]))
+    schema = pa.schema([(n, getattr(pa, t)()) for n, t in RESULT_FIELDS])
+    background = not fsio.is_remote(output)
+    pending = None
+
+    def result(job):
+        res, extra = job
+        return pa.RecordBatch.from_pylist([{**(res.result() if background else res), **extra}], schema=schema)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as helper:
+        for table in _shard_tables(batches):
+            shard = int(table.column("shard")[0].as_py())
+            rows = shard_rows(table, shard, settings["shard_size"], within)
+            found = pc.is_valid(rows.column("offset"))
+            lost = rows.filter(pc.invert(found))
+            finish = start_shard(output, shard, rows.filter(found) if lost.num_rows else rows, settings)
+            if pending is not None:
+                yield result(pending)   # the shard before this one: complete (or its error) first
+            fsio.write_bytes_atomic(fsio.join(output, manifest_dir, f"part-{shard:05d}.parquet"),
+                                    manifest_part(rows, shard, fmt), so, durable=False)
+            listed = (lost.select(["key", "SAMPLE_ID", "tar_path", "error_message"])
+                      .sort_by([("tar_path", "ascending"), ("key", "ascending")])
+                      .slice(0, settings["max_listed_missing"]).to_pylist())
+            extra = {"missing": lost.num_rows, "listed": json.dumps(listed) if listed else None}
+            pending = (helper.submit(finish) if background else finish(), extra)
+        if pending is not None:
+            yield result(pending)
