@@ -16,8 +16,8 @@ The baseline, and how both sides are treated alike:
   shard is complete, so it must be durable first), so the headline baseline is `cat` followed by
   fsync of its output. `cat` without fsync is reported beside it, for reference.
 - timing: `cat` runs before and after each export and the two are averaged.
-The export is timed whole (its two Spark jobs: locate + bucket counts, then place + write; and the
-driver's files, on a started and warmed-up local[2] session) at two sizes, so the fixed cost of its
+The export is timed whole (its two Spark jobs: bucket counts in the JVM, then locate + place per
+source tar and write per shard; and the driver's files, on a started and warmed-up local[2] session) at two sizes, so the fixed cost of its
 Spark jobs can be taken out (the marginal throughput); its fixed cost alone (an export of 50
 samples); the shard-writing job alone (its phase) and the time inside its tasks' write_shard; and
 the copy task alone (udfs.export.shards.write_shard on one shuffled shard, one process, as `cat` is
