@@ -216,7 +216,7 @@ def run(work: Path, quick: bool) -> list[dict]:
         {"name": "export_write_phase_throughput", "value": round(write_only, 1), "unit": "MB/s",
          "peer": "cat + fsync (same bytes)", "peer_value": round(mbs["cat_fsync"], 1),
          "ratio": ratio(write_only, mbs["cat_fsync"]), "goal": "",
-         "note": f"the shard-writing Spark job alone (placing, copies, fsyncs, markers, manifest parts; 2 cores): "
+         "note": f"the second Spark job alone (tar headers, placing, copies, fsyncs, markers, manifest parts; 2 cores): "
                  f"{phases['write_shards']:.1f}s, of which write_shard {task_sum:.1f}s summed over its tasks"},
         {"name": "export_fixed_cost", "value": round(fixed_seconds, 2), "unit": "s", "peer": "", "peer_value": None,
          "ratio": None, "goal": "", "note": f"the whole stage on 50 samples (its 2 Spark jobs and the driver's files), "
