@@ -16,8 +16,8 @@ The baseline, and how both sides are treated alike:
   shard is complete, so it must be durable first), so the headline baseline is `cat` followed by
   fsync of its output. `cat` without fsync is reported beside it, for reference.
 - timing: `cat` runs before and after each export and the two are averaged.
-The export is timed whole (its two Spark jobs: locate + bucket counts, then place + write; and the
-driver's files, on a started and warmed-up local[2] session) at two sizes, so the fixed cost of its
+The export is timed whole (its two Spark jobs: bucket counts in the JVM, then locate + place per
+source tar and write per shard; and the driver's files, on a started and warmed-up local[2] session) at two sizes, so the fixed cost of its
 Spark jobs can be taken out (the marginal throughput); its fixed cost alone (an export of 50
 samples); the shard-writing job alone (its phase) and the time inside its tasks' write_shard; and
 the copy task alone (udfs.export.shards.write_shard on one shuffled shard, one process, as `cat` is
@@ -216,7 +216,7 @@ def run(work: Path, quick: bool) -> list[dict]:
         {"name": "export_write_phase_throughput", "value": round(write_only, 1), "unit": "MB/s",
          "peer": "cat + fsync (same bytes)", "peer_value": round(mbs["cat_fsync"], 1),
          "ratio": ratio(write_only, mbs["cat_fsync"]), "goal": "",
-         "note": f"the shard-writing Spark job alone (placing, copies, fsyncs, markers, manifest parts; 2 cores): "
+         "note": f"the second Spark job alone (tar headers, placing, copies, fsyncs, markers, manifest parts; 2 cores): "
                  f"{phases['write_shards']:.1f}s, of which write_shard {task_sum:.1f}s summed over its tasks"},
         {"name": "export_fixed_cost", "value": round(fixed_seconds, 2), "unit": "s", "peer": "", "peer_value": None,
          "ratio": None, "goal": "", "note": f"the whole stage on 50 samples (its 2 Spark jobs and the driver's files), "

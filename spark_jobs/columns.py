@@ -607,3 +607,19 @@ def export_order(df, settings: dict, rows_hint: int | None = None):
 
 def _export_bucket_rows(settings: dict) -> int:
     return export_order_rules.bucket_rows(settings["shard_size"], settings["rank_bucket_rows"])
+
+
+def export_json(df, names):
+    """KEY.json of an export sample, written in the JVM: the `names` columns as one JSON object,
+    keys sorted, nulls kept, NaN and infinities as null (as orjson writes them), UTF-8 as is."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    types = {f.name: f.dataType for f in df.schema.fields}
+    fields = []
+    for name in sorted(names):
+        col = F.col(name)
+        if isinstance(types[name], (T.DoubleType, T.FloatType)):
+            col = F.when(F.isnan(col) | (F.abs(col) == F.lit(float("inf"))), F.lit(None)).otherwise(col)
+        fields.append(col.alias(name))
+    return F.to_json(F.struct(*fields), {"ignoreNullFields": "false"})

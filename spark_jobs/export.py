@@ -8,12 +8,20 @@ they are, so a dataset built here trains a model with one more command.
 Writes `{shard:05d}.tar` (or `.parquet`), `sizes.json`, `_info.json`, `manifest/` (every selected row:
 its shard, or missing_image and why), `_markers/` (resume) and `_stats/stats.json` last (formats:
 udfs/export/). Order: a seeded shuffle across shards, byte-identical for the same inputs and seed.
-Two Spark jobs, DataFrame APIs only: (1) one task per source tar locates its rows in the tar's
-headers, writes them with their byte ranges to located.tmp/ and counts them per bucket of the sort
-key (udfs/export/locate.py); (2) each located row goes to the shard(s) its bucket overlaps
-(udfs/export/order.py), and one task per shard ranks, copies and writes it with its marker and
-manifest part (udfs/export/shards.py); their returns give sizes.json, _info.json and the stats,
-checked against job (1)'s counts.
+Two Spark jobs, DataFrame APIs only: (1) the selected rows counted per bucket of the sort key, in
+the JVM (no tar is read: these counts give every bucket's first position); (2) one task per source
+tar locates its rows in the tar's headers (udfs/export/locate.py) and sends each to the shard(s) its
+bucket overlaps (udfs/export/order.py), then one task per shard ranks, copies and writes it with its
+marker and manifest part (udfs/export/shards.py); their returns give sizes.json, _info.json and the
+stats, checked against job (1)'s counts.
+
+Positions count the selected rows, so a row whose image is missing (not in its tar, or the tar gone
+or damaged) keeps its place and leaves a gap: its shard holds one sample fewer than
+export.shard_size (and a shard whose rows are all missing is an empty tar, so the brace pattern
+still names every file). The missing row is in manifest/ (missing_image and why) and the stats;
+sizes.json, _info.json and the open_clip command count the samples written, and the same inputs
+and seed give the same bytes. Missing images are rare (filter keeps downloaded rows only), and
+counting first saves a pass over every tar before the copy.
 """
 
 if __package__ in (None, ""):  # run as `spark-submit spark_jobs/export.py`: make the repo importable
@@ -33,14 +41,11 @@ from spark_jobs.schemas import EXPORT_MANIFEST, SUBSET  # noqa: E402
 from udfs import fsio  # noqa: E402
 from udfs.export import layout, order  # noqa: E402
 from udfs.export.locate import locate_group  # noqa: E402
-from udfs.export.order import place_batches  # noqa: E402
-from udfs.export.shards import RESULT_FIELDS, write_group  # noqa: E402
+from udfs.export.shards import JSON_COLUMN, RESULT_FIELDS, WEBDATASET_COLUMNS, write_partition  # noqa: E402
 
 NAME = "export"
 HELP = "write a subset as shuffled webdataset (or parquet) shards that open_clip and Hugging Face read"
 MANIFEST_DIR = "manifest"
-# job 1's output, read by job 2, removed after it (not _-named: Spark would skip the folder)
-LOCATED_DIR = "located.tmp"
 FINAL_FILES = ("sizes.json", "_info.json")
 
 log = logging.getLogger(__name__)
@@ -136,39 +141,26 @@ def _with_fields(schema, extra):
     return T.StructType([*schema.fields, *(T.StructField(n, types[t]) for n, t in extra)])
 
 
-def locate_rows(spark, df, bucket_cols: list[str], located_dir: str, storage_options):
-    """Job 1: the rows of each source tar go to one task group, which reads the tar's member table,
-    looks the rows up in it, writes them with their image's byte range to located_dir (one file
-    per tar, read by job 2: no second read of the tar headers) and returns the found / missing
-    rows per bucket. Returns [(bucket key, found, missing)] summed over the tars."""
-    from pyspark.sql import functions as F
+def count_rows(df, bucket_cols: list[str]) -> list[tuple[tuple, int]]:
+    """Job 1: [(bucket key, selected rows)], an aggregate in the JVM (no Python, no tar read)."""
+    return [(tuple(r[c] for c in bucket_cols), int(r["n"])) for r in df.groupBy(*bucket_cols).count()
+            .withColumnRenamed("count", "n").collect()]
+
+
+def write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, worker_settings) -> list[dict]:
+    """Job 2: one group per source tar locates its rows and places them (each row to the shard(s)
+    its bucket overlaps), then each task takes its shards in order: ranks each one's buckets' rows,
+    writes the shard and its marker, and its manifest/ part (its missing images included)."""
     from pyspark.sql import types as T
 
-    types = {f.name: f.dataType for f in df.schema.fields}
-    out = T.StructType([*(T.StructField(c, types[c]) for c in bucket_cols),
-                        T.StructField("found", T.LongType()), T.StructField("missing", T.LongType())])
-    rows = (df.repartition(_partitions(spark), "tar_path")
-            .groupBy("tar_path").applyInArrow(lambda t: locate_group(t, located_dir, bucket_cols, storage_options), out)
-            .groupBy(*bucket_cols).agg(F.sum("found").alias("found"), F.sum("missing").alias("missing"))
-            .collect())
-    return [(tuple(r[c] for c in bucket_cols), int(r["found"]), int(r["missing"])) for r in rows]
-
-
-def write_shards(spark, located, bucket_cols, within, buckets, num_shards, output, worker_settings) -> list[dict]:
-    """Job 2: the located rows (job 1's files) placed batch by batch, then one group per shard
-    ranks its buckets' rows, writes the shard and its marker, and its manifest/ part. The rows
-    without their image form one more group (shard null): their manifest part, and the first
-    export.max_listed_missing of them for the stats."""
-    from pyspark.sql import types as T
-
-    shard_size = worker_settings["shard_size"]
-    placed_schema = _with_fields(located.schema, PLACED_FIELDS)
-    parts = max(1, min(_partitions(spark), num_shards + 1))
-    placed = located.mapInArrow(lambda batches: place_batches(batches, bucket_cols, buckets, shard_size),
-                                placed_schema)
-    return [r.asDict() for r in placed.repartition(parts, "shard").groupBy("shard")
-            .applyInArrow(lambda t: write_group(t, output, MANIFEST_DIR, within, worker_settings),
-                          _with_fields(T.StructType([]), RESULT_FIELDS)).collect()]
+    shard_size, so = worker_settings["shard_size"], worker_settings["storage_options"]
+    placed_schema = _with_fields(df.schema, LOCATED_FIELDS + PLACED_FIELDS)
+    parts = max(1, min(_partitions(spark), num_shards))
+    placed = (df.repartition(_partitions(spark), "tar_path").groupBy("tar_path")
+              .applyInArrow(lambda t: locate_group(t, bucket_cols, buckets, shard_size, so), placed_schema))
+    return [r.asDict() for r in placed.repartition(parts, "shard").sortWithinPartitions("shard")
+            .mapInArrow(lambda batches: write_partition(batches, output, MANIFEST_DIR, within, worker_settings),
+                        _with_fields(T.StructType([]), RESULT_FIELDS)).collect()]
 
 
 def run(spark, cfg, args) -> dict:
@@ -183,40 +175,37 @@ def run(spark, cfg, args) -> dict:
         selected = select_rows(spark, subset_path, args.where)
         hint = row_count_hint(spark, subset_path, args.limit, so)
         df, bucket_cols, within = columns.export_order(selected, settings, hint)
+        if fmt == "webdataset":   # KEY.json written in the JVM, and only what the tasks read goes to Python
+            df = df.withColumn(JSON_COLUMN, columns.export_json(df, layout.LAION_COLUMNS))
+            df = df.select(*dict.fromkeys([*WEBDATASET_COLUMNS, *bucket_cols, *within]))
         if args.limit is not None:
             df = df.orderBy(*(["_h", "_file", "_row"] if settings["shuffle"] else ["_file", "_row"])).limit(args.limit)
     # An earlier export's final files must not make a partial rerun look complete.
     for name in (datasets.stats_path(output), *(fsio.join(output, f) for f in FINAL_FILES)):
         fsio.remove(name, so)
-    manifest_path, located_dir = fsio.join(output, MANIFEST_DIR), fsio.join(output, LOCATED_DIR)
+    manifest_path = fsio.join(output, MANIFEST_DIR)
     fs, out_path = fsio.filesystem(output, so)
     fs.makedirs(out_path, exist_ok=True)
-    for folder in (manifest_path, located_dir):   # both rewritten whole below, resumed or not
-        fsio.remove(folder, so)
+    fsio.remove(manifest_path, so)   # rewritten whole below, resumed or not
     with timer.phase("plan"):
-        counts = locate_rows(spark, df, bucket_cols, located_dir, so)
-        buckets = order.bucket_offsets([(key, found) for key, found, _ in counts])
-        total, missing_planned = sum(c[1] for c in counts), sum(c[2] for c in counts)
-        selected_rows = total + missing_planned
-        num_shards = math.ceil(total / shard_size)
+        buckets = order.bucket_offsets(count_rows(df, bucket_cols))
+        selected_rows = sum(rows for _, _, rows in buckets.values())
+        num_shards = math.ceil(selected_rows / shard_size)
         plan = layout.plan_id({
             "subset": subset_path, "source": layout.source_fingerprint(subset_path, so), "where": args.where,
             "limit": args.limit, "shuffle": settings["shuffle"], "seed": settings["seed"],
-            "shard_size": shard_size, "format": fmt, "samples": total})
-    log.info("export: %d selected rows, %d with their image -> %d shards of %d (%s, %s)", selected_rows, total,
-             num_shards, shard_size, fmt, f"seed {settings['seed']}" if settings["shuffle"] else "subset order")
+            "shard_size": shard_size, "format": fmt, "samples": selected_rows})
+    log.info("export: %d selected rows -> %d shards of %d (%s, %s)", selected_rows, num_shards, shard_size, fmt, f"seed {settings['seed']}" if settings["shuffle"] else "subset order")
     worker_settings = {"format": fmt, "plan": plan, "read_chunk": settings["read_chunk"], "storage_options": so,
                        "shard_size": shard_size, "max_listed_missing": settings["max_listed_missing"]}
     with timer.phase("write_shards"):
         results = []
         if selected_rows:
-            located = spark.read.schema(_with_fields(df.schema, LOCATED_FIELDS)).parquet(located_dir)
-            results = write_shards(spark, located, bucket_cols, within, buckets, num_shards, output, worker_settings)
-        fsio.remove(located_dir, so)
+            results = write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, worker_settings)
     with timer.phase("stats"):
         if not selected_rows:   # an empty manifest of the declared schema
             datasets.write_dataset(spark.createDataFrame([], EXPORT_MANIFEST.schema), manifest_path, EXPORT_MANIFEST)
-        done = layout.summarize(results, total, num_shards, missing_planned)
+        done = layout.summarize(results, selected_rows, num_shards, settings["max_listed_missing"])
         sizes, written, missing_rows = done["sizes"], done["written"], done["missing"]
         stale = layout.remove_stale(output, done["keep"], so)
         fsio.write_json(fsio.join(output, "sizes.json"), sizes, so)

@@ -264,6 +264,21 @@ def test_missing_image_is_counted_and_listed(spark, chain, tmp_path):
     read = datasets.read_dataset(spark, str(tmp_path / "out" / "manifest"), EXPORT_MANIFEST)
     assert read.count() == len(rows) + 2 and read.where("status = 'success' AND shard IS NOT NULL").count() == len(rows)
     assert len(read_export(tmp_path / "out")) == len(rows)
+    # the missing rows were counted into the plan (their shards hold fewer samples), but the files
+    # that describe the export count the samples written
+    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
+    info = json.loads((tmp_path / "out" / "_info.json").read_text())
+    assert sum(sizes.values()) == len(rows) == info["total_samples"]
+    assert len(sizes) == -(-(len(rows) + 2) // SHARD_SIZE) == info["shards"]
+    assert f"--train-num-samples {len(rows)} " in info["open_clip"]
+    for name, n in sizes.items():
+        with tarfile.open(tmp_path / "out" / name) as tar:
+            assert len([m for m in tar.getmembers() if m.name.endswith(".json")]) == n
+    # and a rerun writes the same bytes
+    run_export(spark, chain["cfg"], ["--dataset", str(tmp_path / "subset"), "--subset", en,
+                                     "--output", str(tmp_path / "again")])
+    for name in sizes:
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
 
 
 def test_resume_skips_complete_shards_and_rewrites_the_rest(spark, chain, tmp_path):
@@ -405,6 +420,80 @@ def test_index_of_a_truncated_or_missing_source_tar(tmp_path):
     assert locate.index_tar(str(tmp_path / "00009.tar")) == ([], f"source shard not found: {tmp_path / '00009.tar'}")
 
 
+def test_plain_index_agrees_with_the_member_by_member_reader_or_defers_to_it(tmp_path):
+    """The all-headers-at-once reader gives what the exact reader gives on a plain tar (names of
+    exactly 100 bytes and non-ASCII included), and nothing (the exact reader then runs and says
+    what is wrong) on a bad checksum, a cut header, a directory member or a prefixed name."""
+    import mmap
+
+    def both(data: bytes):
+        path = tmp_path / "t.tar"
+        path.write_bytes(data)
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            plain = locate._index_plain(mm, len(data))
+            exact = locate._index_headers(lambda pos: mm[pos:pos + layout.BLOCK], len(data))
+        return plain, exact, locate.index_tar(str(path))
+
+    samples = [("0" * 91 + "0001", b"a" * 700, "x"), ("é2", b"b" * 1024, "y"), ("0003", b"", "")]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT, encoding="utf-8") as tar:
+        for key, image, text in samples:   # the first one's .json name is 100 bytes long
+            for ext, member in (("jpg", image), ("txt", text.encode()), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(member)
+                tar.addfile(info, io.BytesIO(member))
+    data = buf.getvalue()
+    plain, exact, (members, error) = both(data)
+    assert plain == exact[0] and exact[1] is None and error is None
+    assert [(m["key"], data[m["offset"]:m["offset"] + m["size"]]) for m in members] == [(k, i) for k, i, _ in samples]
+    bad = bytearray(data)
+    bad[512 + 1024 + 3] ^= 1   # a byte of the second member's (the caption's) header
+    bad_header = bytes(bad[:len(data)])
+    for case, error in ((bad_header, "bad header checksum"), (data[:512 + 1024 + 100], "truncated tar")):
+        plain, exact, (members, got) = both(case)
+        assert plain is None and error in exact[1] and error in got and [m["key"] for m in members] == [samples[0][0]]
+    end = len(data.rstrip(b"\0"))
+    plain, exact, _ = both(data[:end + (-end % layout.BLOCK)])   # no end blocks: both read every member
+    assert plain == exact[0] and len(plain) == 9 and exact[1] is None
+    for kind, name in ((tarfile.DIRTYPE, "folder"), (tarfile.REGTYPE, "d" * 90 + "/" + "k" * 60 + ".jpg")):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for info in (tarfile.TarInfo(name), tarfile.TarInfo("0005.jpg")):
+                info.type = kind if info.name == name else tarfile.REGTYPE
+                tar.addfile(info, io.BytesIO(b""))
+        plain, exact, (members, error) = both(buf.getvalue())
+        assert plain is None and error is None
+        assert [m["key"] for m in members] == ([] if kind == tarfile.DIRTYPE else ["d" * 90 + "/" + "k" * 60]) + ["0005"]
+
+
+def test_key_json_written_in_the_jvm_is_the_row(spark):
+    """columns.export_json: keys sorted, nulls kept, NaN and infinities as null, text as is."""
+    from spark_jobs import columns
+
+    rows = [(1, "a \"quoted\"\n\tcaption, é 漢字 \u0001", float("nan"), None, 0.30000000000000004, 2 ** 62),
+            (2, None, float("inf"), 1e-05, -0.0, -1)]
+    df = spark.createDataFrame(rows, "SAMPLE_ID long, TEXT string, punsafe double, pwatermark double, "
+                                     "similarity double, hash long")
+    names = ["similarity", "TEXT", "SAMPLE_ID", "punsafe", "pwatermark", "hash"]
+    got = [r[0] for r in df.select(columns.export_json(df, names)).orderBy(df.SAMPLE_ID).collect()]
+    assert [list(json.loads(g)) for g in got] == [sorted(names)] * 2 and "é 漢字" in got[0]
+    assert json.loads(got[0]) == {"SAMPLE_ID": 1, "TEXT": rows[0][1], "punsafe": None, "pwatermark": None,
+                                  "similarity": 0.30000000000000004, "hash": 2 ** 62}
+    assert json.loads(got[1]) == {"SAMPLE_ID": 2, "TEXT": None, "punsafe": None, "pwatermark": 1e-05,
+                                  "similarity": -0.0, "hash": -1}
+
+
+def test_a_sorted_partition_splits_into_one_table_per_shard():
+    """write_partition's grouping: shards that span batches, batches that hold several shards."""
+    shard = [0, 0, 0, 2, 2, 5, 5, 5, 5, 9]
+    table = pa.table({"shard": pa.array(shard, pa.int32()), "i": list(range(len(shard)))})
+    for size in (1, 3, 4, 100):
+        got = list(shards._shard_tables(table.to_batches(max_chunksize=size)))
+        assert [t.column("shard").to_pylist() for t in got] == [[0] * 3, [2] * 2, [5] * 4, [9]]
+        assert [i for t in got for i in t.column("i").to_pylist()] == list(range(len(shard)))
+    assert list(shards._shard_tables(iter([]))) == []
+
+
 def test_shard_written_to_and_read_from_s3(moto_s3):
     """Source tar and export on s3:// (moto on loopback) through fsspec: range reads, shard, marker."""
     from udfs.download.shard_writer import iter_samples
@@ -436,6 +525,11 @@ def test_tar_headers_are_tarfiles_own_and_the_fast_index_agrees_with_tarfile(tmp
         if len(name.encode()) <= 100:
             assert shards.ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8",
                                                                          "surrogateescape")
+    # many at once (numpy) writes the same bytes, and defers to tarfile for names over 100 bytes
+    for names in (["000010003.jpg", "a.txt", "x" * 100, "é.json", "0.json"], ["d" * 60 + "/" + "k" * 60, "a.jpg"]):
+        sizes = [12345, 0, 7, 5, 8 ** 11 - 1][:len(names)]
+        want = b"".join(shards.ustar_header(n, z) for n, z in zip(names, sizes))
+        assert shards.ustar_headers([n.encode() for n in names], sizes) == want and len(want) == 512 * len(names)
     for fmt in (tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT):
         path = tmp_path / f"{fmt}.tar"
         names = ["00000001.jpg", "00000001.txt", "00000002.png", ("p" * 120 if fmt == tarfile.PAX_FORMAT else "q")
@@ -455,10 +549,10 @@ def test_tar_headers_are_tarfiles_own_and_the_fast_index_agrees_with_tarfile(tmp
 
 @pytest.mark.parametrize("bucket_shift,shard_size", [(58, 50), (54, 7), (63, 1000)])
 def test_buckets_give_the_global_order_and_exact_shard_sizes(bucket_shift, shard_size):
-    """place + shard_rows (the export's plan, without Spark) against one plain sort of all found
-    rows: each found row lands once, at its rank in (_h, _file, _row), shards full but the last;
-    rows without their image once, with shard null. Buckets smaller than a shard, larger than one
-    (a bucket spanning several shards), and a single bucket."""
+    """place + shard_rows (the export's plan, without Spark) against one plain sort of all selected
+    rows: each row lands once, at its rank in (_h, _file, _row), shards full but the last, whether
+    its image was found or not (the counts are taken before the tars are read). Buckets smaller
+    than a shard, larger than one (a bucket spanning several shards), and a single bucket."""
     import random
 
     rng = random.Random(bucket_shift)
@@ -472,22 +566,18 @@ def test_buckets_give_the_global_order_and_exact_shard_sizes(bucket_shift, shard
     table = table.append_column("_bucket", pa.array([x >> bucket_shift for x in h], pa.int64()))
     groups = [table.filter(pa.array([t == tar for t in table.column("tar_path").to_pylist()]))
               for tar in sorted(set(table.column("tar_path").to_pylist()))]
-    counts = Counter()
-    for g in groups:   # what job 1 sums over the tars
-        for r in locate.bucket_counts(g, ["_bucket"]).to_pylist():
-            counts[(r["_bucket"],)] += r["found"]
+    counts = Counter((x >> bucket_shift,) for x in h)   # what job 1 counts in the JVM
     buckets = order.bucket_offsets(list(counts.items()))
     placed = pa.concat_tables(order.place(g, ["_bucket"], buckets, shard_size) for g in groups)
-    missing = placed.filter(pc.is_null(placed.column("shard")))
-    assert sorted(missing.column("key").to_pylist()) == [f"k{i:04d}" for i in range(n) if i % 50 == 7]
+    assert placed.column("shard").null_count == 0
     got = []
-    for shard in sorted(set(placed.column("shard").to_pylist()) - {None}):
+    for shard in sorted(set(placed.column("shard").to_pylist())):
         rows = order.shard_rows(placed.filter(pc.equal(placed.column("shard"), shard)), shard, shard_size,
-                                        ["_h", "_file", "_row"])
+                                ["_h", "_file", "_row"])
         got.append(rows.column("key").to_pylist())
         assert rows.column("position").to_pylist() == list(range(shard * shard_size, shard * shard_size + len(rows)))
-    found = [r for r in table.to_pylist() if r["offset"] is not None]
-    want = [r["key"] for r in sorted(found, key=lambda r: (r["_h"], r["_file"], r["_row"]))]
+    want = [r["key"] for r in sorted(table.to_pylist(), key=lambda r: (r["_h"], r["_file"], r["_row"]))]
     assert [k for keys in got for k in keys] == want
-    assert [len(keys) for keys in got] == [shard_size] * (len(want) // shard_size) + (
-        [len(want) % shard_size] if len(want) % shard_size else [])
+    assert [len(keys) for keys in got] == [shard_size] * (n // shard_size) + ([n % shard_size] if n % shard_size else [])
+    with pytest.raises(ValueError, match="not in the export plan"):
+        order.place(groups[0], ["_bucket"], dict(list(buckets.items())[1:]), shard_size)

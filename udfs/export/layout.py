@@ -65,24 +65,29 @@ def parquet_bytes(table, compression: str = "zstd") -> bytes:
 
 
 
-def manifest_part(table, shard: int | None, fmt: str) -> bytes:
-    """manifest/ rows (the EXPORT_MANIFEST schema) of one shard's rows, or of the rows without their
-    image (shard None): a parquet file's bytes."""
+def manifest_part(table, shard: int, fmt: str) -> bytes:
+    """manifest/ rows (the EXPORT_MANIFEST schema) of the rows placed in one shard, a parquet file's
+    bytes: those with their image (`offset` set) are in the shard at their `position`, the others
+    are missing_image with their `error_message`, in no shard."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    n = table.num_rows
     schema = pa.schema([("key", pa.string()), ("SAMPLE_ID", pa.int64()), ("shard", pa.int32()),
                         ("shard_file", pa.string()), ("position", pa.int64()), ("tar_path", pa.string()),
                         ("status", pa.string()), ("error_message", pa.string())])
-    exported = shard is not None
+    found = pc.is_valid(table.column("offset"))
+    n = table.num_rows
+
+    def when_found(value, kind):
+        return pc.if_else(found, pa.array([value] * n, kind), pa.nulls(n, kind))
+
     part = pa.table({
         "key": table.column("key"), "SAMPLE_ID": table.column("SAMPLE_ID"),
-        "shard": pa.array([shard] * n if exported else [None] * n, pa.int32()),
-        "shard_file": pa.array([shard_file(shard, fmt)] * n if exported else [None] * n, pa.string()),
-        "position": table.column("position") if exported else pa.nulls(n, pa.int64()),
+        "shard": when_found(shard, pa.int32()), "shard_file": when_found(shard_file(shard, fmt), pa.string()),
+        "position": pc.if_else(found, table.column("position"), pa.nulls(n, pa.int64())),
         "tar_path": table.column("tar_path"),
-        "status": pa.array(["success" if exported else "missing_image"] * n, pa.string()),
-        "error_message": pa.nulls(n, pa.string()) if exported else table.column("error_message"),
+        "status": pc.if_else(found, pa.array(["success"] * n), pa.array(["missing_image"] * n)),
+        "error_message": pc.if_else(found, pa.nulls(n, pa.string()), table.column("error_message")),
     }).cast(schema)
     return parquet_bytes(part)
 
@@ -175,16 +180,20 @@ def open_clip_command(output: str, shards: int, samples: int) -> str:
             f"--dataset-type webdataset")
 
 
-def summarize(results: list[dict], planned: int, planned_shards: int, planned_missing: int) -> dict:
-    """The shard tasks' results (shards.write_group's rows) as sizes.json, the files to keep and
-    the counts of the stats; the counts of the two jobs (job 1 planned, the writers wrote) must agree."""
-    shards = sorted((r for r in results if r["shard"] is not None), key=lambda r: r["shard"])
-    missing = sum(int(r["missing"]) for r in results)
+def summarize(results: list[dict], selected: int, planned_shards: int, max_listed: int) -> dict:
+    """The shard tasks' results (shards.write_partition's rows) as sizes.json, the files to keep and
+    the counts of the stats: every planned shard reported once, and its samples plus its missing
+    images are the selected rows planned for it (the plan counted them before any tar was read)."""
+    shards = sorted(results, key=lambda r: r["shard"])
+    missing = sum(int(r["missing"]) for r in shards)
     sizes = {r["file"]: int(r["samples"]) for r in shards}
     written = sum(sizes.values())
-    if written != planned or len(sizes) != planned_shards or missing != planned_missing:
-        raise RuntimeError(f"export wrote {written} samples in {len(sizes)} shards and listed {missing} missing "
-                           f"images, but planned {planned} in {planned_shards} and {planned_missing} missing")
+    if written + missing != selected or [r["shard"] for r in shards] != list(range(planned_shards)):
+        raise RuntimeError(f"export wrote {written} samples in {len(sizes)} shards and found {missing} missing "
+                           f"images, but planned {selected} selected rows in {planned_shards} shards")
+    # the first max_listed missing rows by (tar_path, key), nulls last: the same list whatever the shards
+    listed = sorted((m for r in shards if r["listed"] for m in json.loads(r["listed"])),
+                    key=lambda m: (m["tar_path"] is None, m["tar_path"] or "", m["key"] or ""))[:max_listed]
     counts = {
         "shards": planned_shards, "shards_written": sum(1 for r in shards if r["status"] == "written"),
         "shards_skipped": sum(1 for r in shards if r["status"] == "skipped"),
@@ -194,7 +203,7 @@ def summarize(results: list[dict], planned: int, planned_shards: int, planned_mi
         "shard_task_seconds": round(sum(float(r["seconds"]) for r in shards), 3),
     }
     return {"sizes": sizes, "written": written, "missing": missing, "shard_counts": counts,
-            "listed": [m for r in results if r["listed"] for m in json.loads(r["listed"])],
+            "listed": listed,
             "keep": set(sizes) | {f"{MARKERS_DIR}/{shard_name(r['shard'])}.json" for r in shards}}
 
 

@@ -1,16 +1,15 @@
 """Step 1 of an export: the member table of one download tar (name, data offset, size), read from
-its headers alone, and the subset rows of that tar looked up in it; with their counts per bucket
-of the sort key (the driver turns those into each bucket's first position)."""
+its headers alone, and the subset rows of that tar looked up in it (one task per source tar, so
+each tar's headers are read once per export)."""
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import tarfile
 
 from udfs import fsio
 from udfs.download.shard_writer import split_key
-from udfs.export.layout import BLOCK, SIDECAR_EXTS, ZEROS, parquet_bytes
+from udfs.export.layout import BLOCK, SIDECAR_EXTS, ZEROS
 
 
 class _NotPlainUstar(Exception):
@@ -55,6 +54,59 @@ def _index_headers(read, total: int | None) -> tuple[list[tuple[str, int, int]],
         pos = data + size + (-size % BLOCK)
 
 
+def _octal_columns(fields):
+    """Octal numbers written as leading digits then NUL / space (what tarfile and download write),
+    for an (n, width) uint8 array; -1 where a field is not of that form."""
+    import numpy as np
+
+    digits = fields.astype(np.int64) - ord("0")
+    value = np.zeros(len(fields), dtype=np.int64)
+    open_run = np.ones(len(fields), dtype=bool)
+    for j in range(fields.shape[1]):
+        is_digit = (digits[:, j] >= 0) & (digits[:, j] <= 7)
+        value = np.where(open_run & is_digit, value * 8 + digits[:, j], value)
+        ends = open_run & ~is_digit
+        bad = ends & ((fields[:, j] != 0) & (fields[:, j] != ord(" ")) | (j == 0))
+        value[bad] = -1
+        open_run &= is_digit
+    return value
+
+
+def _index_plain(mm, total: int) -> list[tuple[str, int, int]] | None:
+    """_index_headers for a mapped tar of plain regular-file USTAR members (what download writes),
+    with the header checks done on all headers at once (numpy) instead of per member; None where
+    anything is unusual (another member type, a name prefix, a bad checksum, a truncated member or
+    header), and the exact reader then says what. A third of the time per member."""
+    import numpy as np
+
+    starts, sizes = [], []
+    pos = 0
+    try:
+        while pos + BLOCK <= total and mm[pos] != 0:
+            size = int(mm[pos + 124:pos + 135], 8)   # 11 digits, then NUL or space
+            starts.append(pos)
+            sizes.append(size)
+            pos += BLOCK + size + (-size % BLOCK)
+    except ValueError:   # a base-256 or unreadable size
+        return None
+    if pos > total or (pos < total and mm[pos:pos + BLOCK] != ZEROS) or not starts:
+        return None
+    blocks = np.frombuffer(mm, dtype=np.uint8, count=total // BLOCK * BLOCK).reshape(-1, BLOCK)
+    try:   # headers start on whole blocks; the rows taken are a copy, so the map can close
+        heads = blocks[np.array(starts, dtype=np.int64) // BLOCK]
+    finally:
+        del blocks
+    checksum = heads.sum(axis=1, dtype=np.int64) - heads[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
+    regular = (heads[:, 156] == ord("0")) | (heads[:, 156] == 0)
+    prefixed = (heads[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1) & (heads[:, 345] != 0)
+    nul = heads[:, :100] == 0
+    if not (regular.all() and not prefixed.any() and (_octal_columns(heads[:, 148:156]) == checksum).all()
+            and (np.logical_or.accumulate(nul, axis=1) == nul).all()):   # names: NULs only after the name
+        return None
+    raw = np.ascontiguousarray(heads[:, :100]).view("S100").ravel().tolist()   # trailing NULs dropped
+    return [(name.decode("utf-8", "surrogateescape"), p + BLOCK, n) for name, p, n in zip(raw, starts, sizes)]
+
+
 def _index_with_tarfile(fh, total: int | None) -> tuple[list[tuple[str, int, int]], str | None]:
     out, error = [], None
     try:
@@ -71,8 +123,8 @@ def _index_with_tarfile(fh, total: int | None) -> tuple[list[tuple[str, int, int
     return out, error
 
 
-def index_tar(uri: str, storage_options: dict | None = None) -> tuple[list[dict], str | None]:
-    """([{key, ext, offset, size}] of the image members, error or None).
+def member_table(uri: str, storage_options: dict | None = None) -> tuple[dict[str, tuple[str, int, int]], str | None]:
+    """({key: (ext, offset, size)} of the image members, error or None).
 
     One image per key (the first; txt/json members are skipped). A tar that cannot be opened gives
     no members and its error; a truncated or corrupt one gives the members whose data is wholly
@@ -89,27 +141,35 @@ def index_tar(uri: str, storage_options: dict | None = None) -> tuple[list[dict]
                     found, error = _index_headers(lambda pos: (fh.seek(pos), fh.read(BLOCK))[1], total)
             elif total:   # mapped: a header is a slice, no system call per member
                 with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                    found, error = _index_headers(lambda pos: mm[pos:pos + BLOCK], total)
+                    found, error = _index_plain(mm, total), None
+                    if found is None:
+                        found, error = _index_headers(lambda pos: mm[pos:pos + BLOCK], total)
             else:
                 found, error = [], None
         except _NotPlainUstar:
             with fs.open(path, "rb") as fh:
                 found, error = _index_with_tarfile(fh, total)
     except FileNotFoundError:
-        return [], f"source shard not found: {uri}"
+        return {}, f"source shard not found: {uri}"
     except (OSError, ValueError) as exc:
-        return [], f"unreadable tar: {type(exc).__name__}: {exc}"
-    members: list[dict] = []
-    seen: set[str] = set()
+        return {}, f"unreadable tar: {type(exc).__name__}: {exc}"
+    members: dict[str, tuple[str, int, int]] = {}
     for name, offset, size in found:
-        key, ext = split_key(name)
-        if ext in SIDECAR_EXTS or key in seen:
-            continue
-        seen.add(key)
-        members.append({"key": key, "ext": ext, "offset": offset, "size": size})
+        if "/" in name:
+            key, ext = split_key(name)
+        else:
+            key, _, ext = name.partition(".")
+        if ext not in SIDECAR_EXTS and key not in members:
+            members[key] = (ext, offset, size)
     if not found and error is None and total:
         error = "unreadable tar: no members"
     return members, error
+
+
+def index_tar(uri: str, storage_options: dict | None = None) -> tuple[list[dict], str | None]:
+    """member_table as ([{key, ext, offset, size}] in the tar's order, error or None)."""
+    members, error = member_table(uri, storage_options)
+    return [{"key": k, "ext": e, "offset": o, "size": n} for k, (e, o, n) in members.items()], error
 
 
 def missing_reason(tar_path: str | None, tar_error: str | None) -> str:
@@ -125,41 +185,18 @@ def locate(table, storage_options: dict | None = None):
     import pyarrow as pa
 
     tar = table.column("tar_path")[0].as_py() if table.num_rows else None
-    members, error = index_tar(tar, storage_options) if tar is not None else ([], None)
-    by_key = {m["key"]: m for m in members}
-    found = [by_key.get(k) for k in table.column("key").to_pylist()]
+    members, error = member_table(tar, storage_options) if tar is not None else ({}, None)
+    found = [members.get(k) for k in table.column("key").to_pylist()]
     reason = missing_reason(tar, error)
-    return (table.append_column("ext", pa.array([m and m["ext"] for m in found], pa.string()))
-            .append_column("offset", pa.array([m and m["offset"] for m in found], pa.int64()))
-            .append_column("size", pa.array([m and m["size"] for m in found], pa.int64()))
+    return (table.append_column("ext", pa.array([m and m[0] for m in found], pa.string()))
+            .append_column("offset", pa.array([m and m[1] for m in found], pa.int64()))
+            .append_column("size", pa.array([m and m[2] for m in found], pa.int64()))
             .append_column("error_message", pa.array([None if m else reason for m in found], pa.string())))
 
 
-def bucket_counts(table, bucket_cols: list[str]):
-    """Found / missing rows per bucket of one located group (the driver sums them over groups)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def locate_group(table, bucket_cols: list[str], buckets: dict, shard_size: int, storage_options: dict | None = None):
+    """The export's first task, on the rows of one source tar: locate them, then place each in
+    the shard(s) its bucket overlaps (order.place), image found or not."""
+    from udfs.export.order import place
 
-    found = pc.is_valid(table.column("offset"))
-    counts = (pa.table({**{c: table.column(c) for c in bucket_cols},
-                        "found": pc.cast(found, pa.int64()), "missing": pc.cast(pc.invert(found), pa.int64())})
-              .group_by(bucket_cols).aggregate([("found", "sum"), ("missing", "sum")]))
-    return counts.select([*bucket_cols, "found_sum", "missing_sum"]).rename_columns([*bucket_cols, "found", "missing"])
-
-
-
-
-def located_name(tar_path: str | None) -> str:
-    """The file of one source tar's located rows (job 1 writes it, job 2 reads it)."""
-    return hashlib.sha1(repr(tar_path).encode()).hexdigest()[:20] + ".parquet"
-
-
-def locate_group(table, located_dir: str, bucket_cols: list[str], storage_options: dict | None = None):
-    """Job 1's task on the rows of one source tar: locate them, write them with their image's byte
-    range to located_dir (uncompressed: read once, by job 2, then deleted), return their counts
-    per bucket."""
-    located = locate(table, storage_options)
-    tar = table.column("tar_path")[0].as_py()
-    fsio.write_bytes_atomic(fsio.join(located_dir, located_name(tar)), parquet_bytes(located, "none"),
-                            storage_options, durable=False)
-    return bucket_counts(located, bucket_cols)
+    return place(locate(table, storage_options), bucket_cols, buckets, shard_size)

@@ -22,7 +22,7 @@ def bucket_bits(rows: int | None, target: int) -> int:
 
 def bucket_offsets(counts: list[tuple[tuple, int]]) -> dict[tuple, tuple[int, int, int]]:
     """{bucket key: (bucket number, first position, rows)} for the buckets in sort order; `counts`:
-    (bucket key, found rows). Positions are dense: a bucket starts where the one before it ends."""
+    (bucket key, selected rows). Positions are dense: a bucket starts where the one before it ends."""
     out, start = {}, 0
     for number, (key, rows) in enumerate(sorted(c for c in counts if c[1])):
         out[key] = (number, start, rows)
@@ -31,15 +31,14 @@ def bucket_offsets(counts: list[tuple[tuple, int]]) -> dict[tuple, tuple[int, in
 
 
 def place(table, bucket_cols: list[str], buckets: dict[tuple, tuple[int, int, int]], shard_size: int):
-    """Each located row once per shard its bucket's positions overlap (`shard`; a bucket smaller
-    than a shard overlaps one or two), with `_bidx` (the bucket's number) and `_offset` (its first
-    position); a row without its image once, with shard null."""
+    """Each row once per shard its bucket's positions overlap (`shard`; a bucket smaller than a
+    shard overlaps one or two), with `_bidx` (the bucket's number) and `_offset` (its first
+    position). Every selected row is placed, with its image or not: the counts that give the
+    positions are taken before any tar is read."""
     import numpy as np
     import pyarrow as pa
 
     n = table.num_rows
-    found = table.column("offset").is_valid().to_numpy(zero_copy_only=False)
-    info = np.full((n, 3), -1, dtype=np.int64)
     if len(bucket_cols) == 1 and buckets and all(isinstance(k[0], int) for k in buckets):
         # one integer bucket column (the shuffled order): a sorted search instead of a lookup per row
         known = np.array(sorted(k[0] for k in buckets), dtype=np.int64)
@@ -47,27 +46,24 @@ def place(table, bucket_cols: list[str], buckets: dict[tuple, tuple[int, int, in
         values = table.column(bucket_cols[0]).fill_null(-1).to_numpy()
         at = np.minimum(np.searchsorted(known, values), known.size - 1)
         ok = known[at] == values
-        if (found & ~ok).any():
-            raise ValueError(f"bucket {values[found & ~ok][0]} is not in the export plan "
-                             f"(the subset changed during the export)")
-        info[found] = table_info[at[found]]
+        if not ok.all():
+            raise ValueError(f"bucket {values[~ok][0]} is not in the export plan (the subset changed during the export)")
+        info = table_info[at].reshape(n, 3)
     else:
+        info = np.zeros((n, 3), dtype=np.int64)
         for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in bucket_cols))):
-            if found[i]:
-                got = buckets.get(key)
-                if got is None:
-                    raise ValueError(f"bucket {key} is not in the export plan (the subset changed during the export)")
-                info[i] = got
-    first = np.where(found, info[:, 1] // shard_size, 0)
-    last = np.where(found, (info[:, 1] + info[:, 2] - 1) // shard_size, 0)
-    repeat = last - first + 1
+            got = buckets.get(key)
+            if got is None:
+                raise ValueError(f"bucket {key} is not in the export plan (the subset changed during the export)")
+            info[i] = got
+    first = info[:, 1] // shard_size
+    repeat = (info[:, 1] + info[:, 2] - 1) // shard_size - first + 1
     take = np.repeat(np.arange(n), repeat)
     step = np.arange(take.size) - np.repeat(np.cumsum(repeat) - repeat, repeat)
-    shard = pa.array((first[take] + step).astype(np.int32), mask=~found[take])
     out = table.take(pa.array(take))
-    return (out.append_column("shard", shard)
-            .append_column("_bidx", pa.array(info[take, 0], mask=~found[take]))
-            .append_column("_offset", pa.array(info[take, 1], mask=~found[take])))
+    return (out.append_column("shard", pa.array((first[take] + step).astype(np.int32)))
+            .append_column("_bidx", pa.array(info[take, 0]))
+            .append_column("_offset", pa.array(info[take, 1])))
 
 
 def shard_rows(table, shard: int, shard_size: int, within: list[str]):
@@ -87,11 +83,3 @@ def shard_rows(table, shard: int, shard_size: int, within: list[str]):
     position = table.column("_offset").to_numpy() + rank
     keep = position // shard_size == shard
     return table.filter(pa.array(keep)).append_column("position", pa.array(position[keep], pa.int64()))
-
-
-def place_batches(batches, bucket_cols: list[str], buckets: dict, shard_size: int):
-    """place() over a stream of Arrow record batches (job 2's mapInArrow)."""
-    import pyarrow as pa
-
-    for batch in batches:
-        yield from place(pa.Table.from_batches([batch]), bucket_cols, buckets, shard_size).to_batches()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import tarfile
@@ -42,6 +43,12 @@ from udfs.export.layout import (
 
 # --- step 2: range reads from the source tars ------------------------------------------------------
 
+@functools.lru_cache(maxsize=1 << 16)
+def _local_path(uri: str) -> str:
+    """fsspec's path of a local URI (resolved once per worker: every shard reads the same tars)."""
+    return fsio.filesystem(uri)[1]
+
+
 class RangeReader:
     """Reads (uri, offset, size) ranges: local files with os.pread on handles kept open for the task,
     remote ones with fsspec's cat_ranges (concurrent requests on s3)."""
@@ -54,7 +61,7 @@ class RangeReader:
         """A read handle on a local source tar, opened once per task."""
         fd = self._fds.get(uri)
         if fd is None:
-            fd = self._fds[uri] = os.open(fsio.filesystem(uri)[1], os.O_RDONLY)
+            fd = self._fds[uri] = os.open(_local_path(uri), os.O_RDONLY)
         return fd
 
     def read(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
@@ -104,35 +111,83 @@ def _sidecars(key: str, text: str | None, js: bytes) -> bytes:
                      ustar_header(f"{key}.json", len(js)), js, _pad(len(js))))
 
 
-# The columns write_shard reads.
+# The columns write_shard reads; JSON_COLUMN, where the rows have it, holds each KEY.json already
+# written (by the JVM: columns.export_json), else it is written here from the LAION columns.
 SHARD_COLUMNS = ("position", "tar_path", "offset", "size", "ext", *LAION_COLUMNS)
+JSON_COLUMN = "_json"
+# The subset columns a webdataset export reads past the plan (its manifest's and its members').
+WEBDATASET_COLUMNS = ("key", "SAMPLE_ID", "tar_path", "TEXT", JSON_COLUMN)
 
 
 class _Rows:
-    """A shard's rows as column lists, in position order: from a pyarrow Table (one to_pylist per
-    column, no dict per row) or from a list of row dicts."""
+    """A shard's rows in position order, column by column: from a pyarrow Table (text columns as
+    UTF-8 bytes, numbers as numpy arrays, converted only when asked for) or from a list of row dicts."""
 
     def __init__(self, rows):
+        self._lists: dict[str, list] = {}
+        self._bytes: dict[str, list[bytes]] = {}
         if isinstance(rows, list):
             rows = sorted(rows, key=lambda r: r["position"])
-            self.cols = {c: [r.get(c) for r in rows] for c in SHARD_COLUMNS}
+            self.table = None
+            self._lists = {c: [r.get(c) for r in rows] for c in (*SHARD_COLUMNS, JSON_COLUMN)}
+            self.n = len(rows)
         else:
-            rows = rows.sort_by("position")
-            self.cols = {c: rows.column(c).to_pylist() if c in rows.column_names else [None] * rows.num_rows
-                         for c in SHARD_COLUMNS}
-        self.n = len(self.cols["position"])
+            self.table = rows.sort_by("position") if rows.num_rows else rows
+            self.n = rows.num_rows
 
     def __len__(self) -> int:
         return self.n
 
+    def _has(self, name: str) -> bool:
+        return self.table is not None and name in self.table.column_names
+
+    def col(self, name: str) -> list:
+        """A column as Python values (None where the rows lack it)."""
+        if name not in self._lists:
+            self._lists[name] = self.table.column(name).to_pylist() if self._has(name) else [None] * self.n
+        return self._lists[name]
+
+    def data(self, name: str) -> list[bytes]:
+        """A text column as UTF-8 bytes, null as b"" (no str objects made from a Table)."""
+        if name not in self._bytes:
+            if self._has(name):
+                import pyarrow as pa
+
+                column = self.table.column(name)
+                if not pa.types.is_binary(column.type):
+                    column = column.cast(pa.binary())
+                self._bytes[name] = column.fill_null(b"").to_pylist()
+            else:
+                self._bytes[name] = [v if isinstance(v, bytes) else (v or "").encode("utf-8") for v in self.col(name)]
+        return self._bytes[name]
+
+    def ints(self, name: str):
+        import numpy as np
+
+        if self._has(name):
+            return self.table.column(name).to_numpy().astype(np.int64, copy=False)
+        return np.array(self.col(name), dtype=np.int64)
+
     def jsons(self, start: int = 0, stop: int | None = None) -> list[bytes]:
         """KEY.json of rows[start:stop] (see sample_json)."""
-        values = zip(*(self.cols[c][start:stop] for c in LAION_COLUMNS))
+        if self._has(JSON_COLUMN):
+            return self.data(JSON_COLUMN)[start:stop]
+        values = zip(*(self.col(c)[start:stop] for c in LAION_COLUMNS))
         return [orjson.dumps(dict(zip(LAION_COLUMNS, v)), option=orjson.OPT_SORT_KEYS) for v in values]
 
+    def sources(self):
+        """(each row's source tar as a number, the tars' URIs): tar_path dictionary-encoded."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        tars = self.table.column("tar_path").combine_chunks() if self._has("tar_path") else pa.array(self.col("tar_path"),
+                                                                                                       pa.string())
+        encoded = pc.dictionary_encode(tars)
+        return np.asarray(encoded.indices, dtype=np.int64), encoded.dictionary.to_pylist()
+
     def ranges(self, start: int, stop: int) -> list[tuple[str, int, int]]:
-        c = self.cols
-        return list(zip(c["tar_path"][start:stop], c["offset"][start:stop], c["size"][start:stop]))
+        return list(zip(self.col("tar_path")[start:stop], self.col("offset")[start:stop], self.col("size")[start:stop]))
 
 
 def _trailer(end: int) -> bytes:
@@ -220,6 +275,28 @@ def ustar_header(name: str, size: int) -> bytes:
     return b"".join((raw.ljust(100, b"\0"), _MIDDLE, size_field, _AFTER_SIZE[:12], b"%06o\0 " % checksum, _TAIL))
 
 
+def ustar_headers(names: list[bytes], sizes) -> bytes:
+    """ustar_header of many members at once (numpy over a template row, the bytes of each field
+    set column-wise): 512 bytes per member, in order. Names over 100 bytes or huge members go
+    through ustar_header one by one."""
+    import numpy as np
+
+    m = len(names)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if not m:
+        return b""
+    if max(map(len, names)) > 100 or int(sizes.max()) >= 8 ** 11 or int(sizes.min()) < 0:
+        return b"".join(ustar_header(n.decode("utf-8", "surrogateescape"), int(z)) for n, z in zip(names, sizes))
+    heads = np.tile(np.frombuffer(ustar_header("", 0), dtype=np.uint8), (m, 1))
+    heads[:, :100] = np.array(names, dtype="S100").view(np.uint8).reshape(m, 100)
+    heads[:, 124:135] = ((sizes[:, None] >> (3 * np.arange(10, -1, -1))) & 7) + ord("0")   # %011o\0
+    heads[:, 148:156] = ord(" ")   # the checksum counts its own field as spaces
+    checksum = heads.sum(axis=1, dtype=np.int64)
+    heads[:, 148:154] = ((checksum[:, None] >> (3 * np.arange(5, -1, -1))) & 7) + ord("0")   # %06o\0 + space
+    heads[:, 154] = 0
+    return heads.tobytes()
+
+
 # errno of a copy_file_range the kernel or filesystem does not do: copy through user space instead
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
 
@@ -259,33 +336,42 @@ def _write_tar_local(out: _AtomicOut, rows: _Rows, reader: RangeReader) -> int:
     written with one pwrite each, in output order; then the images are copied into their places
     inside the kernel, sorted by source tar and offset, so each source is read front to back once.
     Returns the image bytes."""
-    fd = out.fh.fileno()
-    copies = []
+    import numpy as np
+
+    fd, n = out.fh.fileno(), len(rows)
+    keys, exts, texts, jsons = rows.data("key"), rows.data("ext"), rows.data("TEXT"), rows.jsons()
+    sizes, offsets = rows.ints("size"), rows.ints("offset")
+    heads = ustar_headers([k + b"." + e for k, e in zip(keys, exts)] + [k + b".txt" for k in keys]
+                          + [k + b".json" for k in keys],
+                          np.concatenate([sizes, np.fromiter(map(len, texts), np.int64, n),
+                                          np.fromiter(map(len, jsons), np.int64, n)]))
+    at = np.zeros(n, dtype=np.int64)
     pos, gap = 0, b""
-    c = rows.cols
-    for key, ext, text, js, tar, offset, size in zip(c["key"], c["ext"], c["TEXT"], rows.jsons(), c["tar_path"],
-                                                     c["offset"], c["size"]):
-        gap += ustar_header(f"{key}.{ext}", size)
+    for i, (text, js, size) in enumerate(zip(texts, jsons, sizes.tolist())):
+        gap += heads[i * BLOCK:(i + 1) * BLOCK]
         os.pwrite(fd, gap, pos)
         pos += len(gap)
-        copies.append((tar, offset, size, pos))
+        at[i] = pos
         pos += size
-        gap = _pad(size) + _sidecars(key, text, js)
+        txt_at, js_at = (n + i) * BLOCK, (2 * n + i) * BLOCK
+        gap = b"".join((_pad(size), heads[txt_at:txt_at + BLOCK], text, _pad(len(text)),
+                        heads[js_at:js_at + BLOCK], js, _pad(len(js))))
     gap += _trailer(pos + len(gap))
     os.pwrite(fd, gap, pos)
     out.count = pos + len(gap)
+    source, uris = rows.sources()
+    fds = [reader.fd(uri) for uri in uris]
     copier = _RangeCopier()
-    copies.sort()
-    for uri, offset, size, at in copies:
-        copier.copy(reader.fd(uri), fd, size, offset, at, uri)
-    return sum(c[2] for c in copies)
+    for j in np.lexsort((offsets, source)).tolist():   # by source tar, then offset
+        copier.copy(fds[source[j]], fd, int(sizes[j]), int(offsets[j]), int(at[j]), uris[source[j]])
+    return int(sizes.sum())
 
 
 def _write_tar_chunks(out: _AtomicOut, rows: _Rows, reader: RangeReader, chunk: int) -> int:
     """A shard with a remote source or output: images read by range a chunk at a time (concurrent
     requests on s3), each chunk's members written as one buffer. Returns the image bytes."""
     image_bytes = 0
-    c = rows.cols
+    c = {name: rows.col(name) for name in ("key", "ext", "TEXT")}
     for start in range(0, len(rows), chunk):
         stop = start + chunk
         images = reader.read(rows.ranges(start, stop))
@@ -320,7 +406,7 @@ def _parquet_chunk(rows: _Rows, start: int, stop: int, images: list[bytes]):
     import pyarrow as pa
 
     schema = parquet_schema()
-    c = rows.cols
+    c = {name: rows.col(name) for name in ("key", "ext", *COLUMN_TYPES)}
     cols = {"image": [{"bytes": img, "path": f"{k}.{e}"}
                       for k, e, img in zip(c["key"][start:stop], c["ext"][start:stop], images)]}
     for name in COLUMN_TYPES:
@@ -365,6 +451,13 @@ def write_shard(output: str, shard: int, rows, settings: dict) -> dict:
     in the export), `tar_path`, `offset`, `size`, `ext` and the LAION columns. `settings`: format, plan (plan_id), read_chunk,
     storage_options. Returns {shard, file, samples, bytes, image_bytes, status: written|skipped, seconds}.
     """
+    return start_shard(output, shard, rows, settings)()
+
+
+def start_shard(output: str, shard: int, rows, settings: dict):
+    """write_shard in two steps: this writes the shard's bytes (to a hidden file) and returns the
+    call that completes it (flush to disk, rename, verify, marker) and gives write_shard's result,
+    so that a task can flush one shard while it writes the next (write_partition)."""
     t0 = time.time()
     fmt, so = settings["format"], settings.get("storage_options")
     if fmt not in FORMATS:
@@ -373,27 +466,42 @@ def write_shard(output: str, shard: int, rows, settings: dict) -> dict:
     uri = fsio.join(output, name)
     marker = read_marker(output, shard, so)
     if marker is not None and marker.get("plan") == settings["plan"] and marker.get("file") == name:
-        return {"shard": shard, "file": name, "samples": int(marker["samples"]), "bytes": int(marker["bytes"]),
-                "image_bytes": int(marker.get("image_bytes", 0)), "status": "skipped",
-                "seconds": round(time.time() - t0, 3)}
+        result = {"shard": shard, "file": name, "samples": int(marker["samples"]), "bytes": int(marker["bytes"]),
+                  "image_bytes": int(marker.get("image_bytes", 0)), "status": "skipped",
+                  "seconds": round(time.time() - t0, 3)}
+        return lambda: result
     rows = _Rows(rows)
     chunk = max(1, int(settings.get("read_chunk") or 256))
-    local = not fsio.is_remote(uri) and not any(fsio.is_remote(t) for t in set(rows.cols["tar_path"]))
-    with contextlib.closing(RangeReader(so)) as reader, _AtomicOut(uri, so) as out:
-        if fmt == "parquet":
-            image_bytes = _write_parquet(out, rows, reader, chunk)
-        elif local:
-            image_bytes = _write_tar_local(out, rows, reader)
-        else:
-            image_bytes = _write_tar_chunks(out, rows, reader, chunk)
-    size = out.count
-    body = {"shard": shard, "file": name, "samples": len(rows), "bytes": size, "image_bytes": image_bytes,
-            "plan": settings["plan"]}
-    data = json.dumps(body, sort_keys=True).encode()
-    fsio.write_bytes_atomic(marker_path(output, shard), data, so)   # last: the shard is complete
-    verify_size(marker_path(output, shard), len(data), so)
-    return {"shard": shard, "file": name, "samples": len(rows), "bytes": size, "image_bytes": image_bytes,
-            "status": "written", "seconds": round(time.time() - t0, 3)}
+    local = not fsio.is_remote(uri) and not any(fsio.is_remote(t) for t in rows.sources()[1])
+    out = _AtomicOut(uri, so)
+    try:
+        with contextlib.closing(RangeReader(so)) as reader:
+            if fmt == "parquet":
+                image_bytes = _write_parquet(out, rows, reader, chunk)
+            elif local:
+                image_bytes = _write_tar_local(out, rows, reader)
+            else:
+                image_bytes = _write_tar_chunks(out, rows, reader, chunk)
+    except BaseException:
+        out.abort()
+        raise
+    seconds = time.time() - t0
+
+    def finish() -> dict:
+        t1 = time.time()
+        try:
+            size = out.close()
+        except BaseException:
+            out.abort()
+            raise
+        body = {"shard": shard, "file": name, "samples": len(rows), "bytes": size, "image_bytes": image_bytes,
+                "plan": settings["plan"]}
+        data = json.dumps(body, sort_keys=True).encode()
+        fsio.write_bytes_atomic(marker_path(output, shard), data, so)   # last: the shard is complete
+        verify_size(marker_path(output, shard), len(data), so)
+        return {"shard": shard, "file": name, "samples": len(rows), "bytes": size, "image_bytes": image_bytes,
+                "status": "written", "seconds": round(seconds + time.time() - t1, 3)}
+    return finish
 
 
 RESULT_FIELDS = (("shard", "int32"), ("file", "string"), ("samples", "int64"), ("bytes", "int64"),
@@ -401,30 +509,65 @@ RESULT_FIELDS = (("shard", "int32"), ("file", "string"), ("samples", "int64"), (
                  ("listed", "string"))
 
 
-def write_group(table, output: str, manifest_dir: str, within: list[str], settings: dict):
-    """Job 2's task on the rows placed in one shard: rank them, write the shard and its marker,
-    and its manifest part; the group of rows without their image (shard null) writes their
-    manifest part and lists the first export.max_listed_missing of them for the stats. Returns
-    one row (RESULT_FIELDS) for the driver."""
+def _shard_tables(batches):
+    """The record batches of a partition sorted by `shard`, as one Table per shard."""
+    import numpy as np
     import pyarrow as pa
+
+    current, pieces = None, []
+    for batch in batches:
+        shard = batch.column("shard").to_numpy(zero_copy_only=False)
+        cuts = [0, *(np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist(), len(shard)]
+        for start, stop in zip(cuts[:-1], cuts[1:]):
+            if start == stop:
+                continue
+            if shard[start] != current and pieces:
+                yield pa.Table.from_batches(pieces)
+                pieces = []
+            current = shard[start]
+            pieces.append(batch.slice(start, stop - start))
+    if pieces:
+        yield pa.Table.from_batches(pieces)
+
+
+def write_partition(batches, output: str, manifest_dir: str, within: list[str], settings: dict):
+    """The export's task on one partition of placed rows sorted by shard (a mapInArrow): for each
+    shard, rank its rows, write the shard (the rows whose image was found), its manifest part (all
+    its rows: the missing ones as missing_image, in no shard) and list the first
+    export.max_listed_missing missing rows for the stats. A helper thread completes each local
+    shard (fsync, rename, marker) while the next one is written; the task ends only when all are
+    complete. Yields one row (RESULT_FIELDS) per shard for the driver."""
+    import concurrent.futures
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     from udfs.export.order import shard_rows
 
     so, fmt = settings["storage_options"], settings["format"]
-    shard = table.column("shard")[0].as_py()
-    part = fsio.join(output, manifest_dir)
-    if shard is None:   # the rows without their image
-        fsio.write_bytes_atomic(fsio.join(part, "part-missing.parquet"), manifest_part(table, None, fmt), so,
-                                durable=False)
-        listed = (table.select(["key", "SAMPLE_ID", "tar_path", "error_message"])
-                  .sort_by([("tar_path", "ascending"), ("key", "ascending")])
-                  .slice(0, settings["max_listed_missing"]).to_pylist())
-        res = {"shard": None, "file": None, "samples": 0, "bytes": 0, "image_bytes": 0, "status": "missing",
-               "seconds": 0.0, "missing": table.num_rows, "listed": json.dumps(listed)}
-    else:
-        rows = shard_rows(table, shard, settings["shard_size"], within)
-        res = write_shard(output, shard, rows, settings)
-        fsio.write_bytes_atomic(fsio.join(part, f"part-{shard:05d}.parquet"), manifest_part(rows, shard, fmt), so,
-                                durable=False)
-        res.update(missing=0, listed=None)
-    return pa.Table.from_pylist([res], schema=pa.schema([(n, getattr(pa, t)()) for n, t in RESULT_FIELDS]))
+    schema = pa.schema([(n, getattr(pa, t)()) for n, t in RESULT_FIELDS])
+    background = not fsio.is_remote(output)
+    pending = None
+
+    def result(job):
+        res, extra = job
+        return pa.RecordBatch.from_pylist([{**(res.result() if background else res), **extra}], schema=schema)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as helper:
+        for table in _shard_tables(batches):
+            shard = int(table.column("shard")[0].as_py())
+            rows = shard_rows(table, shard, settings["shard_size"], within)
+            found = pc.is_valid(rows.column("offset"))
+            lost = rows.filter(pc.invert(found))
+            finish = start_shard(output, shard, rows.filter(found) if lost.num_rows else rows, settings)
+            if pending is not None:
+                yield result(pending)   # the shard before this one: complete (or its error) first
+            fsio.write_bytes_atomic(fsio.join(output, manifest_dir, f"part-{shard:05d}.parquet"),
+                                    manifest_part(rows, shard, fmt), so, durable=False)
+            listed = (lost.select(["key", "SAMPLE_ID", "tar_path", "error_message"])
+                      .sort_by([("tar_path", "ascending"), ("key", "ascending")])
+                      .slice(0, settings["max_listed_missing"]).to_pylist())
+            extra = {"missing": lost.num_rows, "listed": json.dumps(listed) if listed else None}
+            pending = (helper.submit(finish) if background else finish(), extra)
+        if pending is not None:
+            yield result(pending)
