@@ -23,6 +23,12 @@ import sys
 
 import numpy as np
 
+# pyarrow before faiss and the other native libraries: pyarrow loaded after them has crashed some
+# processes at interpreter exit (apache/arrow#38352 and its kind; here once, "terminate called without
+# an active exception" from a search subprocess, after `clipcrawl <command>` stopped importing every
+# stage, and pandas with pyarrow first, for each command). Both commands read parquet with it anyway.
+import pyarrow  # noqa: F401
+
 from spark_jobs import cli
 from spark_jobs.datasets import InputError
 from udfs import fsio
