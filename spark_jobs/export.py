@@ -34,7 +34,7 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 
-from spark_jobs import cli, columns, datasets  # noqa: E402
+from spark_jobs import cli, columns, datasets, session  # noqa: E402
 from spark_jobs.config import ConfigError  # noqa: E402
 from spark_jobs.datasets import InputError  # noqa: E402
 from spark_jobs.schemas import EXPORT_MANIFEST, SUBSET  # noqa: E402
@@ -110,15 +110,6 @@ def select_rows(spark, path: str, where: str | None):
     return located.select(*SUBSET.schema.fieldNames(), "_file", "_row")
 
 
-def _partitions(spark) -> int:
-    """spark.sql.shuffle.partitions, as an explicit repartition: adaptive execution would fold the
-    small (metadata-only) shuffles into one task."""
-    try:
-        return max(1, int(spark.conf.get("spark.sql.shuffle.partitions")))
-    except (TypeError, ValueError):
-        return 200
-
-
 def row_count_hint(spark, path: str, limit: int | None, storage_options) -> int:
     """The subset's row count (from its parquet footers: no Spark job), an upper bound of the
     selected rows: it sizes the buckets, which only decides how many rows go to two shards."""
@@ -155,8 +146,9 @@ def write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, wo
 
     shard_size, so = worker_settings["shard_size"], worker_settings["storage_options"]
     placed_schema = _with_fields(df.schema, LOCATED_FIELDS + PLACED_FIELDS)
-    parts = max(1, min(_partitions(spark), num_shards))
-    placed = (df.repartition(_partitions(spark), "tar_path").groupBy("tar_path")
+    # explicit repartitions: adaptive execution would fold the small (metadata-only) shuffles into one task
+    parts = max(1, min(session.shuffle_partitions(spark), num_shards))
+    placed = (df.repartition(session.shuffle_partitions(spark), "tar_path").groupBy("tar_path")
               .applyInArrow(lambda t: locate_group(t, bucket_cols, buckets, shard_size, so), placed_schema))
     return [r.asDict() for r in placed.repartition(parts, "shard").sortWithinPartitions("shard")
             .mapInArrow(lambda batches: write_partition(batches, output, MANIFEST_DIR, within, worker_settings),

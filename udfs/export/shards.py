@@ -19,13 +19,13 @@ import errno
 import functools
 import json
 import os
-import tarfile
 import time
 import uuid
 
 import orjson
 
 from udfs import fsio
+from udfs.download import tar_format
 from udfs.download.shard_writer import verify_size
 from udfs.export.layout import (
     BLOCK,
@@ -249,30 +249,10 @@ class _AtomicOut:
         return False
 
 
-def _ustar_constants() -> tuple[bytes, bytes, int]:
-    """The fixed parts of our USTAR member header (mode 0644, uid/gid 0, mtime TAR_MTIME, regular
-    file, no owner names), and their byte sum for the checksum."""
-    middle = b"0000644\0" + b"0000000\0" * 2          # mode, uid, gid
-    after_size = b"%011o\0" % TAR_MTIME + b" " * 8     # mtime, checksum placeholder
-    tail = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (64 + 16 + 155 + 12)   # no owner names or device numbers
-    return middle, after_size, tail
-
-
-_MIDDLE, _AFTER_SIZE, _TAIL = _ustar_constants()
-_CONST_SUM = sum(_MIDDLE) + sum(_AFTER_SIZE) + sum(_TAIL)
-
-
 def ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte header tarfile writes for TarInfo(name) with our fixed metadata, built from
-    constants (tarfile's own builder is most of the time of writing a shard of small images)."""
-    raw = name.encode("utf-8")
-    if len(raw) > 100 or size >= 8 ** 11:   # long names / huge members: tarfile's general path
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = size, TAR_MTIME, 0o644
-        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-    size_field = b"%011o\0" % size
-    checksum = _CONST_SUM + sum(raw) + sum(size_field)
-    return b"".join((raw.ljust(100, b"\0"), _MIDDLE, size_field, _AFTER_SIZE[:12], b"%06o\0 " % checksum, _TAIL))
+    """The 512-byte header tarfile writes for TarInfo(name) with our fixed metadata (mode 0644,
+    mtime TAR_MTIME): tar_format's, shared with the download shard writer."""
+    return tar_format.ustar_header(name, size, TAR_MTIME)
 
 
 def ustar_headers(names: list[bytes], sizes) -> bytes:
