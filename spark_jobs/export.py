@@ -150,7 +150,9 @@ def write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, wo
     parts = max(1, min(session.shuffle_partitions(spark), num_shards))
     placed = (df.repartition(session.shuffle_partitions(spark), "tar_path").groupBy("tar_path")
               .applyInArrow(lambda t: locate_group(t, bucket_cols, buckets, shard_size, so), placed_schema))
-    return [r.asDict() for r in placed.repartition(parts, "shard").sortWithinPartitions("shard")
+    # by shard number, not its hash: partitions get whole shards in equal numbers (a hash left one
+    # task with 15 shards and another with 9, and one core idle for the tail)
+    return [r.asDict() for r in placed.repartitionById(parts, "shard").sortWithinPartitions("shard")
             .mapInArrow(lambda batches: write_partition(batches, output, MANIFEST_DIR, within, worker_settings),
                         _with_fields(T.StructType([]), RESULT_FIELDS)).collect()]
 

@@ -87,11 +87,15 @@ def test_get_spark_gives_a_connect_session(connect_server, tmp_path):
 
 
 @pytest.mark.slow
-def test_clipcrawl_run_over_connect_equals_local_run(connect_server, local_demo_run, tmp_path):
+def test_clipcrawl_run_over_connect_equals_local_run(connect_server, local_demo_run, spark, tmp_path):
     local = local_demo_run
     root = tmp_path / "run"
     # the same settings as the local run, with this run's own root and seen-pairs filter
-    cfg = local["cfg"].with_overrides([f"storage.root={root}", f"dedup.seen={root / '_filters' / 'seen_pairs'}"])
+    # ... and the en subset exported at the end, as `run.export` does (mapInArrow, applyInArrow and
+    # repartitionById over Connect)
+    en = local["cfg"].get("filter.subsets.en")
+    cfg = local["cfg"].with_overrides([f"storage.root={root}", f"dedup.seen={root / '_filters' / 'seen_pairs'}",
+                                       f"run.export=[{en}]"])
     config = write_run_config(cfg, tmp_path / "run.yaml")
     env = {k: v for k, v in os.environ.items() if k != "SPARK_CONNECT_MODE_ENABLED"}
     env.update(SPARK_REMOTE=connect_server.url, PYTHONPATH=str(REPO))
@@ -106,3 +110,42 @@ def test_clipcrawl_run_over_connect_equals_local_run(connect_server, local_demo_
     assert ours["subsets"], "the sample should keep some pairs"
     for name in reference:
         assert ours[name] == reference[name], name
+    assert summary["exports"][en]["status"] == "ran", summary["exports"]
+    assert_same_export(spark, root / cfg.get("run.datasets.export") / en, local, en, tmp_path / "local_export")
+
+
+def _samples(folder: Path) -> list[list[tuple]]:
+    """Each shard of an export as its members in order: (name, bytes), KEY.json parsed, with
+    similarity to 4 places (the scores match the local run's to 4 places, see pipeline_outputs)."""
+    import tarfile
+
+    shards = []
+    for tar_path in sorted(folder.glob("*.tar")):
+        members = []
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                data = tar.extractfile(m).read()
+                if m.name.endswith(".json"):
+                    meta = json.loads(data)
+                    meta["similarity"] = round(meta["similarity"], 4)
+                    data = meta
+                members.append((m.name, data))
+        shards.append(members)
+    return shards
+
+
+def assert_same_export(spark, ours: Path, local: dict, subset: str, local_out: Path) -> None:
+    """The Connect run's export holds the same samples, in the same shards and order, as a
+    local[*] export of the local run's subset with the same settings."""
+    import argparse
+
+    from spark_jobs import export
+
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+    stats = export.run(spark, local["cfg"], parser.parse_args([
+        "--dataset", str(local["root"] / local["cfg"].get("run.datasets.filter")), "--subset", subset,
+        "--output", str(local_out)]))
+    assert stats["output_rows"] > 0 and stats["balanced"], stats
+    assert json.loads((ours / "sizes.json").read_text()) == json.loads((local_out / "sizes.json").read_text())
+    assert _samples(ours) == _samples(local_out)
