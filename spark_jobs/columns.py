@@ -381,7 +381,8 @@ def _annotated_schema():
               ("similarity", d), ("similarity_multilingual", d), ("score", d), ("threshold", d),
               ("bucket", s), ("LANGUAGE", s), ("language_confidence", d), ("SAMPLE_ID", lg),
               ("WIDTH", i), ("HEIGHT", i), ("punsafe", d), ("pwatermark", d),
-              ("image_embedding", T.BinaryType()), ("text_embedding", T.BinaryType()), ("tar_path", s)]
+              ("image_embedding", T.BinaryType()), ("text_embedding", T.BinaryType()), ("tar_path", s),
+              ("image_offset", lg), ("image_size", lg)]
     return T.StructType([T.StructField(n, t, True) for n, t in fields])
 
 
@@ -391,7 +392,8 @@ def annotate(df, settings: dict):
 
     worker_settings = {k: v for k, v in settings.items() if k != "histogram"}
     optional = {"original_width": "int", "original_height": "int", "width": "int", "height": "int",
-                "error_message": "string", "similarity_multilingual": "double", "tar_path": "string"}
+                "error_message": "string", "similarity_multilingual": "double", "tar_path": "string",
+                "image_offset": "bigint", "image_size": "bigint"}
     for col, kind in optional.items():
         if col not in df.columns:
             df = df.withColumn(col, F.lit(None).cast(kind))
@@ -607,6 +609,26 @@ def export_order(df, settings: dict, rows_hint: int | None = None):
 
 def _export_bucket_rows(settings: dict) -> int:
     return export_order_rules.bucket_rows(settings["shard_size"], settings["rank_bucket_rows"])
+
+
+def place_rows(spark, df, bucket_cols: list[str], buckets: dict, shard_size: int):
+    """udfs/export/order.place in the JVM, for rows whose image offset download recorded: each row
+    once per shard its bucket overlaps (`shard`, `_bidx`, `_offset`), with `offset` / `size` from
+    image_offset / image_size and `ext` null (the shard task reads it from the member's header).
+    The bucket table (one row per bucket) is broadcast to the join."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    types = {f.name: f.dataType for f in df.schema.fields}
+    table = T.StructType([*(T.StructField(c, types[c]) for c in bucket_cols),
+                          *(T.StructField(c, T.LongType()) for c in ("_bidx", "_offset")),
+                          *(T.StructField(c, T.IntegerType()) for c in ("_first", "_last"))])
+    rows = [(*key, number, first, first // shard_size, (first + n - 1) // shard_size)
+            for key, (number, first, n) in buckets.items()]
+    return (df.join(F.broadcast(spark.createDataFrame(rows, table)), list(bucket_cols))
+            .select(*df.columns, F.expr("CAST(NULL AS STRING)").alias("ext"), F.col("image_offset").alias("offset"),
+                    F.col("image_size").alias("size"), F.expr("CAST(NULL AS STRING)").alias("error_message"),
+                    F.explode(F.sequence("_first", "_last")).alias("shard"), "_bidx", "_offset"))
 
 
 def export_json(df, names):

@@ -9,11 +9,12 @@ Writes `{shard:05d}.tar` (or `.parquet`), `sizes.json`, `_info.json`, `manifest/
 its shard, or missing_image and why), `_markers/` (resume) and `_stats/stats.json` last (formats:
 udfs/export/). Order: a seeded shuffle across shards, byte-identical for the same inputs and seed.
 Two Spark jobs, DataFrame APIs only: (1) the selected rows counted per bucket of the sort key, in
-the JVM (no tar is read: these counts give every bucket's first position); (2) one task per source
-tar locates its rows in the tar's headers (udfs/export/locate.py) and sends each to the shard(s) its
-bucket overlaps (udfs/export/order.py), then one task per shard ranks, copies and writes it with its
-marker and manifest part (udfs/export/shards.py); their returns give sizes.json, _info.json and the
-stats, checked against job (1)'s counts.
+the JVM (no tar is read: these counts give every bucket's first position); (2) each row goes to the
+shard(s) its bucket overlaps (udfs/export/order.py): in the JVM when download recorded where its image
+lies (image_offset, checked against the member header by the shard task), else one task per source
+tar first locates its rows in the tar's headers (udfs/export/locate.py); then one task per shard ranks,
+copies and writes it with its marker and manifest part (udfs/export/shards.py); their returns give
+sizes.json, _info.json and the stats, checked against job (1)'s counts.
 
 Positions count the selected rows, so a row whose image is missing (not in its tar, or the tar gone
 or damaged) keeps its place and leaves a gap: its shard holds one sample fewer than
@@ -89,6 +90,9 @@ def select_rows(spark, path: str, where: str | None):
     from pyspark.sql import functions as F
 
     df = datasets.read_dataset(spark, path, SUBSET)
+    for name in RECORDED:   # a subset from before download recorded them
+        if name not in df.columns:
+            df = df.withColumn(name, F.expr("CAST(NULL AS BIGINT)"))
     if where:
         quiet = logging.getLogger("SQLQueryContextLogger")   # PySpark logs the analysis error's trace
         level = quiet.level
@@ -119,6 +123,7 @@ def row_count_hint(spark, path: str, limit: int | None, storage_options) -> int:
     return rows if limit is None else min(rows, limit)
 
 
+RECORDED = ("image_offset", "image_size")   # where download put each image in its tar
 LOCATED_FIELDS = (("ext", "string"), ("offset", "bigint"), ("size", "bigint"), ("error_message", "string"))
 PLACED_FIELDS = (("shard", "int"), ("_bidx", "bigint"), ("_offset", "bigint"))
 
@@ -132,24 +137,32 @@ def _with_fields(schema, extra):
     return T.StructType([*schema.fields, *(T.StructField(n, types[t]) for n, t in extra)])
 
 
-def count_rows(df, bucket_cols: list[str]) -> list[tuple[tuple, int]]:
-    """Job 1: [(bucket key, selected rows)], an aggregate in the JVM (no Python, no tar read)."""
-    return [(tuple(r[c] for c in bucket_cols), int(r["n"])) for r in df.groupBy(*bucket_cols).count()
-            .withColumnRenamed("count", "n").collect()]
+def count_rows(df, bucket_cols: list[str]) -> tuple[list[tuple[tuple, int]], int]:
+    """Job 1: ([(bucket key, selected rows)], rows whose image offset download recorded), an
+    aggregate in the JVM (no Python, no tar read)."""
+    from pyspark.sql import functions as F
+
+    got = df.groupBy(*bucket_cols).agg(F.count(F.lit(1)).alias("n"), F.count(RECORDED[0]).alias("known")).collect()
+    return [(tuple(r[c] for c in bucket_cols), int(r["n"])) for r in got], sum(int(r["known"]) for r in got)
 
 
-def write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, worker_settings) -> list[dict]:
-    """Job 2: one group per source tar locates its rows and places them (each row to the shard(s)
-    its bucket overlaps), then each task takes its shards in order: ranks each one's buckets' rows,
-    writes the shard and its marker, and its manifest/ part (its missing images included)."""
+def write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, worker_settings,
+                 recorded: bool) -> list[dict]:
+    """Job 2: rows placed in the shard(s) their bucket overlaps: in the JVM when download recorded
+    every image's offset (`recorded`), else by one group per source tar, which first locates its
+    rows in the tar's headers. Then each task takes its shards in order: ranks each one's buckets'
+    rows, writes the shard and its marker, and its manifest/ part (its missing images included)."""
     from pyspark.sql import types as T
 
     shard_size, so = worker_settings["shard_size"], worker_settings["storage_options"]
     placed_schema = _with_fields(df.schema, LOCATED_FIELDS + PLACED_FIELDS)
     # explicit repartitions: adaptive execution would fold the small (metadata-only) shuffles into one task
     parts = max(1, min(session.shuffle_partitions(spark), num_shards))
-    placed = (df.repartition(session.shuffle_partitions(spark), "tar_path").groupBy("tar_path")
-              .applyInArrow(lambda t: locate_group(t, bucket_cols, buckets, shard_size, so), placed_schema))
+    if recorded:
+        placed = columns.place_rows(spark, df, bucket_cols, buckets, shard_size)
+    else:
+        placed = (df.repartition(session.shuffle_partitions(spark), "tar_path").groupBy("tar_path")
+                  .applyInArrow(lambda t: locate_group(t, bucket_cols, buckets, shard_size, so), placed_schema))
     # by shard number, not its hash: partitions get whole shards in equal numbers (a hash left one
     # task with 15 shards and another with 9, and one core idle for the tail)
     return [r.asDict() for r in placed.repartitionById(parts, "shard").sortWithinPartitions("shard")
@@ -182,7 +195,8 @@ def run(spark, cfg, args) -> dict:
     fs.makedirs(out_path, exist_ok=True)
     fsio.remove(manifest_path, so)   # rewritten whole below, resumed or not
     with timer.phase("plan"):
-        buckets = order.bucket_offsets(count_rows(df, bucket_cols))
+        counts, known = count_rows(df, bucket_cols)
+        buckets = order.bucket_offsets(counts)
         selected_rows = sum(rows for _, _, rows in buckets.values())
         num_shards = math.ceil(selected_rows / shard_size)
         plan = layout.plan_id({
@@ -195,7 +209,8 @@ def run(spark, cfg, args) -> dict:
     with timer.phase("write_shards"):
         results = []
         if selected_rows:
-            results = write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, worker_settings)
+            results = write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, worker_settings,
+                                   recorded=known == selected_rows)
     with timer.phase("stats"):
         if not selected_rows:   # an empty manifest of the declared schema
             datasets.write_dataset(spark.createDataFrame([], EXPORT_MANIFEST.schema), manifest_path, EXPORT_MANIFEST)
@@ -219,7 +234,8 @@ def run(spark, cfg, args) -> dict:
         "balanced": written + missing_rows == selected_rows,
         "by_status": by_status, "missing_images": done["listed"],
         "missing_listed_up_to": settings["max_listed_missing"], **done["shard_counts"],
-        "stale_files_removed": stale, "plan": plan, **timer.summary(),
+        "stale_files_removed": stale, "plan": plan, "image_offsets": "recorded" if known == selected_rows else "tar headers",
+        **timer.summary(),
     }
     datasets.write_stats(output, NAME, stats, storage_options=so)
     return stats

@@ -102,8 +102,8 @@ def _subset_frame(kept):
     return kept.select(
         "SAMPLE_ID", F.col("url").alias("URL"), F.col("text").alias("TEXT"), "HEIGHT", "WIDTH",
         F.col("score").alias("similarity"), "LANGUAGE", "punsafe", "pwatermark",
-        F.col("SAMPLE_ID").alias("hash"), "key", "tar_path", "language_confidence", "uid", "image_embedding",
-        "text_embedding")
+        F.col("SAMPLE_ID").alias("hash"), "key", "tar_path", "language_confidence", "image_offset", "image_size",
+        "uid", "image_embedding", "text_embedding")
 
 
 def summarize(spark, output: str, rejected: str, settings: dict, input_rows: int) -> dict:

@@ -165,6 +165,8 @@ IMAGES_METADATA = DatasetSpec(
         _s("opt_out_source"),   # opted_out rows: x_robots_tag | robots_txt | tdmrep | page_meta | opt_out_list
         _l("phash"),            # 64-bit pHash of the decoded original (udfs.download.image_hash, signed); null unless success
         _s("stored_sha256"),    # of the bytes stored in the tar as KEY.<ext> (after resize); null unless success
+        _l("image_offset"),     # where KEY.<ext>'s bytes start in the tar, and their size: export copies
+        _l("image_size"),       # them by range (a takedown's rewrite moves them: export checks the header)
     ]),
     # columns added after the first release (exif_orientation, opt_out_source) are optional on read:
     # older shards lack them and conform fills nulls
@@ -212,6 +214,7 @@ FILTER_INPUT = DatasetSpec(
         T.StructField("width", T.IntegerType(), True),
         T.StructField("height", T.IntegerType(), True),
         _l("phash"),            # eval decontamination compares it with the eval images' pHash
+        _l("image_offset"), _l("image_size"),
     ]),
     # SCORED (stage 4) guarantees these; the others are filled with nulls when absent.
     required=("uid", "key", "url", "text", "status", "similarity", "image_embedding", "text_embedding"),
@@ -237,7 +240,12 @@ SUBSET = DatasetSpec(
         _s("key"),              # the sample's key in its webdataset shard
         _s("tar_path"),         # URI of that shard
         _d("language_confidence"),  # the detector's confidence in LANGUAGE (also in nolang): re-split offline
+        _l("image_offset"),     # the image's bytes in tar_path (download's image_offset / image_size):
+        _l("image_size"),       # export copies them without reading the tar's headers; null in older runs
     ]),
+    # subsets written before image_offset / image_size existed lack them (export then reads the tars' headers)
+    required=("SAMPLE_ID", "URL", "TEXT", "HEIGHT", "WIDTH", "similarity", "LANGUAGE", "punsafe", "pwatermark",
+              "hash", "key", "tar_path", "language_confidence"),
 )
 
 FILTER_REJECTED = DatasetSpec(

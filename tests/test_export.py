@@ -281,6 +281,85 @@ def test_missing_image_is_counted_and_listed(spark, chain, tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
 
 
+def download_metadata(chain) -> list[dict]:
+    folder = chain["root"] / chain["cfg"].get("run.datasets.download")
+    return [r for path in sorted(glob.glob(str(folder / "*.parquet"))) for r in pq.read_table(path).to_pylist()]
+
+
+def test_download_records_where_each_image_lies_and_the_subset_carries_it(chain):
+    """image_offset / image_size of every success row are the data offset and size tarfile reads
+    for KEY.jpg in its shard; other rows have none; the subset rows carry download's values."""
+    meta = download_metadata(chain)
+    members = {}
+    for tar_path in sorted(glob.glob(str(chain["root"] / chain["cfg"].get("run.datasets.download") / "*.tar"))):
+        with tarfile.open(tar_path) as tar:
+            members.update({m.name: (m.offset_data, m.size) for m in tar.getmembers()})
+    success = [r for r in meta if r["status"] == "success"]
+    assert success and len(success) < len(meta)
+    for r in meta:
+        got = (r["image_offset"], r["image_size"])
+        assert got == (members[r["key"] + ".jpg"] if r["status"] == "success" else (None, None)), r["key"]
+    recorded = {r["key"]: (r["image_offset"], r["image_size"]) for r in success}
+    subset = subset_table(chain["dataset"] / chain["en"])
+    assert subset and all((r["image_offset"], r["image_size"]) == recorded[r["key"]] for r in subset)
+
+
+def _subset_copy(chain, folder: Path, change) -> Path:
+    """The en subset rewritten by `change` (a pyarrow Table -> Table) under folder/<en>."""
+    en = chain["en"]
+    (folder / en).mkdir(parents=True)
+    for path in sorted(glob.glob(str(chain["dataset"] / en / "*.parquet"))):
+        pq.write_table(change(pq.read_table(path)), folder / en / Path(path).name)
+    return folder
+
+
+def test_recorded_offsets_and_tar_headers_give_the_same_shards(spark, chain, tmp_path):
+    """An export from download's recorded offsets and one of the same subset without them (a
+    subset from before they were recorded: the tars' headers are read) write identical shards."""
+    en = chain["en"]
+    old = _subset_copy(chain, tmp_path / "old", lambda t: t.drop_columns(["image_offset", "image_size"]))
+    a = run_export(spark, chain["cfg"], ["--dataset", str(chain["dataset"]), "--subset", en, "--output", str(tmp_path / "a")])
+    b = run_export(spark, chain["cfg"], ["--dataset", str(old), "--subset", en, "--output", str(tmp_path / "b")])
+    assert (a["image_offsets"], b["image_offsets"]) == ("recorded", "tar headers")
+    tars = sorted(p.name for p in (tmp_path / "a").glob("[0-9]*.tar"))
+    assert tars and tars == sorted(p.name for p in (tmp_path / "b").glob("[0-9]*.tar"))
+    for name in tars:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_stale_recorded_offsets_are_found_in_the_tar_or_counted_missing(spark, chain, tmp_path):
+    """Source tars rewritten after download (as a takedown does): members in another order, one
+    sample removed. The recorded offsets no longer point at the images; export finds each moved
+    image in its tar's headers (same bytes as stored) and counts the removed one missing."""
+    en = chain["en"]
+    rows = subset_table(chain["dataset"] / en)
+    stored = stored_images(rows)
+    gone = rows[0]["key"]
+    moved = {}
+    for src in sorted({r["tar_path"] for r in rows}):
+        dst = tmp_path / "tars" / Path(src).name
+        dst.parent.mkdir(exist_ok=True)
+        with tarfile.open(src) as tar, tarfile.open(dst, "w") as out:
+            for m in reversed(tar.getmembers()):
+                if not m.name.startswith(gone + "."):
+                    out.addfile(m, tar.extractfile(m))
+        moved[src] = str(dst)
+
+    def retarget(table):
+        paths = pa.array([moved[p] for p in table.column("tar_path").to_pylist()], pa.string())
+        return table.set_column(table.schema.get_field_index("tar_path"), "tar_path", paths)
+
+    subset = _subset_copy(chain, tmp_path / "subset", retarget)
+    stats = run_export(spark, chain["cfg"], ["--dataset", str(subset), "--subset", en, "--output", str(tmp_path / "out")])
+    assert stats["image_offsets"] == "recorded" and stats["balanced"]
+    assert stats["by_status"] == {"success": len(rows) - 1, "missing_image": 1}
+    assert [m["key"] for m in stats["missing_images"]] == [gone]
+    assert "not in source shard" in stats["missing_images"][0]["error_message"]
+    samples = read_export(tmp_path / "out")
+    assert sorted(s["key"] for s in samples) == sorted(r["key"] for r in rows if r["key"] != gone)
+    assert all(s["jpg"] == stored[s["key"]] for s in samples)
+
+
 def test_resume_skips_complete_shards_and_rewrites_the_rest(spark, chain, tmp_path):
     cfg, dataset, en = chain["cfg"], str(chain["dataset"]), chain["en"]
     out = tmp_path / "r"

@@ -55,9 +55,17 @@ METADATA_COLUMNS = (
     ("opt_out_source", "string"),
     ("phash", "int64"),
     ("stored_sha256", "string"),
+    ("image_offset", "int64"),
+    ("image_size", "int64"),
 )
 ROBOTS_AUDIT_DIR = ("_stats", "robots")
 MARKER_SUFFIX = "_complete.json"
+
+
+def placed_at(rec: dict, placed: dict[str, tuple[int, int]], ext: str) -> dict:
+    """rec with image_offset / image_size: where its image's bytes lie in the tar just written."""
+    rec["image_offset"], rec["image_size"] = placed.get(ext, (None, None))
+    return rec
 
 
 def shard_name(shard: int) -> str:
@@ -313,7 +321,7 @@ class ShardJob:
                         totals[k] = totals.get(k, 0.0) + v
                     records.append(rec)
                     if data is not None:
-                        writer.write(rec["key"], self._files(rec, data))
+                        placed_at(rec, writer.write(rec["key"], self._files(rec, data)), self.ext)
                 for row in todo:
                     pending.add(pool.submit(self.process_row, row, shard))
                     if len(pending) >= window:
@@ -336,8 +344,8 @@ class ShardJob:
                 key = sample["__key__"]
                 if key in want and key not in found:
                     files = {ext: data for ext, data in sample.items() if ext != "__key__"}
-                    writer.write(key, files)
-                    records.append(dict(want[key]))
+                    image_ext = next((e for e in files if e not in ("txt", "json")), self.ext)
+                    records.append(placed_at(dict(want[key]), writer.write(key, files), image_ext))
                     found.add(key)
         for key, prev in want.items():
             if key not in found:

@@ -70,14 +70,22 @@ class TarShardWriter:
         self.write_seconds = 0.0
         self._mtime = int(time.time())
 
-    def write(self, key: str, files: dict[str, bytes]) -> None:
-        """Add one sample: `files` maps an extension (`jpg`, `txt`, `json`) to its bytes."""
+    def write(self, key: str, files: dict[str, bytes]) -> dict[str, tuple[int, int]]:
+        """Add one sample: `files` maps an extension (`jpg`, `txt`, `json`) to its bytes. Returns
+        {ext: (offset of its data in the tar, size)}: download records the image's, so export
+        copies it by range without reading the tar's headers."""
         t0 = time.perf_counter()
-        block = b"".join(tar_format.member(f"{key}.{ext}", data, self._mtime) for ext, data in files.items())
-        self._fh.write(block)
-        self._offset += len(block)
+        parts, placed, at = [], {}, self._offset
+        for ext, data in files.items():
+            member = tar_format.member(f"{key}.{ext}", data, self._mtime)
+            placed[ext] = (at + len(member) - len(data) - len(tar_format.padding(len(data))), len(data))
+            parts.append(member)
+            at += len(member)
+        self._fh.write(b"".join(parts))
+        self._offset = at
         self.samples += 1
         self.write_seconds += time.perf_counter() - t0
+        return placed
 
     def close(self) -> int:
         t0 = time.perf_counter()

@@ -5,6 +5,7 @@ each tar's headers are read once per export)."""
 from __future__ import annotations
 
 import mmap
+import os
 import tarfile
 
 from udfs import fsio
@@ -200,3 +201,88 @@ def locate_group(table, bucket_cols: list[str], buckets: dict, shard_size: int, 
     from udfs.export.order import place
 
     return place(locate(table, storage_options), bucket_cols, buckets, shard_size)
+
+
+def _recorded_members(heads: bytes, keys: list[bytes], sizes) -> list[str | None]:
+    """The image ext of each 512-byte header in `heads` that is a plain USTAR regular member named
+    KEY.<ext> of the recorded size, with a right checksum; None where it is not."""
+    import numpy as np
+
+    h = np.frombuffer(heads, dtype=np.uint8).reshape(-1, BLOCK)
+    checksum = h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
+    prefixed = (h[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1) & (h[:, 345] != 0)
+    ok = ((_octal_columns(h[:, 148:156]) == checksum) & ((h[:, 156] == ord("0")) | (h[:, 156] == 0))
+          & (_octal_columns(h[:, 124:136]) == np.asarray(sizes, dtype=np.int64)) & ~prefixed)
+    names = np.ascontiguousarray(h[:, :100]).view("S100").ravel().tolist()   # trailing NULs dropped
+    out: list[str | None] = []
+    for good, name, key in zip(ok.tolist(), names, keys):
+        ext = name[len(key) + 1:].decode("utf-8", "surrogateescape") if good and name[:len(key) + 1] == key + b"." else ""
+        out.append(ext if ext and "/" not in ext and ext not in SIDECAR_EXTS else None)
+    return out
+
+
+def check_recorded(table, reader, cache: dict, storage_options: dict | None = None):
+    """Rows placed from download's recorded image_offset / image_size (`offset` and `size` set,
+    `ext` null) checked against the tar: the 512 bytes before the offset must be the header of
+    KEY.<ext> with that size, which gives `ext` (all of a shard's headers read and checked at once).
+    A row whose header does not match (the tar was rewritten by a takedown, or replaced) is looked
+    up in its tar's member table (`cache`: uri -> member_table, kept for the task) and is missing
+    only if the tar lacks it. Other rows as they are."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    todo = np.flatnonzero(pc.and_(pc.is_null(table.column("ext")), pc.is_valid(table.column("offset")))
+                          .to_numpy(zero_copy_only=False)).tolist()
+    if not todo:
+        return table
+    tars, keys = table.column("tar_path").to_pylist(), table.column("key").to_pylist()
+    offsets, sizes = table.column("offset").to_pylist(), table.column("size").to_pylist()
+    rows = [i for i in todo if tars[i] is not None and offsets[i] >= BLOCK]
+
+    def read(idx):
+        if not any(fsio.is_remote(t) for t in {tars[i] for i in idx}):   # local: pread on the task's handles
+            fds = {t: reader.fd(t) for t in {tars[i] for i in idx}}
+            heads = b"".join([os.pread(fds[tars[i]], BLOCK, offsets[i] - BLOCK) for i in idx])
+            if len(heads) != BLOCK * len(idx):
+                raise ValueError("a header cut short")
+            return heads
+        return b"".join(reader.read([(tars[i], offsets[i] - BLOCK, BLOCK) for i in idx]))
+
+    try:   # one read and one check for the whole shard
+        heads, readable = (read(rows) if rows else b""), rows
+    except (OSError, ValueError):   # a tar gone or short: find which, tar by tar
+        by_tar: dict[str, list[int]] = {}
+        for i in rows:
+            by_tar.setdefault(tars[i], []).append(i)
+        parts, readable = [], []
+        for idx in by_tar.values():
+            try:
+                parts.append(read(idx))
+                readable += idx
+            except (OSError, ValueError):   # its member table says why
+                pass
+        heads = b"".join(parts)
+    exts = table.column("ext").to_pylist()
+    if readable:
+        for i, ext in zip(readable, _recorded_members(heads, [keys[i].encode("utf-8") for i in readable],
+                                                      [sizes[i] for i in readable])):
+            exts[i] = ext
+    stale = [i for i in todo if exts[i] is None]
+    table = table.set_column(table.schema.get_field_index("ext"), "ext", pa.array(exts, pa.string()))
+    if not stale:
+        return table
+    errors = table.column("error_message").to_pylist()
+    for i in stale:   # not where download put it: look it up in the tar
+        tar = tars[i]
+        if tar not in cache:
+            cache[tar] = member_table(tar, storage_options) if tar is not None else ({}, None)
+        members, error = cache[tar]
+        got = members.get(keys[i])
+        exts[i], offsets[i], sizes[i] = got or (None, None, None)
+        if got is None:
+            errors[i] = missing_reason(tar, error)
+    for name, values, kind in (("ext", exts, pa.string()), ("offset", offsets, pa.int64()), ("size", sizes, pa.int64()),
+                               ("error_message", errors, pa.string())):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, kind))
+    return table

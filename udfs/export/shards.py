@@ -67,11 +67,15 @@ class RangeReader:
     def read(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
         out: list[bytes | None] = [None] * len(ranges)
         remote: dict[str, list[int]] = {}
+        fds: dict[str, int | None] = {}   # None: remote
         for i, (uri, offset, size) in enumerate(ranges):
-            if fsio.is_remote(uri):
+            if uri not in fds:
+                fds[uri] = None if fsio.is_remote(uri) else self.fd(uri)
+            fd = fds[uri]
+            if fd is None:
                 remote.setdefault(uri, []).append(i)
                 continue
-            out[i] = os.pread(self.fd(uri), size, offset)
+            out[i] = os.pread(fd, size, offset)
         for uri, idx in remote.items():
             fs, path = fsio.filesystem(uri, self.storage_options)
             got = fs.cat_ranges([path] * len(idx), [ranges[i][1] for i in idx],
@@ -116,7 +120,7 @@ def _sidecars(key: str, text: str | None, js: bytes) -> bytes:
 SHARD_COLUMNS = ("position", "tar_path", "offset", "size", "ext", *LAION_COLUMNS)
 JSON_COLUMN = "_json"
 # The subset columns a webdataset export reads past the plan (its manifest's and its members').
-WEBDATASET_COLUMNS = ("key", "SAMPLE_ID", "tar_path", "TEXT", JSON_COLUMN)
+WEBDATASET_COLUMNS = ("key", "SAMPLE_ID", "tar_path", "TEXT", JSON_COLUMN, "image_offset", "image_size")
 
 
 class _Rows:
@@ -512,7 +516,8 @@ def _shard_tables(batches):
 
 def write_partition(batches, output: str, manifest_dir: str, within: list[str], settings: dict):
     """The export's task on one partition of placed rows sorted by shard (a mapInArrow): for each
-    shard, rank its rows, write the shard (the rows whose image was found), its manifest part (all
+    shard, rank its rows, check the image offsets download recorded (locate.check_recorded), write
+    the shard (the rows whose image was found), its manifest part (all
     its rows: the missing ones as missing_image, in no shard) and list the first
     export.max_listed_missing missing rows for the stats. A helper thread completes each local
     shard (fsync, rename, marker) while the next one is written; the task ends only when all are
@@ -522,6 +527,7 @@ def write_partition(batches, output: str, manifest_dir: str, within: list[str], 
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from udfs.export.locate import check_recorded
     from udfs.export.order import shard_rows
 
     so, fmt = settings["storage_options"], settings["format"]
@@ -533,10 +539,11 @@ def write_partition(batches, output: str, manifest_dir: str, within: list[str], 
         res, extra = job
         return pa.RecordBatch.from_pylist([{**(res.result() if background else res), **extra}], schema=schema)
 
-    with concurrent.futures.ThreadPoolExecutor(1) as helper:
+    members: dict = {}   # the member tables of source tars whose recorded offsets did not match
+    with concurrent.futures.ThreadPoolExecutor(1) as helper, contextlib.closing(RangeReader(so)) as headers:
         for table in _shard_tables(batches):
             shard = int(table.column("shard")[0].as_py())
-            rows = shard_rows(table, shard, settings["shard_size"], within)
+            rows = check_recorded(shard_rows(table, shard, settings["shard_size"], within), headers, members, so)
             found = pc.is_valid(rows.column("offset"))
             lost = rows.filter(pc.invert(found))
             finish = start_shard(output, shard, rows.filter(found) if lost.num_rows else rows, settings)

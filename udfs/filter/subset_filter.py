@@ -34,7 +34,7 @@ NOT_SCORED = "not_scored"
 ANNOTATED_COLUMNS = ("uid", "key", "url", "text", "status", "error_message", "similarity",
                      "similarity_multilingual", "score", "threshold", "bucket", "LANGUAGE",
                      "language_confidence", "SAMPLE_ID", "WIDTH", "HEIGHT", "punsafe", "pwatermark",
-                     "image_embedding", "text_embedding", "tar_path")
+                     "image_embedding", "text_embedding", "tar_path", "image_offset", "image_size")
 
 EMBEDDING_METADATA_COLUMNS = ("SAMPLE_ID", "URL", "TEXT", "similarity", "LANGUAGE", "punsafe",
                               "pwatermark", "key", "tar_path",
@@ -76,6 +76,8 @@ def annotate(pdf: pd.DataFrame, settings: dict[str, Any]) -> pd.DataFrame:
               for c in ("original_height", "height")]
     out["WIDTH"] = pd.array(_first_int(*width), dtype="Int64") if n else pd.array([], dtype="Int64")
     out["HEIGHT"] = pd.array(_first_int(*height), dtype="Int64") if n else pd.array([], dtype="Int64")
+    for col in ("image_offset", "image_size"):   # where the image lies in tar_path (export reads it)
+        out[col] = pd.array(pdf[col] if col in pdf else [None] * n, dtype="Int64")
 
     status = out["status"].astype(object)
     success = (status == KEPT).to_numpy(dtype=bool)
