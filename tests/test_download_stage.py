@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tarfile
 from pathlib import Path
 
 import pandas as pd
@@ -140,6 +141,16 @@ def test_retry_failed_reattempts_only_retryable_rows(spark, cfg, tmp_path):
         for tar in sorted(second_out.glob("*.tar")):
             tar_keys |= {s["__key__"] for s in iter_samples(str(tar))}
         assert tar_keys == set(new[new.status == "success"].key)
+        # the recorded image offsets point into the new tars, carried images and fetched ones alike
+        members = {}
+        for tar in sorted(second_out.glob("*.tar")):
+            with tarfile.open(tar) as t:
+                members.update({m.name: (m.offset_data, m.size) for m in t.getmembers()})
+        for row in new.itertuples():
+            if row.status == "success":
+                assert (row.image_offset, row.image_size) == members[f"{row.key}.jpg"], row.key
+            else:
+                assert pd.isna(row.image_offset) and pd.isna(row.image_size)
         with pytest.raises(datasets.InputError, match="new --output"):
             download.run(spark, conf, _args(None, first_out, retry=str(first_out)))
         shard_stats = json.loads((second_out / "00000_stats.json").read_text())
