@@ -73,6 +73,17 @@ def _octal_columns(fields):
     return value
 
 
+def _plain_regular(heads):
+    """For an (n, 512) uint8 array of headers: which are regular-file members with a right checksum
+    and no name prefix (what download writes)."""
+    import numpy as np
+
+    checksum = heads.sum(axis=1, dtype=np.int64) - heads[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
+    regular = (heads[:, 156] == ord("0")) | (heads[:, 156] == 0)
+    prefixed = (heads[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1) & (heads[:, 345] != 0)
+    return regular & ~prefixed & (_octal_columns(heads[:, 148:156]) == checksum)
+
+
 def _index_plain(mm, total: int) -> list[tuple[str, int, int]] | None:
     """_index_headers for a mapped tar of plain regular-file USTAR members (what download writes),
     with the header checks done on all headers at once (numpy) instead of per member; None where
@@ -97,11 +108,8 @@ def _index_plain(mm, total: int) -> list[tuple[str, int, int]] | None:
         heads = blocks[np.array(starts, dtype=np.int64) // BLOCK]
     finally:
         del blocks
-    checksum = heads.sum(axis=1, dtype=np.int64) - heads[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
-    regular = (heads[:, 156] == ord("0")) | (heads[:, 156] == 0)
-    prefixed = (heads[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1) & (heads[:, 345] != 0)
     nul = heads[:, :100] == 0
-    if not (regular.all() and not prefixed.any() and (_octal_columns(heads[:, 148:156]) == checksum).all()
+    if not (_plain_regular(heads).all()
             and (np.logical_or.accumulate(nul, axis=1) == nul).all()):   # names: NULs only after the name
         return None
     raw = np.ascontiguousarray(heads[:, :100]).view("S100").ravel().tolist()   # trailing NULs dropped
@@ -209,10 +217,7 @@ def _recorded_members(heads: bytes, keys: list[bytes], sizes) -> list[str | None
     import numpy as np
 
     h = np.frombuffer(heads, dtype=np.uint8).reshape(-1, BLOCK)
-    checksum = h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
-    prefixed = (h[:, 257:262] == np.frombuffer(b"ustar", np.uint8)).all(axis=1) & (h[:, 345] != 0)
-    ok = ((_octal_columns(h[:, 148:156]) == checksum) & ((h[:, 156] == ord("0")) | (h[:, 156] == 0))
-          & (_octal_columns(h[:, 124:136]) == np.asarray(sizes, dtype=np.int64)) & ~prefixed)
+    ok = _plain_regular(h) & (_octal_columns(h[:, 124:136]) == np.asarray(sizes, dtype=np.int64))
     names = np.ascontiguousarray(h[:, :100]).view("S100").ravel().tolist()   # trailing NULs dropped
     out: list[str | None] = []
     for good, name, key in zip(ok.tolist(), names, keys):
