@@ -562,6 +562,37 @@ def test_key_json_written_in_the_jvm_is_the_row(spark):
                                   "similarity": -0.0, "hash": -1}
 
 
+def test_a_shard_from_more_source_tars_than_open_handles(tmp_path, monkeypatch):
+    """A shard drawing from more source tars than RangeReader keeps open (MAX_OPEN, lowered to 3):
+    the recorded offsets are checked and every image is copied, with at most 3 handles open."""
+    monkeypatch.setattr(shards.RangeReader, "MAX_OPEN", 3)
+    rows, images = [], {}
+    for t in range(7):
+        path = tmp_path / f"{t:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(4):
+                key, image = f"{t:05d}{i:04d}", os.urandom(700 + 97 * i + t)
+                info = tarfile.TarInfo(f"{key}.jpg")
+                info.size = len(image)
+                tar.addfile(info, io.BytesIO(image))
+                images[key] = image
+        with tarfile.open(path) as tar:
+            rows += [{"key": m.name[:-4], "tar_path": str(path), "offset": m.offset_data, "size": m.size}
+                     for m in tar.getmembers()]
+    rows.sort(key=lambda r: r["key"][::-1])   # the tars interleaved, as in a shuffled shard
+    table = pa.Table.from_pylist([{**r, "ext": None, "error_message": None, "position": n, "TEXT": f"t{n}",
+                                   **{c: None for c in layout.LAION_COLUMNS if c not in ("key",)}}
+                                  for n, r in enumerate(rows)])
+    reader, cache = shards.RangeReader(None), {}
+    checked = locate.check_recorded(table, reader, cache)
+    assert checked.column("ext").to_pylist() == ["jpg"] * len(rows) and cache == {}
+    assert len(reader._fds) <= 3
+    reader.close()
+    shards.write_shard(str(tmp_path / "out"), 0, checked, {"format": "webdataset", "plan": "p"})
+    got = {s["key"]: s["jpg"] for s in read_export(tmp_path / "out")}
+    assert got == images
+
+
 def test_a_sorted_partition_splits_into_one_table_per_shard():
     """write_partition's grouping: shards that span batches, batches that hold several shards."""
     shard = [0, 0, 0, 2, 2, 5, 5, 5, 5, 9]

@@ -5,7 +5,6 @@ each tar's headers are read once per export)."""
 from __future__ import annotations
 
 import mmap
-import os
 import tarfile
 
 from udfs import fsio
@@ -246,12 +245,6 @@ def check_recorded(table, reader, cache: dict, storage_options: dict | None = No
     rows = [i for i in todo if tars[i] is not None and offsets[i] >= BLOCK]
 
     def read(idx):
-        if not any(fsio.is_remote(t) for t in {tars[i] for i in idx}):   # local: pread on the task's handles
-            fds = {t: reader.fd(t) for t in {tars[i] for i in idx}}
-            heads = b"".join([os.pread(fds[tars[i]], BLOCK, offsets[i] - BLOCK) for i in idx])
-            if len(heads) != BLOCK * len(idx):
-                raise ValueError("a header cut short")
-            return heads
         return b"".join(reader.read([(tars[i], offsets[i] - BLOCK, BLOCK) for i in idx]))
 
     try:   # one read and one check for the whole shard

@@ -50,32 +50,43 @@ def _local_path(uri: str) -> str:
 
 
 class RangeReader:
-    """Reads (uri, offset, size) ranges: local files with os.pread on handles kept open for the task,
-    remote ones with fsspec's cat_ranges (concurrent requests on s3)."""
+    """Reads (uri, offset, size) ranges: local files with os.pread on handles kept open for the task
+    (the MAX_OPEN most recently used: a shard of a whole crawl draws from more source tars than a
+    process may have open files), remote ones with fsspec's cat_ranges (concurrent requests on s3).
+    A handle from fd() is good until the next fd() call."""
+
+    MAX_OPEN = 256
 
     def __init__(self, storage_options: dict | None = None):
+        import collections
+
         self.storage_options = storage_options
-        self._fds: dict[str, int] = {}
+        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
 
     def fd(self, uri: str) -> int:
-        """A read handle on a local source tar, opened once per task."""
+        """A read handle on a local source tar, opened once while it stays among the MAX_OPEN."""
         fd = self._fds.get(uri)
-        if fd is None:
-            fd = self._fds[uri] = os.open(_local_path(uri), os.O_RDONLY)
+        if fd is not None:
+            self._fds.move_to_end(uri)
+            return fd
+        if len(self._fds) >= self.MAX_OPEN:
+            os.close(self._fds.popitem(last=False)[1])
+        fd = self._fds[uri] = os.open(_local_path(uri), os.O_RDONLY)
         return fd
 
     def read(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
         out: list[bytes | None] = [None] * len(ranges)
         remote: dict[str, list[int]] = {}
-        fds: dict[str, int | None] = {}   # None: remote
-        for i, (uri, offset, size) in enumerate(ranges):
-            if uri not in fds:
-                fds[uri] = None if fsio.is_remote(uri) else self.fd(uri)
-            fd = fds[uri]
-            if fd is None:
-                remote.setdefault(uri, []).append(i)
-                continue
-            out[i] = os.pread(fd, size, offset)
+        local: dict[str, list[int]] = {}
+        for i, (uri, _, _) in enumerate(ranges):
+            group = local.get(uri) if uri in local else remote.get(uri)
+            if group is None:
+                group = (remote if fsio.is_remote(uri) else local).setdefault(uri, [])
+            group.append(i)
+        for uri, idx in local.items():   # tar by tar: one handle at a time
+            fd = self.fd(uri)
+            for i in idx:
+                out[i] = os.pread(fd, ranges[i][2], ranges[i][1])
         for uri, idx in remote.items():
             fs, path = fsio.filesystem(uri, self.storage_options)
             got = fs.cat_ranges([path] * len(idx), [ranges[i][1] for i in idx],
@@ -344,10 +355,10 @@ def _write_tar_local(out: _AtomicOut, rows: _Rows, reader: RangeReader) -> int:
     os.pwrite(fd, gap, pos)
     out.count = pos + len(gap)
     source, uris = rows.sources()
-    fds = [reader.fd(uri) for uri in uris]
     copier = _RangeCopier()
     for j in np.lexsort((offsets, source)).tolist():   # by source tar, then offset
-        copier.copy(fds[source[j]], fd, int(sizes[j]), int(offsets[j]), int(at[j]), uris[source[j]])
+        uri = uris[source[j]]
+        copier.copy(reader.fd(uri), fd, int(sizes[j]), int(offsets[j]), int(at[j]), uri)
     return int(sizes.sum())
 
 
