@@ -208,8 +208,8 @@ def run(work: Path, quick: bool) -> list[dict]:
     task = task_bytes / task_seconds / 1e6
     task_mbs = {k: source["small"] / task_cat[k] / 1e6 for k in task_cat}
     samples = sizes["large"] * per_shard
-    shared = (f"local[2] on a 2-core machine shared with other helpers' jobs (load average "
-              f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after)")
+    shared = (f"local[2] on a 2-core machine (load average {load_before:.1f} before, "
+              f"{os.getloadavg()[0]:.1f} after; the exports' own processes count in it)")
     phases = big["stats"]["phase_seconds"]
     task_sum = big["stats"]["shard_task_seconds"]
     note = (f"{samples} samples, {source['large'] / 1e6:.0f} MB source -> {out_bytes / 1e6:.0f} MB in "
