@@ -123,7 +123,7 @@ def row_count_hint(spark, path: str, limit: int | None, storage_options) -> int:
     return rows if limit is None else min(rows, limit)
 
 
-RECORDED = ("image_offset", "image_size")   # where download put each image in its tar
+RECORDED = layout.RECORDED_COLUMNS   # where download put each image in its tar
 LOCATED_FIELDS = (("ext", "string"), ("offset", "bigint"), ("size", "bigint"), ("error_message", "string"))
 PLACED_FIELDS = (("shard", "int"), ("_bidx", "bigint"), ("_offset", "bigint"))
 
@@ -198,6 +198,7 @@ def run(spark, cfg, args) -> dict:
         counts, known = count_rows(df, bucket_cols)
         buckets = order.bucket_offsets(counts)
         selected_rows = sum(rows for _, _, rows in buckets.values())
+        recorded = known == selected_rows   # every image's place in its tar known: no header pass
         num_shards = math.ceil(selected_rows / shard_size)
         plan = layout.plan_id({
             "subset": subset_path, "source": layout.source_fingerprint(subset_path, so), "where": args.where,
@@ -210,7 +211,7 @@ def run(spark, cfg, args) -> dict:
         results = []
         if selected_rows:
             results = write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, worker_settings,
-                                   recorded=known == selected_rows)
+                                   recorded=recorded)
     with timer.phase("stats"):
         if not selected_rows:   # an empty manifest of the declared schema
             datasets.write_dataset(spark.createDataFrame([], EXPORT_MANIFEST.schema), manifest_path, EXPORT_MANIFEST)
@@ -234,7 +235,7 @@ def run(spark, cfg, args) -> dict:
         "balanced": written + missing_rows == selected_rows,
         "by_status": by_status, "missing_images": done["listed"],
         "missing_listed_up_to": settings["max_listed_missing"], **done["shard_counts"],
-        "stale_files_removed": stale, "plan": plan, "image_offsets": "recorded" if known == selected_rows else "tar headers",
+        "stale_files_removed": stale, "plan": plan, "image_offsets": "recorded" if recorded else "tar headers",
         **timer.summary(),
     }
     datasets.write_stats(output, NAME, stats, storage_options=so)

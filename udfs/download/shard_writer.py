@@ -77,10 +77,10 @@ class TarShardWriter:
         t0 = time.perf_counter()
         parts, placed, at = [], {}, self._offset
         for ext, data in files.items():
-            member = tar_format.member(f"{key}.{ext}", data, self._mtime)
-            placed[ext] = (at + len(member) - len(data) - len(tar_format.padding(len(data))), len(data))
-            parts.append(member)
-            at += len(member)
+            header, _, pad = piece = tar_format.member_parts(f"{key}.{ext}", data, self._mtime)
+            placed[ext] = (at + len(header), len(data))
+            parts += piece
+            at += len(header) + len(data) + len(pad)
         self._fh.write(b"".join(parts))
         self._offset = at
         self.samples += 1

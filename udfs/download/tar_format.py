@@ -44,9 +44,15 @@ def padding(size: int) -> bytes:
     return b"\0" * (-size % BLOCK)
 
 
+def member_parts(name: str, data: bytes, mtime: int = 0, mode: int = 0o644) -> tuple[bytes, bytes, bytes]:
+    """Header, data and padding of one member, apart: a writer joins many at once, and the
+    header's length gives where the data starts."""
+    return ustar_header(name, len(data), mtime, mode), data, padding(len(data))
+
+
 def member(name: str, data: bytes, mtime: int = 0, mode: int = 0o644) -> bytes:
     """Header, data and padding of one member."""
-    return b"".join((ustar_header(name, len(data), mtime, mode), data, padding(len(data))))
+    return b"".join(member_parts(name, data, mtime, mode))
 
 
 def end_of_archive(offset: int) -> bytes:

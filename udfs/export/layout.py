@@ -14,6 +14,8 @@ SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
 MARKERS_DIR = "_markers"
 # Members of a download tar that are not the image (the caption and the download record).
 SIDECAR_EXTS = ("txt", "json")
+# Where download put each image in its tar (subset columns; null in subsets from older runs).
+RECORDED_COLUMNS = ("image_offset", "image_size")
 # The subset's LAION columns, as written to KEY.json and to the parquet shards (tar_path, the source
 # shard's URI, stays in the manifest: it means nothing once the shards are copied elsewhere).
 LAION_COLUMNS = ("SAMPLE_ID", "URL", "TEXT", "HEIGHT", "WIDTH", "similarity", "LANGUAGE", "punsafe",

@@ -33,6 +33,7 @@ from udfs.export.layout import (
     FORMATS,
     LAION_COLUMNS,
     RECORD,
+    RECORDED_COLUMNS,
     TAR_MTIME,
     ZEROS,
     ExportReadError,
@@ -76,17 +77,15 @@ class RangeReader:
 
     def read(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
         out: list[bytes | None] = [None] * len(ranges)
-        remote: dict[str, list[int]] = {}
-        local: dict[str, list[int]] = {}
+        by_uri: dict[str, list[int]] = {}
         for i, (uri, _, _) in enumerate(ranges):
-            group = local.get(uri) if uri in local else remote.get(uri)
-            if group is None:
-                group = (remote if fsio.is_remote(uri) else local).setdefault(uri, [])
-            group.append(i)
-        for uri, idx in local.items():   # tar by tar: one handle at a time
-            fd = self.fd(uri)
-            for i in idx:
-                out[i] = os.pread(fd, ranges[i][2], ranges[i][1])
+            by_uri.setdefault(uri, []).append(i)
+        remote = {uri: idx for uri, idx in by_uri.items() if fsio.is_remote(uri)}
+        for uri, idx in by_uri.items():   # local tars one by one: one handle at a time
+            if uri not in remote:
+                fd = self.fd(uri)
+                for i in idx:
+                    out[i] = os.pread(fd, ranges[i][2], ranges[i][1])
         for uri, idx in remote.items():
             fs, path = fsio.filesystem(uri, self.storage_options)
             got = fs.cat_ranges([path] * len(idx), [ranges[i][1] for i in idx],
@@ -131,7 +130,7 @@ def _sidecars(key: str, text: str | None, js: bytes) -> bytes:
 SHARD_COLUMNS = ("position", "tar_path", "offset", "size", "ext", *LAION_COLUMNS)
 JSON_COLUMN = "_json"
 # The subset columns a webdataset export reads past the plan (its manifest's and its members').
-WEBDATASET_COLUMNS = ("key", "SAMPLE_ID", "tar_path", "TEXT", JSON_COLUMN, "image_offset", "image_size")
+WEBDATASET_COLUMNS = ("key", "SAMPLE_ID", "tar_path", "TEXT", JSON_COLUMN, *RECORDED_COLUMNS)
 
 
 class _Rows:
