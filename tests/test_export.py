@@ -10,6 +10,7 @@ Expected values come from the subset parquet and the download shards, read here 
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import hashlib
 import io
@@ -562,15 +563,14 @@ def test_key_json_written_in_the_jvm_is_the_row(spark):
                                   "similarity": -0.0, "hash": -1}
 
 
-def test_a_shard_from_more_source_tars_than_open_handles(tmp_path, monkeypatch):
-    """A shard drawing from more source tars than RangeReader keeps open (MAX_OPEN, lowered to 3):
-    the recorded offsets are checked and every image is copied, with at most 3 handles open."""
-    monkeypatch.setattr(shards.RangeReader, "MAX_OPEN", 3)
+def _interleaved_tars(tmp_path, tars: int = 7, per_tar: int = 4):
+    """Source tars written by tarfile and a shard's rows drawing from all of them interleaved (as in a
+    shuffled shard), with download's recorded offsets and ext unknown; returns (rows, key -> image)."""
     rows, images = [], {}
-    for t in range(7):
+    for t in range(tars):
         path = tmp_path / f"{t:05d}.tar"
         with tarfile.open(path, "w") as tar:
-            for i in range(4):
+            for i in range(per_tar):
                 key, image = f"{t:05d}{i:04d}", os.urandom(700 + 97 * i + t)
                 info = tarfile.TarInfo(f"{key}.jpg")
                 info.size = len(image)
@@ -579,18 +579,45 @@ def test_a_shard_from_more_source_tars_than_open_handles(tmp_path, monkeypatch):
         with tarfile.open(path) as tar:
             rows += [{"key": m.name[:-4], "tar_path": str(path), "offset": m.offset_data, "size": m.size}
                      for m in tar.getmembers()]
-    rows.sort(key=lambda r: r["key"][::-1])   # the tars interleaved, as in a shuffled shard
+    rows.sort(key=lambda r: r["key"][::-1])
     table = pa.Table.from_pylist([{**r, "ext": None, "error_message": None, "position": n, "TEXT": f"t{n}",
                                    **{c: None for c in layout.LAION_COLUMNS if c not in ("key",)}}
                                   for n, r in enumerate(rows)])
+    return table, images
+
+
+def test_a_shard_from_more_source_tars_than_open_handles(tmp_path, monkeypatch):
+    """A shard drawing from more source tars than RangeReader keeps open (MAX_OPEN, lowered to 3):
+    the recorded offsets are checked and every image is copied, with at most 3 handles open."""
+    monkeypatch.setattr(shards.RangeReader, "MAX_OPEN", 3)
+    table, images = _interleaved_tars(tmp_path)
     reader, cache = shards.RangeReader(None), {}
     checked = locate.check_recorded(table, reader, cache)
-    assert checked.column("ext").to_pylist() == ["jpg"] * len(rows) and cache == {}
+    assert checked.column("ext").to_pylist() == ["jpg"] * len(table) and cache == {}
     assert len(reader._fds) <= 3
     reader.close()
     shards.write_shard(str(tmp_path / "out"), 0, checked, {"format": "webdataset", "plan": "p"})
     got = {s["key"]: s["jpg"] for s in read_export(tmp_path / "out")}
     assert got == images
+
+
+def test_a_filesystem_without_copy_file_range_gets_the_same_shard(tmp_path, monkeypatch):
+    """Where the kernel or filesystem refuses copy_file_range (EXDEV across filesystems, ENOSYS),
+    the images are copied through user space: byte-identical shard, every image as tarfile reads it."""
+    table, images = _interleaved_tars(tmp_path, tars=3, per_tar=5)
+    checked = locate.check_recorded(table, shards.RangeReader(None), {})
+    shards.write_shard(str(tmp_path / "kernel"), 0, checked, {"format": "webdataset", "plan": "p"})
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(shards.os, "copy_file_range", refuse)
+    shards.write_shard(str(tmp_path / "user"), 0, checked, {"format": "webdataset", "plan": "p"})
+    assert len(calls) == 1   # refused once, then user space for the rest of the shard
+    assert (tmp_path / "user" / "00000.tar").read_bytes() == (tmp_path / "kernel" / "00000.tar").read_bytes()
+    assert {s["key"]: s["jpg"] for s in read_export(tmp_path / "user")} == images
 
 
 def test_a_sorted_partition_splits_into_one_table_per_shard():

