@@ -16,8 +16,10 @@ The baseline, and how both sides are treated alike:
   shard is complete, so it must be durable first), so the headline baseline is `cat` followed by
   fsync of its output. `cat` without fsync is reported beside it, for reference.
 - timing: `cat` runs before and after each export and the two are averaged; the large export runs
-  in rounds (3), and the median round by its ratio is the figure (the disk's speed here varies from
-  minute to minute, cat + fsync 2.6-5.3 s on the same bytes).
+  in rounds (5), and the median round by its ratio is the figure (the disk's speed here varies from
+  minute to minute: cat + fsync of the same bytes took 1.0-5.3 s on different days). Every timed
+  copy, either side, starts after `sync` and half a second (settle()): the disk is mounted with
+  `discard`, and deleting the previous 1.3 GB output would otherwise land in the next timing.
 The export is timed whole (its two Spark jobs: bucket counts in the JVM, then rows placed in the JVM
 from download's recorded image offsets (or, for a subset without them, located in the tar headers
 per source tar) and written per shard; and the driver's files, on a started and warmed-up local[2]
@@ -85,11 +87,19 @@ def make_source(root: Path, shards: int, per_shard: int, seed: int = 0) -> int:
     return sum(p.stat().st_size for p in images.glob("*.tar"))
 
 
+def settle() -> None:
+    """Before each timed copy, either side: earlier steps' dirty pages written and their deleted
+    files' blocks released (this disk is mounted with `discard`), so neither pays for the other."""
+    os.sync()
+    time.sleep(0.5)
+
+
 def time_cat(src: Path, dst: Path, fsync: bool = False) -> float:
     """cat of the source tars into one file; with fsync, also flushed to disk, as the export flushes
     each shard before writing its marker."""
     dst.mkdir(parents=True, exist_ok=True)
     tars = sorted(str(p) for p in src.glob("*.tar"))
+    settle()
     t0 = time.perf_counter()
     with open(dst / "all.tar", "wb") as out:
         subprocess.run(["cat", *tars], stdout=out, check=True)
@@ -152,6 +162,7 @@ def run(work: Path, quick: bool) -> list[dict]:
     export.add_arguments(parser)
 
     def do_export(name: str, extra=(), dataset: str = "dataset") -> tuple[dict, float]:
+        settle()
         t0 = time.perf_counter()
         stats = export.run(spark, cfg, parser.parse_args(["--dataset", str(work / name / dataset),
                                                           "--output", str(work / name / "export"), *extra]))
@@ -183,7 +194,7 @@ def run(work: Path, quick: bool) -> list[dict]:
 
     # the disk's speed varies from minute to minute here: rounds, each export between two cats,
     # and the median round (by its ratio) is the figure; from recorded offsets and from tar headers
-    rounds = [(measure("large"), measure("large", "dataset_headers")) for _ in range(1 if quick else 3)]
+    rounds = [(measure("large"), measure("large", "dataset_headers")) for _ in range(1 if quick else 5)]
     small = measure("small")   # after the large rounds: the JVM's code is compiled for both sizes alike
     recorded = sorted((r[0] for r in rounds), key=lambda m: m["ratio"])
     headers = sorted((r[1] for r in rounds), key=lambda m: m["ratio"])
@@ -191,6 +202,7 @@ def run(work: Path, quick: bool) -> list[dict]:
     assert all(m["stats"]["image_offsets"] == "tar headers" for m in headers)
     time_cat(work / "small" / "images", work / "cat")
     task_cat = cats("small")
+    settle()
     task_bytes, task_seconds = raw_copy(work / "small", work / "raw")
     task_cat_after = cats("small")
     task_cat = {k: (task_cat[k] + task_cat_after[k]) / 2 for k in task_cat}
