@@ -620,6 +620,21 @@ def test_a_filesystem_without_copy_file_range_gets_the_same_shard(tmp_path, monk
     assert {s["key"]: s["jpg"] for s in read_export(tmp_path / "user")} == images
 
 
+def test_binary_values_are_the_columns_bytes():
+    """layout.binary_values (slices of the data buffer) against to_pylist, encoded: nulls, non-ASCII,
+    a sliced array, several chunks, binary, large types and numbers (cast to their text)."""
+    texts = ["a", None, "", "caf\u00e9 \u732b", "x" * 300, None, "z"]
+    want = [(t or "").encode("utf-8") for t in texts]
+    string = pa.array(texts, pa.string())
+    cases = [string, string.cast(pa.binary()), string.cast(pa.large_string()), string.cast(pa.large_binary()),
+             pa.chunked_array([string.slice(0, 3), string.slice(3)])]
+    for column in cases:
+        assert layout.binary_values(column) == want, column.type
+    assert layout.binary_values(string.slice(2, 3)) == want[2:5]
+    assert layout.binary_values(pa.chunked_array([], pa.string())) == []
+    assert layout.binary_values(pa.array([7, None, -1], pa.int64())) == [b"7", b"", b"-1"]
+
+
 def test_a_sorted_partition_splits_into_one_table_per_shard():
     """write_partition's grouping: shards that span batches, batches that hold several shards."""
     shard = [0, 0, 0, 2, 2, 5, 5, 5, 5, 9]

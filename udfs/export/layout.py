@@ -34,6 +34,27 @@ class ExportReadError(IOError):
     """A source member could not be read back at the offset its index gave (the tar changed)."""
 
 
+def binary_values(column) -> list[bytes]:
+    """A string or binary Arrow column as bytes (null as b""), sliced from its data buffer: a few
+    times faster than to_pylist, which builds each value through an Arrow scalar."""
+    import numpy as np
+    import pyarrow as pa
+
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    large = pa.types.is_large_binary(array.type) or pa.types.is_large_string(array.type)
+    if not (large or pa.types.is_binary(array.type) or pa.types.is_string(array.type)):
+        array = array.cast(pa.string())
+    if array.null_count:
+        array = array.fill_null(pa.scalar(b"", pa.large_binary() if large else pa.binary()).cast(array.type))
+    if not len(array):
+        return []
+    _, offsets, data = array.buffers()
+    at = np.frombuffer(offsets, dtype=np.int64 if large else np.int32)[array.offset:array.offset + len(array) + 1].tolist()
+    blob = memoryview(data)[at[0]:at[-1]].tobytes() if data is not None else b""
+    base = at[0]
+    return [blob[a - base:b - base] for a, b in zip(at, at[1:])]
+
+
 def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 

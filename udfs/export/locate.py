@@ -9,7 +9,7 @@ import tarfile
 
 from udfs import fsio
 from udfs.download.shard_writer import split_key
-from udfs.export.layout import BLOCK, SIDECAR_EXTS, ZEROS
+from udfs.export.layout import BLOCK, SIDECAR_EXTS, ZEROS, binary_values
 
 
 class _NotPlainUstar(Exception):
@@ -220,6 +220,9 @@ def _recorded_members(heads: bytes, keys: list[bytes], sizes) -> list[str | None
     names = np.ascontiguousarray(h[:, :100]).view("S100").ravel().tolist()   # trailing NULs dropped
     out: list[str | None] = []
     for good, name, key in zip(ok.tolist(), names, keys):
+        if good and name == key + b".jpg":   # what download writes by default
+            out.append("jpg")
+            continue
         ext = name[len(key) + 1:].decode("utf-8", "surrogateescape") if good and name[:len(key) + 1] == key + b"." else ""
         out.append(ext if ext and "/" not in ext and ext not in SIDECAR_EXTS else None)
     return out
@@ -237,46 +240,53 @@ def check_recorded(table, reader, cache: dict, storage_options: dict | None = No
     import pyarrow.compute as pc
 
     todo = np.flatnonzero(pc.and_(pc.is_null(table.column("ext")), pc.is_valid(table.column("offset")))
-                          .to_numpy(zero_copy_only=False)).tolist()
-    if not todo:
+                          .to_numpy(zero_copy_only=False))
+    if not todo.size:
         return table
-    tars, keys = table.column("tar_path").to_pylist(), table.column("key").to_pylist()
-    offsets, sizes = table.column("offset").to_pylist(), table.column("size").to_pylist()
-    rows = [i for i in todo if tars[i] is not None and offsets[i] >= BLOCK]
+    encoded = pc.dictionary_encode(table.column("tar_path").combine_chunks())
+    source = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    uris = encoded.dictionary.to_pylist()
+    offsets = table.column("offset").fill_null(-1).to_numpy().astype(np.int64)
+    sizes = table.column("size").fill_null(-1).to_numpy().astype(np.int64)
+    keys = binary_values(table.column("key"))
+    rows = todo[(source[todo] >= 0) & (offsets[todo] >= BLOCK)]
+    local = not any(fsio.is_remote(u) for u in uris)
 
     def read(idx):
-        return b"".join(reader.read([(tars[i], offsets[i] - BLOCK, BLOCK) for i in idx]))
+        if local:   # one pread per header, no tuple per range
+            return reader.blocks(uris, source[idx].tolist(), (offsets[idx] - BLOCK).tolist(), BLOCK)
+        return b"".join(reader.read([(uris[s], o - BLOCK, BLOCK) for s, o in zip(source[idx].tolist(),
+                                                                                 offsets[idx].tolist())]))
 
     try:   # one read and one check for the whole shard
-        heads, readable = (read(rows) if rows else b""), rows
+        heads, readable = (read(rows) if rows.size else b""), rows
     except (OSError, ValueError):   # a tar gone or short: find which, tar by tar
-        by_tar: dict[str, list[int]] = {}
-        for i in rows:
-            by_tar.setdefault(tars[i], []).append(i)
-        parts, readable = [], []
-        for idx in by_tar.values():
+        parts, found = [], []
+        for tar in np.unique(source[rows]).tolist():
+            idx = rows[source[rows] == tar]
             try:
                 parts.append(read(idx))
-                readable += idx
+                found.append(idx)
             except (OSError, ValueError):   # its member table says why
                 pass
-        heads = b"".join(parts)
+        heads, readable = b"".join(parts), (np.concatenate(found) if found else rows[:0])
     exts = table.column("ext").to_pylist()
-    if readable:
-        for i, ext in zip(readable, _recorded_members(heads, [keys[i].encode("utf-8") for i in readable],
-                                                      [sizes[i] for i in readable])):
+    if readable.size:
+        for i, ext in zip(readable.tolist(), _recorded_members(heads, [keys[i] for i in readable.tolist()],
+                                                               sizes[readable])):
             exts[i] = ext
-    stale = [i for i in todo if exts[i] is None]
+    stale = [i for i in todo.tolist() if exts[i] is None]
     table = table.set_column(table.schema.get_field_index("ext"), "ext", pa.array(exts, pa.string()))
     if not stale:
         return table
+    offsets, sizes = table.column("offset").to_pylist(), table.column("size").to_pylist()
     errors = table.column("error_message").to_pylist()
     for i in stale:   # not where download put it: look it up in the tar
-        tar = tars[i]
+        tar = uris[source[i]] if source[i] >= 0 else None
         if tar not in cache:
             cache[tar] = member_table(tar, storage_options) if tar is not None else ({}, None)
         members, error = cache[tar]
-        got = members.get(keys[i])
+        got = members.get(keys[i].decode("utf-8", "surrogateescape"))
         exts[i], offsets[i], sizes[i] = got or (None, None, None)
         if got is None:
             errors[i] = missing_reason(tar, error)

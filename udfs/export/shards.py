@@ -37,6 +37,7 @@ from udfs.export.layout import (
     TAR_MTIME,
     ZEROS,
     ExportReadError,
+    binary_values,
     manifest_part,
     marker_path,
     shard_file,
@@ -74,6 +75,19 @@ class RangeReader:
             os.close(self._fds.popitem(last=False)[1])
         fd = self._fds[uri] = os.open(_local_path(uri), os.O_RDONLY)
         return fd
+
+    def blocks(self, uris: list[str], sources: list[int], offsets: list[int], size: int) -> bytes:
+        """`size` bytes at each offset of the local tar uris[source], joined (one pread each: the
+        member headers before a shard's recorded image offsets); ExportReadError where one is short."""
+        parts, last, fd = [], -1, -1
+        for source, offset in zip(sources, offsets):
+            if source != last:
+                fd, last = self.fd(uris[source]), source
+            data = os.pread(fd, size, offset)
+            if len(data) != size:
+                raise ExportReadError(f"{uris[source]}: could not read {size} bytes at offset {offset}")
+            parts.append(data)
+        return b"".join(parts)
 
     def read(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
         out: list[bytes | None] = [None] * len(ranges)
@@ -165,12 +179,7 @@ class _Rows:
         """A text column as UTF-8 bytes, null as b"" (no str objects made from a Table)."""
         if name not in self._bytes:
             if self._has(name):
-                import pyarrow as pa
-
-                column = self.table.column(name)
-                if not pa.types.is_binary(column.type):
-                    column = column.cast(pa.binary())
-                self._bytes[name] = column.fill_null(b"").to_pylist()
+                self._bytes[name] = binary_values(self.table.column(name))
             else:
                 self._bytes[name] = [v if isinstance(v, bytes) else (v or "").encode("utf-8") for v in self.col(name)]
         return self._bytes[name]
