@@ -639,15 +639,17 @@ def place_rows(spark, df, bucket_cols: list[str], buckets: dict, shard_size: int
 
 def export_json(df, names):
     """KEY.json of an export sample, written in the JVM: the `names` columns as one JSON object,
-    keys sorted, nulls kept, NaN and infinities as null (as orjson writes them), UTF-8 as is."""
+    keys sorted, nulls kept, NaN and infinities as null (as orjson writes them), UTF-8 as is.
+    One SQL expression, not a Column per field: each PySpark function call is a round trip to the
+    JVM (about 0.1 s for the eleven LAION columns)."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
     types = {f.name: f.dataType for f in df.schema.fields}
     fields = []
     for name in sorted(names):
-        col = F.col(name)
+        col = f"`{name.replace('`', '``')}`"
         if isinstance(types[name], (T.DoubleType, T.FloatType)):
-            col = F.when(F.isnan(col) | (F.abs(col) == F.lit(float("inf"))), F.lit(None)).otherwise(col)
-        fields.append(col.alias(name))
-    return F.to_json(F.struct(*fields), {"ignoreNullFields": "false"})
+            col = f"CASE WHEN isnan({col}) OR abs({col}) = double('inf') THEN NULL ELSE {col} END"
+        fields.append(f"'{name}', {col}")
+    return F.expr(f"to_json(named_struct({', '.join(fields)}), map('ignoreNullFields', 'false'))")
