@@ -629,8 +629,8 @@ def place_rows(spark, df, bucket_cols: list[str], buckets: dict, shard_size: int
                           *(T.StructField(c, T.IntegerType()) for c in ("_first", "_last"))])
     rows = [(*key, number, first, first // shard_size, (first + n - 1) // shard_size)
             for key, (number, first, n) in buckets.items()]
-    arrow = pa.Table.from_arrays([pa.array(list(c), f.type) for c, f in zip(zip(*rows), to_arrow_schema(table))],
-                                 schema=to_arrow_schema(table)) if rows else to_arrow_schema(table).empty_table()
+    schema = to_arrow_schema(table)
+    arrow = pa.table([pa.array([r[i] for r in rows], f.type) for i, f in enumerate(schema)], schema=schema)
     return (df.join(F.broadcast(spark.createDataFrame(arrow, table)), list(bucket_cols))
             .select(*df.columns, F.expr("CAST(NULL AS STRING)").alias("ext"), F.col("image_offset").alias("offset"),
                     F.col("image_size").alias("size"), F.expr("CAST(NULL AS STRING)").alias("error_message"),

@@ -331,6 +331,15 @@ class _RangeCopier:
             done += n
 
 
+def _write_all(fd: int, data: bytes) -> int:
+    """os.write of all of `data` at the file position (a short write happens only on a full disk,
+    where the next call raises); returns len(data)."""
+    view, done = memoryview(data), 0
+    while done < len(data):
+        done += os.write(fd, view[done:])
+    return done
+
+
 def _write_tar_local(out: _AtomicOut, rows: _Rows, reader: RangeReader) -> int:
     """A shard whose sources and output are local files: a copy, not a re-encode.
 
@@ -354,9 +363,7 @@ def _write_tar_local(out: _AtomicOut, rows: _Rows, reader: RangeReader) -> int:
     for i, (text, js, size, offset, src) in enumerate(zip(texts, jsons, sizes.tolist(), offsets.tolist(),
                                                           source.tolist())):
         gap += heads[i * BLOCK:(i + 1) * BLOCK]
-        while gap:   # a short write only on a full disk, where the next write raises
-            written = os.write(fd, gap)
-            pos, gap = pos + written, gap[written:]
+        pos += _write_all(fd, gap)
         uri = uris[src]
         copier.append(reader.fd(uri), fd, size, offset, uri)
         pos += size
@@ -364,9 +371,7 @@ def _write_tar_local(out: _AtomicOut, rows: _Rows, reader: RangeReader) -> int:
         gap = b"".join((_pad(size), heads[txt_at:txt_at + BLOCK], text, _pad(len(text)),
                         heads[js_at:js_at + BLOCK], js, _pad(len(js))))
     gap += _trailer(pos + len(gap))
-    out.count = pos + len(gap)
-    while gap:
-        gap = gap[os.write(fd, gap):]
+    out.count = pos + _write_all(fd, gap)
     return int(sizes.sum())
 
 
