@@ -36,7 +36,7 @@ import argparse
 import logging
 import sys
 
-from spark_jobs import cli, columns, datasets
+from spark_jobs import cli, columns, datasets, session
 from spark_jobs.config import Config, ConfigError
 from spark_jobs.schemas import DEDUP_REJECTED, WAT_PAIRS
 from udfs import fsio
@@ -110,7 +110,8 @@ def add_failed(spark, conf: dict, storage_options: dict, images: str, failed_uri
     state = open_filter("failed-URL", failed_uri, URL_KEYS, conf, storage_options,
                         int(conf["failed_shards"]), int(conf["failed_expected_keys"]), writable=True)
     try:
-        per_shard = columns.add_url_keys(spark, failed, state.plan)
+        with session.arrow_batches_by_rows(spark):
+            per_shard = columns.add_url_keys(spark, failed, state.plan)
     except Exception as exc:  # noqa: BLE001
         _translate_task_error(exc)
         raise
@@ -199,7 +200,7 @@ def run(spark, cfg: Config, args: argparse.Namespace) -> dict:
                        message.alias("error_message"), "crawl")
     tagged = tagged.localCheckpoint(eager=False, storageLevel=StorageLevel.MEMORY_AND_DISK)
     try:
-        with timer.phase("write"):
+        with timer.phase("write"), session.arrow_batches_by_rows(spark):   # only keys go to Python
             datasets.write_dataset(tagged.filter(F.col("status").isNull()), output, WAT_PAIRS)
             datasets.write_dataset(tagged.filter(F.col("status").isNotNull()), rejected, DEDUP_REJECTED)
     except Exception as exc:  # noqa: BLE001

@@ -207,11 +207,9 @@ def run(spark, cfg, args) -> dict:
     log.info("export: %d selected rows -> %d shards of %d (%s, %s)", selected_rows, num_shards, shard_size, fmt, f"seed {settings['seed']}" if settings["shuffle"] else "subset order")
     worker_settings = {"format": fmt, "plan": plan, "read_chunk": settings["read_chunk"], "storage_options": so,
                        "shard_size": shard_size, "max_listed_missing": settings["max_listed_missing"]}
-    with timer.phase("write_shards"):
-        results = []
-        if selected_rows:
-            results = write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, worker_settings,
-                                   recorded=recorded)
+    with timer.phase("write_shards"), session.arrow_batches_by_rows(spark):   # rows of metadata, no image bytes
+        results = write_shards(spark, df, bucket_cols, within, buckets, num_shards, output, worker_settings,
+                               recorded=recorded) if selected_rows else []
     with timer.phase("stats"):
         if not selected_rows:   # an empty manifest of the declared schema
             datasets.write_dataset(spark.createDataFrame([], EXPORT_MANIFEST.schema), manifest_path, EXPORT_MANIFEST)

@@ -225,3 +225,27 @@ def stage_jobs(spark, stage: str):
         spark.removeTag(tag)
         if not is_connect(spark):
             spark.sparkContext.setJobDescription(None)
+
+
+ARROW_MAX_BYTES = "spark.sql.execution.arrow.maxBytesPerBatch"
+_INT_MAX = str(2 ** 31 - 1)   # the value Spark reads as "no byte limit"
+
+
+@contextlib.contextmanager
+def arrow_batches_by_rows(spark):
+    """Arrow batches sent to Python workers cut by row count alone (maxRecordsPerBatch, 10,000 by
+    default), for jobs whose rows are small (keys, export metadata). With a byte limit (64 MB by
+    default since Spark 4) the JVM measures the whole batch after every row it appends, which here
+    made the transfer to Python 1.2-1.9x slower (4M rows of keys: 1.9-2.2 s vs 1.0-1.2 s). Image
+    bytes (clip-score) keep the byte limit. A limit the user set is kept."""
+    try:
+        mine = spark.conf.get(ARROW_MAX_BYTES, None) is None
+    except Exception:  # noqa: BLE001 - a server that refuses the read: leave the setting alone
+        mine = False
+    if mine:
+        spark.conf.set(ARROW_MAX_BYTES, _INT_MAX)
+    try:
+        yield
+    finally:
+        if mine:
+            spark.conf.unset(ARROW_MAX_BYTES)

@@ -57,6 +57,26 @@ def test_remote_url_from_config_or_environment(monkeypatch):
     assert remote_url(load_config("local", overrides=["spark.remote=sc://127.0.0.1:1"])) == "sc://127.0.0.1:1"
 
 
+def test_arrow_batches_by_rows_lifts_the_byte_limit_and_keeps_a_users(spark):
+    """Inside, Arrow batches to Python are cut by rows only (Spark's "no limit" value); after, the
+    setting is unset again; a limit the user set is left as it is."""
+    from spark_jobs import session
+
+    key = session.ARROW_MAX_BYTES
+    assert spark.conf.get(key, None) is None
+    with session.arrow_batches_by_rows(spark):
+        assert spark.conf.get(key) == str(2 ** 31 - 1)
+        assert spark.range(3).count() == 3
+    assert spark.conf.get(key, None) is None
+    spark.conf.set(key, "1m")
+    try:
+        with session.arrow_batches_by_rows(spark):
+            assert spark.conf.get(key) == "1m"
+        assert spark.conf.get(key) == "1m"
+    finally:
+        spark.conf.unset(key)
+
+
 @pytest.mark.slow
 def test_get_spark_gives_a_connect_session(connect_server, tmp_path):
     """spark.remote makes get_spark return a Connect session (in a fresh process: Connect mode
@@ -70,8 +90,11 @@ def test_get_spark_gives_a_connect_session(connect_server, tmp_path):
         with session.stage_jobs(spark, "probe"):
             n = spark.range(7).count()
             tags = sorted(spark.getTags())   # a live set under Connect: copy it
+        with session.arrow_batches_by_rows(spark):
+            inside = spark.conf.get(session.ARROW_MAX_BYTES)
+        arrow = [inside, spark.conf.get(session.ARROW_MAX_BYTES, None)]
         print(json.dumps({{"connect": session.is_connect(spark), "module": type(spark).__module__,
-                          "n": n, "tags": tags, "after": sorted(spark.getTags()),
+                          "n": n, "tags": tags, "after": sorted(spark.getTags()), "arrow": arrow,
                           "pyspark_classic_context": "pyspark.core.context" in sys.modules
                           and sys.modules["pyspark.core.context"].SparkContext._active_spark_context is not None}}))
         spark.stop()"""
@@ -82,7 +105,8 @@ def test_get_spark_gives_a_connect_session(connect_server, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"connect": True, "module": "pyspark.sql.connect.session", "n": 7,
-                   "tags": ["clipcrawl-probe"], "after": [], "pyspark_classic_context": False}
+                   "tags": ["clipcrawl-probe"], "after": [], "arrow": ["2147483647", None],
+                   "pyspark_classic_context": False}
     assert "CANNOT_MODIFY_CONFIG" not in proc.stderr   # driver memory etc. stay the server's
 
 
