@@ -310,7 +310,7 @@ def _inputs(work: Path, urls: list[str], n: int) -> tuple[Path, Path]:
 
 
 def compare(work: Path, sizes: tuple[int, ...], images: list[Path], rounds_small: int = 2,
-            with_engine: bool = True) -> tuple[list[dict], dict]:
+            with_engine: bool = True, rounds_large: int = 1) -> tuple[list[dict], dict]:
     """img2dataset, the fresh command and the running session side by side at each size (and the
     shard engine at the smallest). Rounds alternate the tools' order. Shard size = n / 8."""
     from tests.gen.image_server import ImageServer
@@ -331,7 +331,7 @@ def compare(work: Path, sizes: tuple[int, ...], images: list[Path], rounds_small
         for n in sizes:
             shard_size = max(1, n // 8)
             inp, warm_inp = _inputs(work, urls, n)
-            rounds = rounds_small if n <= 2000 else 1
+            rounds = rounds_small if n <= 2000 else rounds_large
             tools = ["img2dataset", "spark", "session"] + (["engine"] if with_engine and n == min(sizes) else [])
             results: dict[str, list[dict]] = {t: [] for t in tools}
             for rnd in range(rounds):
@@ -771,13 +771,15 @@ if __name__ == "__main__":
         print(json.dumps(fetch_levers(generate_images(REPO / "bench" / "work" / "download" / "source_images", 2000)),
                          indent=2))
     elif len(sys.argv) >= 2 and sys.argv[1] in ("compare", "levers", "jvm"):
-        # python -m bench.bench_download compare 2000,10000,50000 | levers | jvm  -> figures as JSON
+        # python -m bench.bench_download compare 2000,10000,50000 [--rounds N (above 2,000)] | levers | jvm
+        #   -> figures as JSON
         work = REPO / "bench" / "work" / "download"
         work.mkdir(parents=True, exist_ok=True)
         imgs = generate_images(work / "source_images", 2000)
         if sys.argv[1] == "compare":
             sizes = tuple(int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "2000,10000").split(","))
-            figs, raw = compare(work, sizes, imgs)
+            extra = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 1
+            figs, raw = compare(work, sizes, imgs, rounds_large=extra)
             (work / f"compare_{'_'.join(map(str, sizes))}.json").write_text(json.dumps(raw, indent=2, default=str))
         elif sys.argv[1] == "levers":
             figs = levers(work / "levers", imgs)

@@ -247,7 +247,13 @@ def render(crawl: dict, laion: dict, inputs: dict, results: dict, results_path: 
               "vectors the index kind changes (see above) and memory-mapped merges add IO not measured here.",
               "- **WAT record size**: the rate is per record of the bench's Common Crawl-shaped WAT (~1.8 KB "
               "compressed per record); real WAT records of link-heavy pages are larger, so CPU per record "
-              "grows with them. The stage is a small share of the total either way."]
+              "grows with them. The stage is a small share of the total either way.",
+              "- **This machine's speed from day to day**: per-core rates come from benchmarks run on different "
+              "days (the run times above), and the same work does not take the same time on each: img2dataset "
+              "on the same 10,000 URLs took 88-93 s on 2026-12-02 at 02:00Z and 58-63 s at 06:52Z, and "
+              "dropDuplicates on the dedup bench's 2M rows 41 s on 2026-12-01 and 23 s on 2026-12-02. A stage's "
+              "rate can be off by that factor (about 1.5x) against the others; the ratios to peers in "
+              "results.md are measured side by side and do not carry it."]
     return "\n".join(lines) + "\n"
 
 
