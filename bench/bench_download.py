@@ -777,9 +777,10 @@ if __name__ == "__main__":
         work.mkdir(parents=True, exist_ok=True)
         imgs = generate_images(work / "source_images", 2000)
         if sys.argv[1] == "compare":
-            sizes = tuple(int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "2000,10000").split(","))
-            extra = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 1
-            figs, raw = compare(work, sizes, imgs, rounds_large=extra)
+            given = [a for a in sys.argv[2:3] if not a.startswith("--")]
+            sizes = tuple(int(x) for x in (given[0] if given else "2000,10000").split(","))
+            rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 1
+            figs, raw = compare(work, sizes, imgs, rounds_large=rounds)
             (work / f"compare_{'_'.join(map(str, sizes))}.json").write_text(json.dumps(raw, indent=2, default=str))
         elif sys.argv[1] == "levers":
             figs = levers(work / "levers", imgs)
