@@ -55,6 +55,19 @@ def binary_values(column) -> list[bytes]:
     return [blob[a - base:b - base] for a, b in zip(at, at[1:])]
 
 
+def path_codes(column):
+    """(each row's path as a number into the distinct paths, -1 for null; the distinct paths): a
+    string column dictionary-encoded once, so a shard's rows are grouped by source tar without a
+    str per row."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)
+    return (encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64),
+            encoded.dictionary.to_pylist())
+
+
 def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 

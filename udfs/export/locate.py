@@ -9,7 +9,7 @@ import tarfile
 
 from udfs import fsio
 from udfs.download.shard_writer import split_key
-from udfs.export.layout import BLOCK, SIDECAR_EXTS, ZEROS, binary_values
+from udfs.export.layout import BLOCK, SIDECAR_EXTS, ZEROS, binary_values, path_codes
 
 
 class _NotPlainUstar(Exception):
@@ -243,9 +243,7 @@ def check_recorded(table, reader, cache: dict, storage_options: dict | None = No
                           .to_numpy(zero_copy_only=False))
     if not todo.size:
         return table
-    encoded = pc.dictionary_encode(table.column("tar_path").combine_chunks())
-    source = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    uris = encoded.dictionary.to_pylist()
+    source, uris = path_codes(table.column("tar_path"))
     offsets = table.column("offset").fill_null(-1).to_numpy().astype(np.int64)
     sizes = table.column("size").fill_null(-1).to_numpy().astype(np.int64)
     keys = binary_values(table.column("key"))

@@ -40,6 +40,7 @@ from udfs.export.layout import (
     binary_values,
     manifest_part,
     marker_path,
+    path_codes,
     shard_file,
 )
 
@@ -199,15 +200,11 @@ class _Rows:
         return [orjson.dumps(dict(zip(LAION_COLUMNS, v)), option=orjson.OPT_SORT_KEYS) for v in values]
 
     def sources(self):
-        """(each row's source tar as a number, the tars' URIs): tar_path dictionary-encoded."""
-        import numpy as np
+        """(each row's source tar as a number, the tars' URIs): layout.path_codes of tar_path."""
         import pyarrow as pa
-        import pyarrow.compute as pc
 
-        tars = self.table.column("tar_path").combine_chunks() if self._has("tar_path") else pa.array(self.col("tar_path"),
-                                                                                                       pa.string())
-        encoded = pc.dictionary_encode(tars)
-        return np.asarray(encoded.indices, dtype=np.int64), encoded.dictionary.to_pylist()
+        return path_codes(self.table.column("tar_path") if self._has("tar_path")
+                          else pa.array(self.col("tar_path"), pa.string()))
 
     def ranges(self, start: int, stop: int) -> list[tuple[str, int, int]]:
         return list(zip(self.col("tar_path")[start:stop], self.col("offset")[start:stop], self.col("size")[start:stop]))
