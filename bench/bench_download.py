@@ -399,9 +399,10 @@ def _size_figures(n: int, rounds: int, results: dict) -> list[dict]:
              "ratio": round(engine["peak_rss_mb"] / i2d["peak_rss_mb"], 2), "goal": "<= 1.0", "note": "process-tree RSS"},
         ]
     ws = spark.get("worker_seconds", {})
-    busy = sum(v for k, v in ws.items() if k in ("network", "decode", "resize", "encode", "write"))
+    parts = ("network", "decode_wait", "decode", "resize", "encode", "write")   # decode_wait: for a decode slot
+    busy = sum(v for k, v in ws.items() if k in parts)
     if busy:
-        where = ", ".join(f"{k} {100 * ws.get(k, 0) / busy:.0f}%" for k in ("network", "decode", "resize", "encode", "write"))
+        where = ", ".join(f"{k} {100 * ws.get(k, 0) / busy:.0f}%" for k in parts)
         figs.append({"name": f"where the time goes at {n} URLs (fresh command)", "value": round(busy, 1),
                      "unit": "thread-s", "peer": "", "peer_value": None, "ratio": None, "goal": "",
                      "note": f"summed over fetch threads: {where}"})

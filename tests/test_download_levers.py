@@ -360,3 +360,48 @@ def test_one_dump_at_a_time_and_stale_dumps_removed(tmp_path):
     os.utime(other, (old, old))                                  # ... and died long ago
     options, dump = class_archive_options(str(path))
     assert dump is not None and "ArchiveClassesAtExit" in options and not other.exists()
+
+
+# --- decode slots: how many fetch threads decode at once ------------------------------------------
+
+@pytest.mark.parametrize("slots", [2, 0])
+def test_decode_concurrency_caps_threads_decoding_at_once(ka_server, cfg, tmp_path, monkeypatch, slots):
+    """8 fetch threads, each image's processing held for 100 ms: with decode_concurrency=2 at most
+    2 are inside process_image at once, with 0 (no cap) more get in; every image is still written
+    either way."""
+    import udfs.download.download_worker as dw
+
+    inside, peak, lock = [0], [0], threading.Lock()
+    real = dw.process_image
+
+    def slow_process(body, resize_cfg):
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        try:
+            time.sleep(0.1)
+            return real(body, resize_cfg)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(dw, "process_image", slow_process)
+    section = cfg.section("download")
+    section.update(allowed_cidrs="127.0.0.0/8", read_timeout=2.0, connect_timeout=1.0, retries=0,
+                   thread_count=8, per_domain_concurrency=8, robots_txt=False, tdmrep=False,
+                   min_image_bytes=0, decode_concurrency=slots)
+    rows = [{"key": f"{i:09d}", "url": u, "text": f"caption {i}", "page_url": None}
+            for i, u in enumerate(urls(ka_server, "d.test"))]
+    stats = ShardJob(section, str(tmp_path), resolver=CountingResolver()).run(0, rows)
+    assert stats["successes"] == N_IMAGES
+    assert peak[0] == 2 if slots else peak[0] > 2
+    assert ("decode_wait" in stats["seconds"]) == bool(slots)
+
+
+def test_decode_concurrency_must_be_a_count(cfg):
+    from udfs.download.settings import check_section
+
+    section = cfg.section("download")
+    section["decode_concurrency"] = -1
+    with pytest.raises(ValueError, match="decode_concurrency"):
+        check_section(section)

@@ -20,7 +20,7 @@ def check_section(section: dict, storage_options: dict | None = None) -> None:
     if not isinstance(section.get("blocked_phash_distance", 4), int) or not 0 <= section.get("blocked_phash_distance", 4) <= 32:
         raise ValueError(f"download.blocked_phash_distance must be an integer 0..32, "
                           f"got {section.get('blocked_phash_distance')!r}")
-    for key in ("per_host_concurrency", "dns_cache_hosts"):
+    for key in ("per_host_concurrency", "dns_cache_hosts", "decode_concurrency"):
         if not isinstance(section.get(key, 0), int) or section.get(key, 0) < 0:
             raise ValueError(f"download.{key} must be an integer >= 0, got {section.get(key)!r}")
     for key in ("keep_alive_idle_seconds", "dns_cache_seconds", "dns_negative_cache_seconds"):
