@@ -405,3 +405,37 @@ def test_decode_concurrency_must_be_a_count(cfg):
     section["decode_concurrency"] = -1
     with pytest.raises(ValueError, match="decode_concurrency"):
         check_section(section)
+
+
+# --- the shard's window of rows in flight ----------------------------------------------------------
+
+def test_fetch_window_keeps_twice_the_threads_in_flight_and_records_every_row(cfg, tmp_path, monkeypatch):
+    """Finished rows reach the shard's thread through a queue: with 4 threads at most 8 rows are
+    submitted and unfinished at once, every one of 50 rows gets its record, and a row whose
+    processing raises fails the shard (as a task error) instead of being lost."""
+    section = cfg.section("download")
+    section.update(thread_count=4, robots_txt=False, tdmrep=False)
+    job = ShardJob(section, str(tmp_path), resolver=CountingResolver())
+    started, finished, peak, lock = [0], [0], [0], threading.Lock()
+
+    def fake_row(row, shard):
+        with lock:
+            started[0] += 1
+            peak[0] = max(peak[0], started[0] - finished[0])
+        time.sleep(0.002 * (hash(row["key"]) % 5))   # out-of-order completions
+        rec = {"key": row["key"], "status": "failed_to_download", "error_message": "test"}
+        with lock:
+            finished[0] += 1
+        if row["key"] == "boom":
+            raise RuntimeError("row failed")
+        return rec, None, {"network": 0.001}
+
+    monkeypatch.setattr(job, "process_row", fake_row)
+    rows = [{"key": f"{i:09d}", "url": f"http://127.0.0.1:1/{i}.jpg", "text": "t"} for i in range(50)]
+    records, totals = [], {}
+    job._fetch_all(0, rows, writer=None, records=records, totals=totals)
+    assert sorted(r["key"] for r in records) == [r["key"] for r in rows]
+    assert 4 <= peak[0] <= 8
+    assert totals["network"] == pytest.approx(0.05)
+    with pytest.raises(RuntimeError, match="row failed"):
+        job._fetch_all(0, [*rows[:5], {"key": "boom", "url": "x", "text": "t"}], None, [], {})

@@ -49,6 +49,20 @@ def test_phash_is_the_textbook_definition_msb_first():
     assert ih.to_unsigned(ih.phash_pixels(x)) == expected
 
 
+@pytest.mark.parametrize("pixels", ["noise", "flat", "halves", "stripes", "ramp"])
+def test_phash_threshold_is_numpys_median_even_with_ties(pixels):
+    """phash_pixels takes the median of the 64 coefficients without np.median (3x cheaper); the
+    bits are the same as np.median's threshold, also where coefficients tie at the median."""
+    x = {"noise": np.random.default_rng(2).integers(0, 256, size=(32, 32)).astype(float),
+         "flat": np.full((32, 32), 128.0),
+         "halves": np.repeat([[0.0] * 16 + [255.0] * 16], 32, axis=0),
+         "stripes": np.tile([[0.0], [200.0]], (16, 32)),
+         "ramp": np.add.outer(np.arange(32.0), np.arange(32.0))}[pixels]
+    low = ih._DCT @ x @ ih._DCT.T
+    expected = int("".join("1" if c > np.median(low) else "0" for c in low.reshape(-1)), 2)
+    assert ih.to_unsigned(ih.phash_pixels(x)) == expected
+
+
 def test_hamming_and_matrix_agree():
     rng = np.random.default_rng(0)
     a = rng.integers(-(1 << 63), (1 << 63) - 1, size=7, dtype=np.int64)

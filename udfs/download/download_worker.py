@@ -31,12 +31,14 @@ import ctypes
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
+import queue
 import threading
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 
 from udfs import fsio
 from udfs.download.fetch import FetchConfig, Fetcher
@@ -317,29 +319,30 @@ class ShardJob:
         return len(index)
 
     def _fetch_all(self, shard, rows, writer, records, totals) -> None:
+        """Keep `2 * threads` rows in flight; each finished row is written by this thread. Finished
+        futures arrive on a queue (their done-callback): `wait(FIRST_COMPLETED)` locked every
+        pending future per completion, 64 locks and waiters per row with 32 threads."""
         if not rows:
             return
-        window = self.threads * 2
+        finished: queue.SimpleQueue = queue.SimpleQueue()
         todo = iter(rows)
         with ThreadPoolExecutor(self.threads, thread_name_prefix=f"fetch-{shard}") as pool:
-            pending = set()
-            for row in todo:
-                pending.add(pool.submit(self.process_row, row, shard))
-                if len(pending) >= window:
-                    break
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    rec, data, timings = fut.result()
-                    for k, v in timings.items():
-                        totals[k] = totals.get(k, 0.0) + v
-                    records.append(rec)
-                    if data is not None:
-                        placed_at(rec, writer.write(rec["key"], self._files(rec, data)), self.ext)
-                for row in todo:
-                    pending.add(pool.submit(self.process_row, row, shard))
-                    if len(pending) >= window:
-                        break
+            in_flight = 0
+            for row in itertools.islice(todo, self.threads * 2):
+                pool.submit(self.process_row, row, shard).add_done_callback(finished.put)
+                in_flight += 1
+            while in_flight:
+                rec, data, timings = finished.get().result()
+                in_flight -= 1
+                for k, v in timings.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                records.append(rec)
+                if data is not None:
+                    placed_at(rec, writer.write(rec["key"], self._files(rec, data)), self.ext)
+                row = next(todo, None)
+                if row is not None:
+                    pool.submit(self.process_row, row, shard).add_done_callback(finished.put)
+                    in_flight += 1
 
     def _files(self, rec: dict, data: bytes) -> dict[str, bytes]:
         return {self.ext: data, "txt": (rec.get("text") or "").encode("utf-8"),

@@ -56,9 +56,14 @@ def _bits_to_int(bits: np.ndarray) -> int:
 
 
 def phash_pixels(grey: np.ndarray) -> int:
-    """pHash of a 32 x 32 grey image given as an array."""
+    """pHash of a 32 x 32 grey image given as an array. The median of the 64 coefficients is the
+    mean of the middle two, as np.median computes it (which costs ~3x more per call: download hashes
+    every image)."""
     low = _DCT @ np.asarray(grey, dtype=np.float64) @ _DCT.T
-    return _bits_to_int(low > np.median(low))
+    ranked = np.sort(low, axis=None)
+    half = HASH_BITS // 2
+    bits = np.packbits(low > (ranked[half - 1] + ranked[half]) / 2)   # first coefficient = top bit
+    return to_signed(int.from_bytes(bits.tobytes(), "big"))
 
 
 def phash(img: Image.Image) -> int:
