@@ -327,9 +327,12 @@ class ShardJob:
         finished: queue.SimpleQueue = queue.SimpleQueue()
         todo = iter(rows)
         with ThreadPoolExecutor(self.threads, thread_name_prefix=f"fetch-{shard}") as pool:
+            def submit(row) -> None:
+                pool.submit(self.process_row, row, shard).add_done_callback(finished.put)
+
             in_flight = 0
             for row in itertools.islice(todo, self.threads * 2):
-                pool.submit(self.process_row, row, shard).add_done_callback(finished.put)
+                submit(row)
                 in_flight += 1
             while in_flight:
                 rec, data, timings = finished.get().result()
@@ -341,7 +344,7 @@ class ShardJob:
                     placed_at(rec, writer.write(rec["key"], self._files(rec, data)), self.ext)
                 row = next(todo, None)
                 if row is not None:
-                    pool.submit(self.process_row, row, shard).add_done_callback(finished.put)
+                    submit(row)
                     in_flight += 1
 
     def _files(self, rec: dict, data: bytes) -> dict[str, bytes]:

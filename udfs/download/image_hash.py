@@ -35,7 +35,6 @@ def _dct_rows(n: int, k: int) -> np.ndarray:
 
 
 _DCT = _dct_rows(_SIZE, _LOW)
-_WEIGHTS = (1 << np.arange(HASH_BITS - 1, -1, -1, dtype=np.uint64)).astype(np.uint64)
 
 
 def to_signed(value: int) -> int:
@@ -52,7 +51,8 @@ def to_hex(value: int) -> str:
 
 
 def _bits_to_int(bits: np.ndarray) -> int:
-    return to_signed(int((bits.reshape(-1).astype(np.uint64) * _WEIGHTS).sum(dtype=np.uint64)))
+    """64 booleans, the first the top bit, as the signed hash."""
+    return to_signed(int.from_bytes(np.packbits(bits.reshape(-1)).tobytes(), "big"))
 
 
 def phash_pixels(grey: np.ndarray) -> int:
@@ -62,8 +62,7 @@ def phash_pixels(grey: np.ndarray) -> int:
     low = _DCT @ np.asarray(grey, dtype=np.float64) @ _DCT.T
     ranked = np.sort(low, axis=None)
     half = HASH_BITS // 2
-    bits = np.packbits(low > (ranked[half - 1] + ranked[half]) / 2)   # first coefficient = top bit
-    return to_signed(int.from_bytes(bits.tobytes(), "big"))
+    return _bits_to_int(low > (ranked[half - 1] + ranked[half]) / 2)
 
 
 def phash(img: Image.Image) -> int:
